@@ -1,0 +1,140 @@
+"""Samplers as pure functions with one signature.
+
+    sampler(denoiser, noise, sigmas, labels=None, generator=None) -> (x, nfe)
+
+``noise`` is a standard-normal tensor (the sampler scales it by ``sigmas[0]``); ``sigmas`` is a decreasing list
+of noise levels, usually ending in 0. ``nfe`` is the exact number of denoiser calls made.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .schedules import karras_sigmas
+
+
+class NFECounter:
+    """Wrap a denoiser and count its evaluations (one per call, whatever the batch size)."""
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+        self.nfe = 0
+
+    def __call__(self, x, sigma, labels=None):
+        self.nfe += 1
+        return self.denoiser(x, sigma, labels)
+
+
+def randn_like(x: torch.Tensor, generator=None) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``. ``generator`` may be one torch.Generator or a list with one per
+    sample, so that a sample's noise depends on its own seed only (not on batch size or rank)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator]).to(x.device, x.dtype)
+    return torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+
+
+def _as_list(sigmas):
+    return [float(s) for s in (sigmas.tolist() if torch.is_tensor(sigmas) else sigmas)]
+
+
+def _denoise(D, x, sigma, labels):
+    return D(x, torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device), labels)
+
+
+@torch.no_grad()
+def euler_sampler(denoiser, noise, sigmas, labels=None, generator=None):
+    """First-order Euler on the probability-flow ODE dx/dσ = (x − D(x; σ))/σ. NFE = number of steps."""
+    D = NFECounter(denoiser)
+    s = _as_list(sigmas)
+    x = noise.to(torch.float32) * s[0]
+    for cur, nxt in zip(s[:-1], s[1:]):
+        d = (x - _denoise(D, x, cur, labels)) / cur
+        x = x + (nxt - cur) * d
+    return x, D.nfe
+
+
+@torch.no_grad()
+def heun_sampler(denoiser, noise, sigmas, labels=None, generator=None):
+    """EDM Algorithm 1 (deterministic Heun, 2nd order). With N σ's > 0 and a trailing 0: NFE = 2N − 1,
+    because the last step (to σ = 0) is a plain Euler step."""
+    D = NFECounter(denoiser)
+    s = _as_list(sigmas)
+    x = noise.to(torch.float32) * s[0]
+    for cur, nxt in zip(s[:-1], s[1:]):
+        d = (x - _denoise(D, x, cur, labels)) / cur
+        x_next = x + (nxt - cur) * d
+        if nxt > 0:
+            d_next = (x_next - _denoise(D, x_next, nxt, labels)) / nxt
+            x_next = x + (nxt - cur) * (0.5 * d + 0.5 * d_next)
+        x = x_next
+    return x, D.nfe
+
+
+@torch.no_grad()
+def ddim_sampler(denoiser, noise, sigmas, labels=None, generator=None):
+    """Deterministic DDIM (η = 0) written in σ-space: x_next = D + (σ_next/σ)·(x − D).
+
+    In the variance-exploding σ-parameterisation this is algebraically the Euler step (Karras et al. 2022, §3);
+    it is kept as its own function because its form (keep the predicted noise, move the clean estimate) is the
+    one users know. NFE = number of steps.
+    """
+    D = NFECounter(denoiser)
+    s = _as_list(sigmas)
+    x = noise.to(torch.float32) * s[0]
+    for cur, nxt in zip(s[:-1], s[1:]):
+        x0 = _denoise(D, x, cur, labels)
+        x = x0 + (nxt / cur) * (x - x0)
+    return x, D.nfe
+
+
+@torch.no_grad()
+def multistep_sampler(denoiser, noise, sigmas, labels=None, generator=None):
+    """Few-step student sampling (consistency / DMD2 style): at each σ_k denoise, x̂ = G(x; σ_k), then re-noise
+    with fresh Gaussian noise to the next σ, x = x̂ + σ_{k+1}·ε. A trailing 0 (or none) ends on x̂.
+
+    ``sigmas`` lists the student's σ's (e.g. [80] for one step, [80, 17.5, 2.5, 0.168] for DMD2's four); NFE = the
+    number of positive σ's. Fresh noise comes from ``generator`` so the result depends on the seed only.
+    """
+    D = NFECounter(denoiser)
+    s = [v for v in _as_list(sigmas) if v > 0]
+    x = noise.to(torch.float32) * s[0]
+    x0 = x
+    for k, cur in enumerate(s):
+        x0 = _denoise(D, x, cur, labels)
+        if k + 1 < len(s):
+            eps = randn_like(x, generator)
+            x = x0 + s[k + 1] * eps
+    return x0, D.nfe
+
+
+SAMPLERS: dict[str, Callable] = {
+    "euler": euler_sampler,
+    "heun": heun_sampler,
+    "ddim": ddim_sampler,
+    "multistep": multistep_sampler,
+}
+
+
+def teacher_sigmas(sampler: str, nfe: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> torch.Tensor:
+    """The Karras grid that gives exactly ``nfe`` evaluations for ``sampler`` (Heun needs odd NFE = 2N − 1)."""
+    if nfe < 1:
+        raise ValueError(f"NFE must be >= 1, got {nfe}")
+    if sampler == "heun":
+        if nfe % 2 == 0:
+            raise ValueError(f"Heun uses 2N-1 evaluations, so NFE must be odd; got {nfe}")
+        return karras_sigmas((nfe + 1) // 2, sigma_min, sigma_max, rho)
+    if sampler in ("euler", "ddim"):
+        return karras_sigmas(nfe, sigma_min, sigma_max, rho)
+    raise ValueError(f"unknown teacher sampler {sampler!r}; choose heun, euler or ddim")
+
+
+def sample(denoiser, noise, sampler: str = "heun", sigmas=None, nfe: Optional[int] = None, labels=None,
+           generator=None):
+    """Dispatch by sampler name; ``sigmas`` wins over ``nfe``."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    if sigmas is None:
+        sigmas = teacher_sigmas(sampler, nfe or 35, denoiser.sigma_min, denoiser.sigma_max)
+    return SAMPLERS[sampler](denoiser, noise, sigmas, labels=labels, generator=generator)

@@ -1,0 +1,93 @@
+"""The method interface: the only thing the trainer knows about a training objective.
+
+A method owns its networks, optimizers (one per *phase*) and per-phase losses. Each training step the trainer asks
+``phases(step)`` for the ordered list of phases to run; for each it calls ``loss(phase, batch)``, checks the value
+is finite, back-propagates, averages gradients over ranks, clips and steps ``optimizers[phase]``. Teacher training
+(the EDM loss) is a method like any other.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MethodContext:
+    """What a method gets from the trainer: where it runs and what it trains on."""
+
+    device: torch.device
+    generator: torch.Generator          # this rank's RNG for noise/σ draws (its state is checkpointed)
+    batch_size: int                     # per rank
+    world_size: int = 1
+    net_config: dict = field(default_factory=dict)   # how to build the student/teacher architecture
+    teacher: Optional[nn.Module] = None  # frozen Denoiser (distillation methods)
+    teacher_path: Optional[str] = None
+    sample_shape: tuple = ()
+    num_classes: int = 0
+
+
+class Method(ABC):
+    """Base class for every training objective; subclasses register with ``@register``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]              # one line for ``--help``
+    needs_data: ClassVar[bool] = True   # False for data-free methods: the trainer then builds no data loader
+    role: ClassVar[str] = "student"     # 'teacher' for denoiser training
+
+    def __init__(self, ctx: MethodContext, **options: Any):
+        self.ctx = ctx
+        self.nets: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, Any] = {}
+
+    @abstractmethod
+    def phases(self, step: int) -> list[str]:
+        """Names of the optimizers to step this iteration, in order."""
+
+    @abstractmethod
+    def loss(self, phase: str, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss for ``phase`` plus extra scalars to log."""
+
+    def after_step(self, step: int, nimg: int) -> None:
+        """Called after all phases of a step (EMA updates, target networks)."""
+
+    @abstractmethod
+    def sampling_net(self) -> nn.Module:
+        """The Denoiser to sample from (the EMA when there is one)."""
+
+    @abstractmethod
+    def sampling_spec(self) -> dict:
+        """How to sample ``sampling_net``: ``{'sampler': 'heun', 'nfe': 35}`` or ``{'sampler': 'multistep',
+        'sigmas': [...]}``; stored in the checkpoint so ``sample``/``eval`` need no flags."""
+
+    def extra_state(self) -> dict:
+        """Method state that is not a net/optimizer (EMA copies, memory banks)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {
+            "nets": {k: v.state_dict() for k, v in self.nets.items()},
+            "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+            "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()},
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, net in self.nets.items():
+            net.load_state_dict(state["nets"][k])
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][k])
+        for k, sch in self.schedulers.items():
+            sch.load_state_dict(state["schedulers"][k])
+        self.load_extra_state(state.get("extra", {}))
+
+    def trainable_params(self, phase: str):
+        return [p for g in self.optimizers[phase].param_groups for p in g["params"]]

@@ -1,0 +1,34 @@
+"""Method registry: ``@register`` on a Method subclass makes it available by name to the CLI and the trainer."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import UserError
+
+METHODS: dict[str, type] = {}
+
+# Modules that define methods; importing them fills METHODS. Adding a method = one file + one name here.
+_MODULES = ["teacher"]
+
+
+def register(cls):
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _load_all():
+    for m in _MODULES:
+        importlib.import_module(f"{__package__}.{m}")
+
+
+def get_method(name: str):
+    _load_all()
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def list_methods() -> dict[str, str]:
+    _load_all()
+    return {k: v.summary for k, v in sorted(METHODS.items())}

@@ -1,0 +1,97 @@
+"""CLI contract: sample/eval outputs, per-seed determinism, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+CLI = [sys.executable, "-m", "diffdistill.cli"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    r = run("train-teacher", "--preset", "ring8", "--out", out, "--steps", 30, "--batch-size", 64, "--no-progress",
+            "--set", "net.kwargs.hidden=32", "--set", "run.sample_every=0")
+    assert r.returncode == 0, r.stderr
+    ckpts = sorted((out / "checkpoints").glob("ckpt-*.pt"))
+    assert ckpts and (out / "config.json").exists() and (out / "log.jsonl").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["net"]["kwargs"]["hidden"] == 32 and cfg["run"]["steps"] == 30
+    return ckpts[-1]
+
+
+def test_sample_npz_contract(teacher_ckpt, tmp_path):
+    r = run("sample", teacher_ckpt, "--steps", 4, "--num-samples", 10, "--seed", 3, "--out", tmp_path / "s.npz")
+    assert r.returncode == 0, r.stderr
+    s = np.load(tmp_path / "s.npz")["samples"]
+    assert s.shape == (10, 2) and s.dtype == np.float32
+    assert "NFE 7" in r.stdout
+
+
+def test_samples_depend_on_seed_only(teacher_ckpt):
+    from diffdistill.eval.evaluate import load_for_sampling
+    from diffdistill.eval.generate import generate
+    net, _ = load_for_sampling(teacher_ckpt)
+    spec = {"sampler": "heun", "nfe": 7}
+    a, _, _ = generate(net, range(0, 12), spec, batch_size=12)
+    b, _, _ = generate(net, range(0, 12), spec, batch_size=5)
+    c, _, _ = generate(net, range(6, 12), spec, batch_size=4)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a[6:], c, atol=1e-5)
+
+
+def test_eval_writes_metrics_json(teacher_ckpt, tmp_path):
+    out = tmp_path / "m.json"
+    r = run("eval", teacher_ckpt, "--steps", 3, "--num-samples", 300, "--out", out)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(out.read_text())
+    for key in ("dataset", "role", "method", "nfe", "num_samples", "seed", "images_per_second", "sliced_w2", "mmd"):
+        assert key in m, key
+    assert m["role"] == "teacher" and m["nfe"] == 5 and m["num_samples"] == 300 and m["dataset"] == "ring8"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "does/not/exist.pt"], "checkpoint not found"),
+    (["sample", "nope.pt", "--out", "x.npz"], "checkpoint not found"),
+    (["train-teacher", "--steps", "-3"], "run.steps must be a positive integer"),
+    (["train-teacher", "--preset", "cifar"], "invalid choice"),
+    (["train-teacher", "--data", "/no/such/folder"], "/no/such/folder"),
+    (["train-teacher", "--set", "oops"], "--set expects key=value"),
+    (["frobnicate"], "invalid choice"),
+    (["eval", "x.pt", "--num-samples", "many"], "invalid int value"),
+])
+def test_bad_input_one_line_no_traceback(args, needle, tmp_path):
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    err = r.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("diffdistill: error:") and needle in err, err
+    assert not any(tmp_path.iterdir()), "no partial outputs on bad input"
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    r = run("eval", bad)
+    assert r.returncode == 2 and "corrupted" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_wrong_shape_data_is_refused(tmp_path):
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 5), dtype=np.float32))
+    r = run("train-teacher", "--data", tmp_path / "bad.npz", "--out", tmp_path / "run", "--steps", 1)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_lists_commands():
+    r = run("--help")
+    assert r.returncode == 0
+    for c in ("train-teacher", "sample", "eval", "demo"):
+        assert c in r.stdout

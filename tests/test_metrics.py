@@ -1,0 +1,221 @@
+"""Metrics math (vs independent numpy/scipy/double-loop references and torchmetrics) and the digits classifier."""
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+
+from diffdistill.eval.features import (digits_heldout_accuracy, load_or_train_digits_classifier,
+                                       train_digits_classifier)
+from diffdistill.eval.metrics import (FeatureStats, frechet_distance, kid, mmd_rbf, mode_coverage, proxy_fid,
+                                      sliced_w2)
+from diffdistill.nets.classifier import DigitsClassifier
+
+
+def _feats(n, d, seed, shift=0.0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) @ mix) * scale + shift
+
+
+def _fid_scipy(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    m1, m2 = a.mean(0), b.mean(0)
+    c1, c2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(c1 @ c2)
+    return float(((m1 - m2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.trace(covmean.real))
+
+
+class _Identity(nn.Module):
+    """Feature extractor for torchmetrics: inputs already are features."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.num_features = d
+
+    def forward(self, x):
+        return x
+
+
+# ---------------------------------------------------------------- FID
+
+def test_feature_stats_streaming_and_merge():
+    x = _feats(300, 8, 0, shift=3.0)
+    s = FeatureStats()
+    for chunk in x.split(37):
+        s.update(chunk)
+    assert s.n == 300
+    torch.testing.assert_close(s.mean, x.mean(0))
+    torch.testing.assert_close(s.cov, torch.from_numpy(np.cov(x.numpy(), rowvar=False)))
+    m = FeatureStats.from_features(x[:100]).merge(FeatureStats(dim=8).update(x[100:]))
+    torch.testing.assert_close(m.cov, s.cov)
+    assert s.all_reduce_() is s and s.n == 300  # no process group: no-op
+
+
+def test_fid_matches_scipy_sqrtm():
+    a, b = _feats(500, 16, 1), _feats(400, 16, 2, shift=0.3, scale=1.5)
+    assert proxy_fid(a, b) == pytest.approx(_fid_scipy(a, b), rel=1e-8, abs=1e-9)
+
+
+def test_fid_identical_is_zero_and_shift_gives_mean_gap():
+    a = _feats(1000, 16, 3)
+    assert abs(proxy_fid(a, a)) < 1e-9
+    delta = torch.linspace(-1, 1, 16, dtype=torch.float64)
+    assert proxy_fid(a, a + delta) == pytest.approx(delta.square().sum().item(), rel=1e-9)
+    s = _feats(10, 16, 4)  # rank-deficient covariance (n < d): no negative round-off
+    assert 0 <= frechet_distance(s.mean(0), torch.cov(s.T), s.mean(0), torch.cov(s.T)) < 1e-12
+
+
+def test_fid_rank_deficient_exact():
+    # n < d: with centred data A, B (Σ = AᵀA/(n−1)), tr (Σ₁^½Σ₂Σ₁^½)^½ = ‖A Bᵀ‖_* / (n−1), a well-conditioned n×n SVD
+    a, b = _feats(10, 64, 4).numpy(), _feats(10, 64, 5).numpy()
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    exact = (((a.mean(0) - b.mean(0)) ** 2).sum() + (ac ** 2).sum() / 9 + (bc ** 2).sum() / 9
+             - 2 * np.linalg.svd(ac @ bc.T, compute_uv=False).sum() / 9)
+    assert proxy_fid(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(exact, rel=1e-12)
+
+
+def test_fid_matches_torchmetrics():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    a, b = _feats(600, 12, 5), _feats(500, 12, 6, shift=0.2, scale=0.8)
+    tm = FrechetInceptionDistance(feature=_Identity(12))
+    tm.update(a, real=True)
+    tm.update(b, real=False)
+    assert proxy_fid(a, b) == pytest.approx(tm.compute().item(), rel=1e-9)
+
+
+# ---------------------------------------------------------------- KID
+
+def _mmd2_loop(x, y, k):
+    m, n = len(x), len(y)
+    sxx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    syy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    sxy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return sxx + syy - 2 * sxy
+
+
+def test_kid_unbiased_matches_double_loop():
+    a, b = _feats(25, 6, 7).numpy(), _feats(25, 6, 8, shift=0.5).numpy()
+    ref = _mmd2_loop(a, b, lambda x, y: (x @ y / 6 + 1) ** 3)
+    mean, std = kid(torch.from_numpy(a), torch.from_numpy(b), subsets=3, subset_size=25)
+    assert mean == pytest.approx(ref, rel=1e-10) and std < 1e-12  # full-size subsets: all identical
+
+
+def test_kid_same_vs_shifted():
+    a, a2 = _feats(2000, 16, 9).chunk(2)
+    b = a2 + 0.5
+    m_same, s_same = kid(a, a2, subsets=20, subset_size=300)
+    m_shift, _ = kid(a, b, subsets=20, subset_size=300)
+    assert abs(m_same) < 3 * s_same + 1e-3
+    assert m_shift > 10 * max(abs(m_same), 1e-3)
+    assert kid(a, b, subsets=5, subset_size=200, seed=1) == kid(a, b, subsets=5, subset_size=200, seed=1)
+
+
+def test_kid_matches_torchmetrics():
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    a, b = _feats(200, 12, 11), _feats(200, 12, 12, shift=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tm = KernelInceptionDistance(feature=_Identity(12), subsets=1, subset_size=200)
+    tm.update(a, real=True)
+    tm.update(b, real=False)
+    # subset = whole set, so torchmetrics' unseeded permutation cannot matter
+    assert kid(a, b, subsets=1, subset_size=200)[0] == pytest.approx(tm.compute()[0].item(), rel=1e-9)
+
+
+# ---------------------------------------------------------------- 2-D metrics
+
+def test_sliced_w2_shifted_gaussians():
+    g = torch.Generator().manual_seed(0)
+    x1, y1 = torch.randn(4000, 1, generator=g), torch.randn(4000, 1, generator=g) + 1.5
+    assert sliced_w2(x1, y1, n_proj=4) == pytest.approx(1.5, abs=0.05)  # 1-D: SW2 = W2 = |shift|
+    x2, y2 = torch.randn(4000, 2, generator=g), torch.randn(4000, 2, generator=g) + torch.tensor([2.0, 0.0])
+    assert sliced_w2(x2, y2, n_proj=2000) == pytest.approx(2.0 / math.sqrt(2), rel=0.03)  # ‖δ‖/√D
+    assert sliced_w2(x2, x2) == 0.0
+    # unequal sizes: exact quantile coupling; duplicating every point leaves the empirical measure unchanged
+    assert sliced_w2(x2[:500], y2[:300]) == pytest.approx(sliced_w2(x2[:500], y2[:300].repeat(2, 1)), rel=1e-12)
+    assert sliced_w2(x2[:500], y2[:500].repeat_interleave(3, 0)) == pytest.approx(sliced_w2(x2[:500], y2[:500]),
+                                                                                   rel=1e-12)
+
+
+def test_mmd_rbf_unbiased_matches_double_loop():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(20, 2, generator=g, dtype=torch.float64), torch.randn(15, 2, generator=g, dtype=torch.float64)
+    bw = (0.5, 1.0, 2.0)
+    k = lambda x, y: sum(np.exp(-((x - y) ** 2).sum() / (2 * h * h)) for h in bw)  # noqa: E731
+    assert mmd_rbf(a, b + 0.7, bandwidths=bw) == pytest.approx(_mmd2_loop(a.numpy(), (b + 0.7).numpy(), k), rel=1e-10)
+    big = torch.randn(2000, 2, generator=g)
+    assert abs(mmd_rbf(big[:1000], big[1000:])) < 5e-3 < mmd_rbf(big[:1000], big[1000:] + 0.5)
+
+
+def test_mode_coverage():
+    ang = torch.arange(8) * (2 * math.pi / 8)
+    means = 2.0 * torch.stack([ang.cos(), ang.sin()], 1)
+    std = 0.05
+    g = torch.Generator().manual_seed(2)
+    perfect = means.repeat(250, 1) + std * torch.randn(2000, 2, generator=g)
+    r = mode_coverage(perfect, means, std)
+    assert r["modes_covered"] == 1.0 and r["n_modes_covered"] == 8 and r["high_quality"] > 0.97
+    single = means[:1] + std * torch.randn(2000, 2, generator=g)
+    r = mode_coverage(single, means, std)
+    assert r["modes_covered"] == 1 / 8 and r["high_quality"] > 0.97
+    assert mode_coverage(torch.zeros(100, 2), means, std)["high_quality"] == 0.0  # all off-mode
+
+
+# ---------------------------------------------------------------- digits classifier
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return cache, load_or_train_digits_classifier(cache_dir=cache)
+
+
+def test_classifier_shapes():
+    m = DigitsClassifier()
+    x = torch.rand(5, 1, 8, 8) * 2 - 1
+    assert m.features(x).shape == (5, m.num_features) == (5, 64) and m(x).shape == (5, 10)
+
+
+def test_default_cache_dir_env(monkeypatch, tmp_path):
+    from diffdistill.eval.features import default_cache_dir
+
+    monkeypatch.setenv("DIFFDISTILL_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv("DIFFDISTILL_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "diffdistill"
+
+
+def test_classifier_training_is_deterministic():
+    w1 = train_digits_classifier(seed=3, epochs=1).state_dict()
+    threads = torch.get_num_threads()
+    w2 = train_digits_classifier(seed=3, epochs=1).state_dict()
+    assert torch.get_num_threads() == threads  # restored after training
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert not torch.equal(w1["head.weight"], train_digits_classifier(seed=4, epochs=1).state_dict()["head.weight"])
+
+
+def test_classifier_heldout_accuracy_and_cache(trained):
+    cache, model = trained
+    assert digits_heldout_accuracy(model) >= 0.96
+    files = list(cache.glob("digits_classifier-*.safetensors"))
+    assert len(files) == 1 and not list(cache.glob("*.tmp"))
+    again = load_or_train_digits_classifier(cache_dir=cache)  # loaded, not retrained
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_classifier_features_separate_real_from_noise(trained):
+    from sklearn.datasets import load_digits
+
+    _, model = trained
+    x = torch.from_numpy(load_digits().images).float().div(8).sub(1).unsqueeze(1)
+    with torch.no_grad():
+        f_real, f_real2 = model.features(x[::2]), model.features(x[1::2])
+        f_noise = model.features(torch.rand(800, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert proxy_fid(f_real, f_real2) < 0.1 * proxy_fid(f_real, f_noise)
