@@ -70,6 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="metrics JSON file (default: print only)")
     e.add_argument("--device", default="cpu")
 
+    from .methods.registry import list_methods
+    methods = list_methods(role="student")
+    m = sub.add_parser("distill", help="distill a teacher checkpoint into a few-step student",
+                       description="Methods:\n" + "\n".join(f"  {k:14s} {v}" for k, v in methods.items()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("--method", required=True, choices=sorted(k for k, v in methods.items()), metavar="NAME",
+                   help="one of: " + ", ".join(sorted(methods)))
+    m.add_argument("--teacher", required=True, help="teacher checkpoint (.pt written by train-teacher)")
+    m.add_argument("--student-steps", "--steps", dest="student_steps", type=int,
+                   help="sampling steps of the student (default: the method's, usually 1)")
+    m.add_argument("--iters", type=int, help="training iterations (default: the method's preset)")
+    m.add_argument("--data", help="real data for methods that use it (default: the teacher's training data)")
+    m.add_argument("--config", help="YAML/JSON file with sections run/data/method")
+    m.add_argument("--out", help="run directory (default runs/<method>)")
+    m.add_argument("--batch-size", type=int)
+    m.add_argument("--seed", type=int)
+    m.add_argument("--device")
+    m.add_argument("--resume")
+    m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
     d = sub.add_parser("demo", help="the main job: digits teacher, evaluation and report.md (minutes on a CPU)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--train-teacher", action="store_true", help="retrain the teacher even if a shipped one exists")
@@ -90,6 +111,23 @@ def cmd_train_teacher(a) -> int:
     trainer = Trainer(cfg)
     trainer.run()
     print(f"teacher checkpoint: {trainer.ckpt_dir}/ (newest ckpt-*.pt); samples: {trainer.out / 'samples'}")
+    return 0
+
+
+def cmd_distill(a) -> int:
+    from .distill import distill
+    flags = {"run": {k: v for k, v in {"out": a.out, "steps": a.iters, "batch_size": a.batch_size, "seed": a.seed,
+                                       "device": a.device, "resume": a.resume}.items() if v is not None}}
+    if a.no_progress:
+        flags["run"]["progress"] = False
+    if a.student_steps is not None:
+        if a.student_steps <= 0:
+            raise UserError(f"--steps (student steps) must be positive, got {a.student_steps}")
+        flags["method"] = {"student_steps": a.student_steps}
+    if a.data:
+        flags["data"] = _data_spec(a.data)
+    trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set)
+    print(f"student checkpoint: {trainer.ckpt_dir}/ (newest ckpt-*.pt)")
     return 0
 
 
@@ -152,7 +190,7 @@ def cmd_demo(a) -> int:
     return 0
 
 
-COMMANDS = {"train-teacher": cmd_train_teacher, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

@@ -29,6 +29,7 @@ def get_method(name: str):
     return METHODS[name]
 
 
-def list_methods() -> dict[str, str]:
+def list_methods(role: str | None = None) -> dict[str, str]:
+    """name → one-line summary, optionally only methods of one role ('teacher' or 'student')."""
     _load_all()
-    return {k: v.summary for k, v in sorted(METHODS.items())}
+    return {k: v.summary for k, v in sorted(METHODS.items()) if role is None or v.role == role}
