@@ -95,3 +95,24 @@ def test_help_lists_commands():
     assert r.returncode == 0
     for c in ("train-teacher", "sample", "eval", "demo"):
         assert c in r.stdout
+
+
+def test_export_roundtrip(teacher_ckpt, tmp_path):
+    out = tmp_path / "t.safetensors"
+    r = run("export", teacher_ckpt, out)
+    assert r.returncode == 0, r.stderr
+    from diffdistill.eval.evaluate import load_for_sampling
+    from diffdistill.eval.generate import generate
+    a, sa = load_for_sampling(teacher_ckpt)
+    b, sb = load_for_sampling(out)
+    assert sb["role"] == "teacher" and sb["net_config"] == sa["net_config"] and sb["sampling"] == sa["sampling"]
+    xa, _, _ = generate(a, range(8), {"sampler": "heun", "nfe": 5})
+    xb, _, _ = generate(b, range(8), {"sampler": "heun", "nfe": 5})
+    assert torch.equal(xa, xb)
+    r = run("export", teacher_ckpt, tmp_path / "t.bin")
+    assert r.returncode == 2 and "safetensors" in r.stderr
+
+
+def test_distill_refuses_a_non_teacher_and_unknown_method(teacher_ckpt, tmp_path):
+    r = run("distill", "--method", "nope", "--teacher", teacher_ckpt, cwd=tmp_path)
+    assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr

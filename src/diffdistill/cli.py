@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-progress", action="store_true")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
+    x = sub.add_parser("export", help="write a checkpoint's sampling weights as .safetensors with JSON metadata")
+    x.add_argument("checkpoint")
+    x.add_argument("out", help="OUT.safetensors")
+
     d = sub.add_parser("demo", help="the main job: digits teacher, evaluation and report.md (minutes on a CPU)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--train-teacher", action="store_true", help="retrain the teacher even if a shipped one exists")
@@ -183,6 +187,15 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from .eval.evaluate import export_checkpoint
+    if not a.out.endswith(".safetensors"):
+        raise UserError(f"export writes safetensors: give an output path ending in .safetensors, not {a.out!r}")
+    meta = export_checkpoint(a.checkpoint, a.out)
+    print(f"wrote {a.out} ({meta['role']}, method {meta['method']}, step {meta['step']})")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .demo import run_demo
     run_demo(out=a.out, retrain_teacher=a.train_teacher, teacher_steps=a.teacher_steps,
@@ -190,7 +203,8 @@ def cmd_demo(a) -> int:
     return 0
 
 
-COMMANDS = {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export,
+            "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,8 @@ method's preset for the data kind, and hand everything to the one Trainer."""
 
 from __future__ import annotations
 
+import inspect
+
 from .config import RUN_DEFAULTS, apply_overrides, deep_update, load_config_file, validate_run
 from .errors import UserError
 from .methods.registry import get_method
@@ -31,6 +33,9 @@ def distill_config(method: str, teacher_state: dict, flags=None, config_file=Non
     cfg = apply_overrides(cfg, overrides)
     cfg["method"]["name"] = method
     validate_run(cfg["run"])
+    # Methods that keep files of their own in the run directory (e.g. DMD's teacher pairs) take ``run_dir``.
+    if "run_dir" in inspect.signature(cls.__init__).parameters:
+        cfg["method"].setdefault("run_dir", str(cfg["run"]["out"]))
     return cfg
 
 

@@ -63,7 +63,11 @@ class EDMPrecond(nn.Module):
             return (self.img_channels, self.img_resolution, self.img_resolution)
         return (self.img_channels,)
 
-    def forward(self, x: torch.Tensor, sigma, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, labels: Optional[torch.Tensor] = None,
+                return_bottleneck: bool = False):
+        """D(x; σ). With ``return_bottleneck=True`` returns ``(D, features)``, where ``features`` are the raw
+        network's bottleneck activations (SongUNet: the last encoder output; MLP: the last hidden layer), e.g. for
+        a GAN discriminator head on a fake-score network (DMD2)."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         if sigma.numel() == 1:
@@ -76,5 +80,9 @@ class EDMPrecond(nn.Module):
             labels = None
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
         bshape = (-1,) + (1,) * (x.ndim - 1)
-        F_x = self.model(c_in.reshape(bshape) * x, c_noise, labels)
-        return c_skip.reshape(bshape) * x + c_out.reshape(bshape) * F_x.to(torch.float32)
+        if return_bottleneck:
+            F_x, feats = self.model(c_in.reshape(bshape) * x, c_noise, labels, return_bottleneck=True)
+        else:
+            F_x = self.model(c_in.reshape(bshape) * x, c_noise, labels)
+        D = c_skip.reshape(bshape) * x + c_out.reshape(bshape) * F_x.to(torch.float32)
+        return (D, feats) if return_bottleneck else D

@@ -23,11 +23,45 @@ _DIGITS_REF_CACHE: dict = {}
 
 
 def load_for_sampling(path, device="cpu"):
-    """(denoiser in eval mode, checkpoint dict) from a diffdistill checkpoint."""
-    state = load_checkpoint(path)
+    """(denoiser in eval mode, checkpoint dict) from a diffdistill checkpoint (.pt) or exported .safetensors."""
+    state = load_exported(path) if str(path).endswith(".safetensors") else load_checkpoint(path)
     net = build_denoiser(state["net_config"])
     net.load_state_dict(state["sample_net"])
     return net.to(device).eval().requires_grad_(False), state
+
+
+EXPORT_KEYS = ("method", "role", "step", "config", "net_config", "sampling", "teacher_path")
+
+
+def export_checkpoint(ckpt_path, out_path, extra_metadata: dict | None = None) -> dict:
+    """Write the sampling weights of a checkpoint as safetensors, with everything needed to rebuild and sample
+    the network as JSON metadata (method, role, step, config, net_config, sampling recipe)."""
+    from ..train.checkpoint import export_safetensors
+    state = load_checkpoint(ckpt_path)
+    meta = {k: state.get(k) for k in EXPORT_KEYS}
+    meta.update(extra_metadata or {})
+    export_safetensors(state["sample_net"], out_path, meta)
+    return meta
+
+
+def load_exported(path) -> dict:
+    """The checkpoint-like dict of an exported .safetensors file (``sample_net`` + metadata)."""
+    import json
+    from safetensors import safe_open
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"weights file not found: {p}")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise UserError(f"cannot read {p}: {type(e).__name__}; the file is corrupted or not safetensors") from None
+    if "net_config" not in meta:
+        raise UserError(f"{p} has no diffdistill metadata (net_config); export it with 'diffdistill export'")
+    state = {k: json.loads(v) for k, v in meta.items()}
+    state["sample_net"] = tensors
+    return state
 
 
 def sampling_spec_for(state: dict, steps: int | None = None, sampler: str | None = None) -> dict:

@@ -39,7 +39,9 @@ class MLPDenoiserNet(nn.Module):
         self.out_norm = nn.LayerNorm(hidden)
         self.out = Linear(hidden, dim, init_weight=0)
 
-    def forward(self, x, noise_labels, class_labels=None):
+    def forward(self, x, noise_labels, class_labels=None, return_bottleneck: bool = False):
+        """F(x, c_noise, y); with ``return_bottleneck=True`` returns ``(F, features)``, ``features`` being the last
+        hidden layer ``silu(LN(h))`` of shape [B, hidden] (the input of the zero-initialised output layer)."""
         emb = self.map_noise(noise_labels)
         if self.map_label is not None:
             if class_labels is None:
@@ -50,4 +52,6 @@ class MLPDenoiserNet(nn.Module):
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, emb)
-        return self.out(F.silu(self.out_norm(h)))
+        feats = F.silu(self.out_norm(h))
+        out = self.out(feats)
+        return (out, feats) if return_bottleneck else out

@@ -79,7 +79,7 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
 
 
 def export_safetensors(state_dict: dict, path: Path, metadata: dict) -> None:
-    """Weights as safetensors with JSON metadata (values must be strings in the safetensors header)."""
+    """Weights as safetensors; metadata values are JSON-encoded (the header holds strings only)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta = {k: json.dumps(v) for k, v in metadata.items()}  # every value JSON, so readers json.loads all
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))

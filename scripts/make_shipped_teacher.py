@@ -1,0 +1,44 @@
+"""Produce the digits teacher that ships with the package (src/diffdistill/assets/teacher_digits.safetensors).
+
+It is trained by the project's own ``digits`` preset (``diffdistill train-teacher --preset digits``), measured in the
+demo's feature space, and exported with that recipe and those numbers in its metadata. tests/test_shipped_teacher.py
+checks the file against the preset (and, under ``-m slow``, retrains the preset and compares the quality reached).
+
+    python scripts/make_shipped_teacher.py [--workdir runs/shipped-teacher]
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from diffdistill.config import resolve
+from diffdistill.eval.evaluate import digits_floor_and_ceiling, evaluate_net, export_checkpoint
+from diffdistill.train.checkpoint import list_checkpoints
+from diffdistill.train.trainer import Trainer
+
+ASSET = Path(__file__).resolve().parent.parent / "src" / "diffdistill" / "assets" / "teacher_digits.safetensors"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="runs/shipped-teacher")
+    ap.add_argument("--out", default=str(ASSET))
+    a = ap.parse_args()
+    cfg = resolve("digits", flags={"run": {"out": a.workdir, "resume": "auto"}})
+    t0 = time.perf_counter()
+    tr = Trainer(cfg)
+    tr.run()
+    seconds = time.perf_counter() - t0
+    m = evaluate_net(tr.method.sampling_net(), {"sampler": "heun", "nfe": 35}, cfg["data"], 2000, seed=0)
+    ref = digits_floor_and_ceiling()
+    meta = {"preset": "digits", "train_seconds": round(seconds, 1),
+            "measured": {"proxy_fid_35nfe": m["proxy_fid"], "kid_35nfe": m["kid"], "num_samples": 2000, "seed": 0,
+                         "floor_proxy_fid": ref["floor_proxy_fid"]}}
+    export_checkpoint(list_checkpoints(tr.ckpt_dir)[-1], a.out, meta)
+    print(json.dumps(meta, indent=2))
+    print(f"wrote {a.out} ({Path(a.out).stat().st_size / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""DMD2 (Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis", NeurIPS 2024).
+
+DMD without the regression loss, made stable by a two-time-scale update rule (the critic — fake score plus GAN
+head — steps every iteration, the generator every ``dfake_gen_update_ratio``-th), plus a diffusion-GAN loss on
+the fake-score network's bottleneck features against real data, and multi-step students trained with backward
+simulation (the generator's inputs are produced by the generator itself, as at inference).
+
+Per iteration (step s, as the trainer runs it):
+
+* phases = ['generator', 'critic'] if s % ratio == 0 else ['critic'];
+* generator: x = G(x_k; σ_k) with grad (backward simulation, k ~ U{0..K−1} shared by the batch);
+  L_G = L_DM + gan_weight·L_G,gan; the critic's parameters are frozen during this forward;
+* critic: on the *same detached (pre-update) x* when the generator ran this step, else on a fresh no-grad x:
+  L_critic = L_fake + gan_critic_weight·L_D (real and fake noised independently at σ = grid[U{0..999}]).
+
+Official defaults (ImageNet-64, tianweiy/DMD2 [code]): AdamW lr 2e-6 for both, β = (0.9, 0.999), wd 0.01, 500-step
+warm-up then constant, grad-norm clip 10, batch 280, ratio 5, GAN weights 3e-3 (G) and 1e-2 (critic), no EMA,
+dropout 0. K = 4 steps at grid indices [999, 749, 499, 249] (SDXL code; the EDM port is this project's choice).
+These are the constructor defaults; the presets scale them down (formula sheet §4).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from .registry import register
+from .score_distill import (CRITIC_T_MAX, CRITIC_T_MIN, GRID_SIZE, ScoreDistillMethod, frozen, shared_randint)
+from .teacher import warmup_lambda
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+def student_sigma_indices(num_steps: int, n: int = GRID_SIZE) -> list[int]:
+    """Grid indices of a K-step student: j_i = (n−1) − ⌊i·n/K⌋ for i = 0..K−1. K = 4 gives DMD2's
+    [999, 749, 499, 249]; K = 1 gives [999] (σ_max); K = 2 gives [999, 499]."""
+    if num_steps < 1 or num_steps > n:
+        raise UserError(f"student_steps must be in 1..{n}, got {num_steps}")
+    return [n - 1 - (i * n) // num_steps for i in range(num_steps)]
+
+
+def student_sigmas(num_steps: int, grid: torch.Tensor) -> list[float]:
+    """σ's of a K-step student on the reversed 1000-point Karras grid (decreasing; σ_0 = σ_max)."""
+    return [float(grid[j]) for j in student_sigma_indices(num_steps, len(grid))]
+
+
+def backward_simulation_input(G, z: torch.Tensor, sigmas: list[float], k: int, generator: torch.Generator,
+                              labels=None) -> torch.Tensor:
+    """DMD2 §4.4 backward simulation: the input of student step k as the student itself would produce it at
+    inference. x = σ_0·z; then k times, without grad: x̂ = G(x; σ_j), x = x̂ + σ_{j+1}·ε with fresh ε. At k = 0 the
+    result is exactly σ_0·z; for a generator that returns a constant x₀ it is x₀ + σ_k·ε."""
+    x = z * sigmas[0]
+    with torch.no_grad():
+        for j in range(k):
+            x_hat = G(x, torch.full((x.shape[0],), sigmas[j], device=x.device), labels)
+            x = x_hat + sigmas[j + 1] * torch.randn(x.shape, generator=generator).to(x.device)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------ GAN
+class ImageGANHead(nn.Module):
+    """Discriminator head on a SongUNet bottleneck [B, C, r, r]: conv3×3 → GroupNorm → SiLU → global average
+    pool → linear → one logit. (A scaled-down form of DMD2's 3-conv head on ADM's 8×8×768 encoder output.)"""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        groups = max(1, min(32, channels // 4))
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, channels)
+        self.fc = nn.Linear(channels, 1)
+
+    def forward(self, feats):
+        h = F.silu(self.norm(self.conv(feats)))
+        return self.fc(h.mean(dim=(2, 3))).reshape(-1)
+
+
+class PointGANHead(nn.Module):
+    """Discriminator head on an MLP denoiser's last hidden layer [B, H]: linear → SiLU → linear → one logit."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.fc0 = nn.Linear(channels, channels)
+        self.fc1 = nn.Linear(channels, 1)
+
+    def forward(self, feats):
+        return self.fc1(F.silu(self.fc0(feats))).reshape(-1)
+
+
+def gan_critic_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating discriminator loss (DMD2 Eq. 4, critic side): L_D = mean softplus(l_fake) +
+    mean softplus(−l_real), i.e. −log(1 − σ(l_fake)) − log σ(l_real). Zero logits give 2·ln 2."""
+    return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+
+
+def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss (DMD2 Eq. 4, generator side): L_G,gan = mean softplus(−l(G(z))) =
+    −log σ(l). Zero logits give ln 2; ∂/∂l = −sigmoid(−l)."""
+    return F.softplus(-logits_fake).mean()
+
+
+def build_gan_head(fake, sample_shape: tuple, label_dim: int) -> nn.Module:
+    """A head that fits the fake-score network's bottleneck (probed with one dummy forward)."""
+    param = next(fake.parameters())
+    x = torch.zeros((1,) + tuple(sample_shape), device=param.device)
+    y = torch.zeros(1, label_dim, device=param.device) if label_dim else None
+    with torch.no_grad():
+        _, feats = fake(x, torch.ones(1, device=param.device), y, return_bottleneck=True)
+    head = ImageGANHead(feats.shape[1]) if feats.ndim == 4 else PointGANHead(feats.shape[1])
+    return head.to(param.device)
+
+
+# ------------------------------------------------------------------------------------------------ method
+@register
+class DMD2(ScoreDistillMethod):
+    name = "dmd2"
+    summary = "DMD2: distribution matching + two-time-scale critic + diffusion-GAN; 1 or K steps (Yin et al. 2024)"
+    # The GAN term reads real data. needs_data is a class attribute, so it stays True even with gan_weight = 0.
+    needs_data = True
+
+    presets: ClassVar[dict] = {
+        # 8×8 digits, 2-core CPU: ~0.11 s per iteration at batch 64 with GAN; 2,500 iterations ≈ 5 minutes.
+        "images": {
+            "run": {"steps": 2500, "batch_size": 64, "grad_clip": 10.0, "log_every": 50, "ckpt_every": 500,
+                    "sample_every": 500},
+            "method": {"lr": 1e-4, "warmup_steps": 100, "dfake_gen_update_ratio": 5, "gan_weight": 3e-3,
+                       "gan_critic_weight": 1e-2},
+        },
+        # 2-D mixtures (MLP teacher): the GAN term is off here (see the report); the critic still steps 5:1.
+        "points": {
+            "run": {"steps": 3000, "batch_size": 512, "grad_clip": 10.0, "log_every": 100, "ckpt_every": 1000,
+                    "sample_every": 1000},
+            "method": {"lr": 3e-4, "warmup_steps": 100, "dfake_gen_update_ratio": 5, "gan_weight": 0.0},
+        },
+    }
+
+    def __init__(self, ctx, lr: float = 2e-6, lr_critic: float | None = None, betas=(0.9, 0.999),
+                 weight_decay: float = 0.01, warmup_steps: int = 500, student_steps: int = 1,
+                 dfake_gen_update_ratio: int = 5, gan_weight: float = 3e-3, gan_critic_weight: float = 1e-2,
+                 critic_reduction: str = "mean"):
+        super().__init__(ctx)
+        if int(dfake_gen_update_ratio) < 1:
+            raise UserError(f"dfake_gen_update_ratio must be >= 1, got {dfake_gen_update_ratio}")
+        self.ratio = int(dfake_gen_update_ratio)
+        self.gan_weight, self.gan_critic_weight = float(gan_weight), float(gan_critic_weight)
+        self.critic_reduction = critic_reduction
+        self.sigmas = student_sigmas(int(student_steps), self.grid)
+        self.head = None
+        if self.gan_weight > 0:
+            self.head = build_gan_head(self.fake, self.shape, self.label_dim)
+            self.nets["gan_head"] = self.head
+        critic_params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head else [])
+        adamw = dict(betas=tuple(betas), weight_decay=weight_decay)
+        self.optimizers["generator"] = torch.optim.AdamW(self.G.parameters(), lr=lr, **adamw)
+        self.optimizers["critic"] = torch.optim.AdamW(critic_params, lr=lr if lr_critic is None else lr_critic,
+                                                      **adamw)
+        # DMD2 warms both learning rates up over `warmup_steps` iterations; the trainer steps a phase's scheduler
+        # only when the phase runs, so the generator's warm-up is counted in generator updates (÷ ratio).
+        self.schedulers["generator"] = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizers["generator"], warmup_lambda(math.ceil(warmup_steps / self.ratio)))
+        self.schedulers["critic"] = torch.optim.lr_scheduler.LambdaLR(self.optimizers["critic"],
+                                                                      warmup_lambda(warmup_steps))
+        self._cache = None  # (step, detached x, labels) of this step's generator phase, for the critic phase
+
+    # ---------------------------------------------------------------------------------------------- pieces
+    def phases(self, step):
+        return ["generator", "critic"] if step % self.ratio == 0 else ["critic"]
+
+    def generate(self, batch, with_grad: bool):
+        """(x, labels, k): a batch of student outputs at a backward-simulated step k (k = 0 for 1-step)."""
+        n = self.ctx.batch_size
+        labels = self.labels_for(batch, n)
+        z = self.randn(n)
+        K = len(self.sigmas)
+        k = shared_randint(K, self.ctx.generator) if K > 1 else 0
+        x_in = backward_simulation_input(self.G, z, self.sigmas, k, self.ctx.generator, labels)
+        sigma = torch.full((n,), self.sigmas[k], device=x_in.device)
+        with torch.set_grad_enabled(with_grad):
+            x = self.G(x_in, sigma, labels)
+        return x, labels, k
+
+    def gan_logits(self, x: torch.Tensor, labels=None) -> torch.Tensor:
+        """Diffusion-GAN logits: noise x at σ = grid[U{0..999}] (fresh per sample), run the fake-score network
+        and the head on its bottleneck features. Gradients reach x when x has them."""
+        _, sigma = self.grid_sigma(x.shape[0], CRITIC_T_MIN, CRITIC_T_MAX, self.grid)
+        x_t = x + self.bview(sigma, x) * self.randn_like(x)
+        _, feats = self.fake(x_t, sigma, labels, return_bottleneck=True)
+        return self.head(feats)
+
+    # ---------------------------------------------------------------------------------------------- losses
+    def loss(self, phase, batch, step):
+        if phase == "generator":
+            return self._generator_loss(batch, step)
+        if phase == "critic":
+            return self._critic_loss(batch, step)
+        raise ValueError(f"unknown phase {phase!r}")
+
+    def _generator_loss(self, batch, step):
+        x, labels, k = self.generate(batch, with_grad=True)
+        self._cache = (step, x.detach(), labels)
+        self.generated, self.generated_labels = x, labels
+        l_dm, g, _ = self.distribution_matching_loss(x, labels)
+        loss = l_dm
+        logs = {"dmd2/dm": float(l_dm.detach()), "dmd2/k": float(k)}
+        if self.head is not None:
+            with frozen(self.fake, self.head):
+                l_gan = gan_generator_loss(self.gan_logits(x, labels))
+            loss = loss + self.gan_weight * l_gan
+            logs["dmd2/g_gan"] = float(l_gan.detach())
+        return loss, logs
+
+    def _critic_loss(self, batch, step):
+        if self._cache is not None and self._cache[0] == step:
+            _, x, labels = self._cache
+        else:
+            x, labels, _ = self.generate(batch, with_grad=False)
+        self._cache = None
+        x = x.detach()
+        l_fake = self.critic_denoising_loss(x, labels, self.critic_reduction)
+        loss = l_fake
+        logs = {"dmd2/fake_score": float(l_fake.detach())}
+        if self.head is not None:
+            if batch is None:
+                raise UserError("DMD2's GAN term needs real data: give --data, or set method.gan_weight=0")
+            real, real_labels = batch[0].to(x.device), None
+            if self.label_dim:
+                real_labels = batch[1].to(x.device)
+            both = torch.cat([real, x])
+            both_labels = None if labels is None else torch.cat([real_labels, labels])
+            logits = self.gan_logits(both, both_labels)
+            l_d = gan_critic_loss(logits[:len(real)], logits[len(real):])
+            loss = loss + self.gan_critic_weight * l_d
+            logs.update({"dmd2/d_gan": float(l_d.detach()),
+                         "dmd2/d_real_acc": float((logits[:len(real)] > 0).float().mean()),
+                         "dmd2/d_fake_acc": float((logits[len(real):] < 0).float().mean())})
+        return loss, logs
+
+    # ---------------------------------------------------------------------------------------------- sampling
+    def sampling_net(self):
+        return self.G
+
+    def sampling_spec(self):
+        return {"sampler": "multistep", "sigmas": list(self.sigmas)}

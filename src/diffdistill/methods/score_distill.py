@@ -1,0 +1,201 @@
+"""Shared pieces of the distribution-matching family (DMD, DMD2, Diff-Instruct): a generator and an online
+"fake" score network, both initialised from the teacher, and the gradient that pushes the generator's
+distribution toward the teacher's.
+
+Notation: D_real is the frozen teacher, D_fake the fake-score network trained with a denoising loss on the
+generator's own samples, x a generated sample, x_t = x + σε. The score is s = (D − x)/σ², so
+s_fake − s_real = (D_fake − D_real)/σ² and every gradient below is written with the denoiser difference.
+
+This module holds only what the three methods share; each method file holds its own losses. The official
+repositories (tianweiy/DMD2, pkulwj1994/diff_instruct) are CC BY-NC-SA: nothing here is copied from them, the
+formulas follow the project's formula sheet (shared/design/dmd_di.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from ..diffusion.schedules import karras_sigmas
+from ..errors import UserError
+from ..train import distributed as dist
+from .base import Method, MethodContext
+from .teacher import edm_loss
+
+# Grid-index ranges of DMD/DMD2 (in σ space, so they stay fixed when the model is scaled down).
+GRID_SIZE = 1000
+DM_T_MIN, DM_T_MAX = 20, 980          # DM gradient: t ~ U{20..980} (0.02T..0.98T)
+CRITIC_T_MIN, CRITIC_T_MAX = 0, 999   # fake-score and GAN noise levels: t ~ U{0..999}
+
+
+# ------------------------------------------------------------------------------------------------ σ grid
+def dmd_sigma_grid(sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                   n: int = GRID_SIZE) -> torch.Tensor:
+    """The DMD2 EDM-port noise grid: the n-point Karras grid *reversed*, so index j = 0 is σ_min and j = n−1 is
+    σ_max (j = 20 → 0.00323, 249 → 0.168, 499 → 2.50, 749 → 17.5, 980 → 72.05, 999 → 80 at the EDM defaults).
+    float32, shape [n]."""
+    return karras_sigmas(n, sigma_min, sigma_max, rho, append_zero=False).flip(0).to(torch.float32)
+
+
+def sample_grid_index(n: int, lo: int, hi: int, generator: torch.Generator) -> torch.Tensor:
+    """n integer grid indices uniform on {lo, ..., hi} (both inclusive)."""
+    return torch.randint(lo, hi + 1, (n,), generator=generator)
+
+
+# ------------------------------------------------------------------------------------------------ DM gradient
+def dm_gradient(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """DMD distribution-matching gradient in x space (Yin et al. 2024 "One-step Diffusion with Distribution
+    Matching Distillation", Eq. 7–8; kept unchanged by DMD2):
+
+        g_b = (D_fake(x_t) − D_real(x_t))_b / mean_CHW |x_b − D_real(x_t)_b|
+
+    i.e. w_t·(s_fake − s_real) with w_t = σ_t²·CS/‖D_real(x_t) − x‖₁ (the σ² cancels the score's 1/σ²).
+    The per-sample normaliser makes g invariant to the pixel scale. Computed without grad; non-finite entries
+    (a zero normaliser) become 0. Shape as ``x``."""
+    with torch.no_grad():
+        x, d_real, d_fake = x.detach(), d_real.detach(), d_fake.detach()
+        norm = (x - d_real).abs().flatten(1).mean(1).reshape((-1,) + (1,) * (x.ndim - 1))
+        g = (d_fake - d_real) / norm
+        return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def dm_pseudo_loss(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Stop-gradient surrogate whose gradient is the DM gradient: L_DM = ½·mean_BCHW (x − sg(x − g))², so
+    ∂L_DM/∂x = g/(B·C·H·W) and the value is ½·mean g² (a monitor only; it often rises early in training)."""
+    target = (x - g).detach()
+    return 0.5 * (x - target).square().mean()
+
+
+# ------------------------------------------------------------------------------------------------ critic
+def fake_score_loss(fake, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, labels=None,
+                    reduction: str = "mean") -> torch.Tensor:
+    """Denoising loss of the fake-score network on *detached* generator samples, with EDM's weighting
+    λ(σ) = 1/σ² + 1/σ_d² (Karras et al. 2022, Eq. 2 and Table 1; DMD Eq. 6 uses the same score-matching loss):
+
+        L_fake = E[ λ(σ)·‖D_fake(x + σε; σ) − x‖² ]
+
+    ``reduction='mean'`` averages over batch and pixels (DMD2's ImageNet code path); ``'sum'`` sums over pixels
+    and averages over the batch (EDM, Diff-Instruct)."""
+    x = x.detach()
+    per_sample = edm_loss(fake, x, sigma, noise, labels, getattr(fake, "sigma_data", 0.5))
+    if reduction == "sum":
+        return per_sample.mean()
+    if reduction == "mean":
+        return per_sample.mean() / x[0].numel()
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+@torch.no_grad()
+def paired_denoise(fake, real, x_t: torch.Tensor, sigma: torch.Tensor, labels=None):
+    """(D_fake(x_t; σ), D_real(x_t; σ)) without grad. The global RNG is rewound between the two calls, so when
+    both nets use dropout in the same mode they draw the same masks (Diff-Instruct's convention); then equal
+    weights give exactly equal outputs, and a zero gradient."""
+    state = torch.get_rng_state()
+    d_fake = fake(x_t, sigma, labels)
+    torch.set_rng_state(state)
+    d_real = real(x_t, sigma, labels)
+    return d_fake, d_real
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def random_onehot(n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """n uniformly random one-hot labels [n, num_classes] (float32)."""
+    idx = torch.randint(num_classes, (n,), generator=generator)
+    return nn.functional.one_hot(idx, num_classes).float()
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module):
+    """Treat the modules' parameters as constants for the forward passes run inside the block (the autograd
+    graph is recorded then, so restoring ``requires_grad`` afterwards does not make them receive gradients)."""
+    saved = [(p, p.requires_grad) for m in modules if m is not None for p in m.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def trainable_copy(teacher: nn.Module) -> nn.Module:
+    """A trainable copy of the teacher (train mode, requires_grad on): the generator's and the fake score's
+    initialisation in DMD, DMD2 and Diff-Instruct."""
+    return copy.deepcopy(teacher).train().requires_grad_(True)
+
+
+def shared_randint(high: int, generator: torch.Generator) -> int:
+    """One integer uniform on {0..high−1} drawn from ``generator``; with several ranks rank 0's draw is broadcast
+    so the whole global batch shares it (DMD2's backward-simulation step index)."""
+    k = torch.randint(high, (1,), generator=generator)
+    if dist.is_distributed():
+        import torch.distributed as tdist
+        tdist.broadcast(k, src=0)
+    return int(k)
+
+
+class ScoreDistillMethod(Method):
+    """Common set-up of the family: ``self.teacher`` (frozen D_real), ``self.G`` and ``self.fake`` (trainable
+    copies of the teacher), the sample shape, labels and noise drawn from the trainer's generator."""
+
+    role = "student"
+
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+        if ctx.teacher is None:
+            raise UserError(f"method {self.name!r} distils a teacher: give one with --teacher CKPT")
+        self.teacher = ctx.teacher.eval().requires_grad_(False)
+        self.G = trainable_copy(self.teacher).to(ctx.device)
+        self.fake = trainable_copy(self.teacher).to(ctx.device)
+        self.nets["generator"] = self.G
+        self.nets["fake_score"] = self.fake
+        self.shape = tuple(self.teacher.sample_shape)
+        self.label_dim = int(getattr(self.teacher, "label_dim", 0) or 0)
+        self.grid = dmd_sigma_grid(self.teacher.sigma_min, self.teacher.sigma_max)
+        # Exposed for supplements (e.g. the embedding loss): the generator phase's samples, with grad.
+        self.generator_phase = "generator"
+        self.generated = None
+        self.generated_labels = None
+
+    # draws (all from the trainer's checkpointed generator, moved to the device afterwards)
+    def randn(self, n: int) -> torch.Tensor:
+        return torch.randn((n,) + self.shape, generator=self.ctx.generator).to(self.ctx.device)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.ctx.generator).to(x.device)
+
+    def labels_for(self, batch, n: int):
+        """Labels for n generated samples: the real batch's labels when there are some, else random one-hot;
+        None for unconditional models."""
+        if not self.label_dim:
+            return None
+        if batch is not None and batch[1] is not None and len(batch[1]) >= n:
+            return batch[1][:n].to(self.ctx.device)
+        return random_onehot(n, self.label_dim, self.ctx.generator).to(self.ctx.device)
+
+    def grid_sigma(self, n: int, lo: int, hi: int, grid: torch.Tensor):
+        """(indices, σ = grid[indices]) with indices uniform on {lo..hi}."""
+        t = sample_grid_index(n, lo, hi, self.ctx.generator)
+        return t, grid[t].to(self.ctx.device)
+
+    def distribution_matching_loss(self, x: torch.Tensor, labels=None):
+        """DMD's generator loss on samples ``x`` (with grad): t ~ U{20..980}, x_t = sg(x) + σ_t·ε, the DM gradient
+        g from the fake and real denoisers at x_t, and the pseudo-loss ½·mean (x − sg(x − g))².
+        Returns (L_DM, g, t)."""
+        t, sigma = self.grid_sigma(x.shape[0], DM_T_MIN, DM_T_MAX, self.grid)
+        x_t = x.detach() + self.bview(sigma, x) * self.randn_like(x)
+        d_fake, d_real = paired_denoise(self.fake, self.teacher, x_t, sigma, labels)
+        g = dm_gradient(x, d_real, d_fake)
+        return dm_pseudo_loss(x, g), g, t
+
+    def critic_denoising_loss(self, x: torch.Tensor, labels=None, reduction: str = "mean"):
+        """Fake-score loss on detached samples at σ = grid[U{0..999}] (DMD2's EDM code path)."""
+        _, sigma = self.grid_sigma(x.shape[0], CRITIC_T_MIN, CRITIC_T_MAX, self.grid)
+        return fake_score_loss(self.fake, x.detach(), sigma, self.randn_like(x), labels, reduction)
+
+    @staticmethod
+    def bview(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return v.reshape((-1,) + (1,) * (x.ndim - 1))
