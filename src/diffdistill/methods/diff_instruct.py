@@ -64,17 +64,19 @@ class DiffInstruct(ScoreDistillMethod):
         super().__init__(ctx)
         if int(student_steps) != 1:
             raise UserError(f"diff_instruct trains one-step generators only (got student_steps={student_steps})")
-        if sigma_init <= 0:
-            raise UserError(f"sigma_init must be positive, got {sigma_init}")
         self.sigma_init = float(sigma_init)
+        if self.sigma_init <= 0:
+            raise UserError(f"sigma_init must be positive, got {sigma_init}")
         self.p_mean, self.p_std = float(p_mean), float(p_std)
-        self.ema_halflife_kimg, self.ema_rampup, self.ema_beta_const = ema_halflife_kimg, ema_rampup, ema_beta_const
+        self.ema_halflife_kimg = float(ema_halflife_kimg)
+        self.ema_rampup = None if ema_rampup is None else float(ema_rampup)
+        self.ema_beta_const = None if ema_beta_const is None else float(ema_beta_const)
         self.critic_reduction = critic_reduction
         self.ema = EMA(self.G)
-        adam = dict(betas=tuple(betas), eps=eps)
+        adam = dict(betas=tuple(float(b) for b in betas), eps=float(eps))
         self.optimizers["critic"] = torch.optim.Adam(self.fake.parameters(),
-                                                     lr=lr if lr_critic is None else lr_critic, **adam)
-        self.optimizers["generator"] = torch.optim.Adam(self.G.parameters(), lr=lr, **adam)
+                                                     lr=float(lr if lr_critic is None else lr_critic), **adam)
+        self.optimizers["generator"] = torch.optim.Adam(self.G.parameters(), lr=float(lr), **adam)
         self.last_beta = None
 
     def phases(self, step):

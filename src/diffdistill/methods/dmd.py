@@ -95,7 +95,7 @@ def teacher_pairs(teacher, num_pairs: int, path=None, seed: int = 0, chunk_size:
             say(f"dmd: generating {num_pairs - start} teacher pairs (Heun, {2 * heun_steps - 1} NFE)"
                 + (f" into {root}" if root else ""))
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + i)
-        z = torch.randn((n,) + shape, generator=g)
+        z = torch.randn((chunk_size,) + shape, generator=g)[:n]  # full-chunk draw: independent of num_pairs
         labels = _chunk_labels(start, n, L)
         y, _ = heun_sampler(teacher, z.to(device), sigmas, None if labels is None else labels.to(device))
         y = y.float().cpu()
@@ -151,10 +151,10 @@ class DMD(ScoreDistillMethod):
         self.z_ref = None if z is None else z.to(ctx.device)
         self.y_ref = None if y is None else y.to(ctx.device)
         self.labels_ref = None if lab is None else lab.to(ctx.device)
-        adamw = dict(betas=tuple(betas), weight_decay=weight_decay)
-        self.optimizers["generator"] = torch.optim.AdamW(self.G.parameters(), lr=lr, **adamw)
+        adamw = dict(betas=tuple(float(b) for b in betas), weight_decay=float(weight_decay))
+        self.optimizers["generator"] = torch.optim.AdamW(self.G.parameters(), lr=float(lr), **adamw)
         self.optimizers["critic"] = torch.optim.AdamW(self.fake.parameters(),
-                                                      lr=lr if lr_critic is None else lr_critic, **adamw)
+                                                      lr=float(lr if lr_critic is None else lr_critic), **adamw)
         for k in ("generator", "critic"):
             self.schedulers[k] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[k], warmup_lambda(warmup_steps))
         self._cache = None

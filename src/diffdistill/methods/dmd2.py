@@ -153,10 +153,10 @@ class DMD2(ScoreDistillMethod):
             self.head = build_gan_head(self.fake, self.shape, self.label_dim)
             self.nets["gan_head"] = self.head
         critic_params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head else [])
-        adamw = dict(betas=tuple(betas), weight_decay=weight_decay)
-        self.optimizers["generator"] = torch.optim.AdamW(self.G.parameters(), lr=lr, **adamw)
-        self.optimizers["critic"] = torch.optim.AdamW(critic_params, lr=lr if lr_critic is None else lr_critic,
-                                                      **adamw)
+        adamw = dict(betas=tuple(float(b) for b in betas), weight_decay=float(weight_decay))
+        self.optimizers["generator"] = torch.optim.AdamW(self.G.parameters(), lr=float(lr), **adamw)
+        lr_critic = float(lr if lr_critic is None else lr_critic)
+        self.optimizers["critic"] = torch.optim.AdamW(critic_params, lr=lr_critic, **adamw)
         # DMD2 warms both learning rates up over `warmup_steps` iterations; the trainer steps a phase's scheduler
         # only when the phase runs, so the generator's warm-up is counted in generator updates (÷ ratio).
         self.schedulers["generator"] = torch.optim.lr_scheduler.LambdaLR(

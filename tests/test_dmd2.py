@@ -1,0 +1,374 @@
+"""DMD2 and the shared distribution-matching pieces: the formula sheet's oracles (dmd_di.md §5) and a 2-D run."""
+
+import math
+
+import pytest
+import torch
+
+from helpers.dm_helpers import (MLP_CFG, UNET_CFG, GaussianDenoiser, Recorder, all_none, any_nonzero, make_ctx,
+                                tiny_teacher)
+from diffdistill.methods.dmd2 import (DMD2, ImageGANHead, PointGANHead, backward_simulation_input,
+                                      gan_critic_loss, gan_generator_loss, student_sigma_indices, student_sigmas)
+from diffdistill.methods.score_distill import (dm_gradient, dm_pseudo_loss, dmd_sigma_grid, paired_denoise,
+                                               sample_grid_index)
+
+
+def _dmd2(cfg=MLP_CFG, label_dim=0, batch_size=16, **opts):
+    teacher, cfg = tiny_teacher(cfg, label_dim=label_dim)
+    opts = {"lr": 1e-3, "warmup_steps": 0, **opts}
+    return DMD2(make_ctx(teacher, cfg, batch_size=batch_size), **opts)
+
+
+def _real(m, n=16, seed=1):
+    return torch.randn((n,) + m.shape, generator=torch.Generator().manual_seed(seed)) * 0.5
+
+
+# ------------------------------------------------------------------------------------------------ grid, indices
+def test_grid_reference_values():
+    grid = dmd_sigma_grid()
+    assert len(grid) == 1000 and bool((grid[1:] > grid[:-1]).all())
+    for j, want in [(0, 0.002), (20, 0.00323), (249, 0.168), (499, 2.50), (749, 17.5), (980, 72.05), (999, 80.0)]:
+        assert math.isclose(float(grid[j]), want, rel_tol=5e-3), (j, float(grid[j]))
+
+
+def test_index_ranges_are_inclusive():
+    g = torch.Generator().manual_seed(0)
+    t = sample_grid_index(200_000, 20, 980, g)
+    assert int(t.min()) == 20 and int(t.max()) == 980
+    t = sample_grid_index(200_000, 0, 999, g)
+    assert int(t.min()) == 0 and int(t.max()) == 999
+
+
+def test_method_sigma_ranges_dm_and_critic():
+    """DM σ's lie in [grid[20], grid[980]] ≈ [0.00323, 72.05]; critic and GAN σ's in [grid[0], grid[999]]."""
+    m = _dmd2(batch_size=256)
+    grid = dmd_sigma_grid()
+    m.fake = Recorder(m.fake)
+    real = (_real(m, 256), None)
+    lo, hi = float("inf"), 0.0
+    for step in range(0, 20, 5):   # generator steps: the DM call has no kwargs, the GAN call return_bottleneck
+        m.fake.calls.clear()
+        m.loss("generator", real, step)
+        dm = [c for c in m.fake.calls if not c["kw"]]
+        assert len(dm) == 1 and not dm[0]["grad"]
+        s = dm[0]["sigma"]
+        lo, hi = min(lo, float(s.min())), max(hi, float(s.max()))
+        assert float(s.min()) >= float(grid[20]) * (1 - 1e-6) and float(s.max()) <= float(grid[980]) * (1 + 1e-6)
+        assert math.isclose(float(grid[20]), 0.00323, rel_tol=5e-3)
+        assert math.isclose(float(grid[980]), 72.05, rel_tol=5e-3)
+    critic_sigmas = []
+    for step in range(1, 5):
+        m.fake.calls.clear()
+        m.loss("critic", real, step)
+        critic_sigmas += [c["sigma"] for c in m.fake.calls]
+    s = torch.cat(critic_sigmas)
+    assert float(s.min()) >= 0.002 * (1 - 1e-6) and float(s.max()) <= 80.0 * (1 + 1e-6)
+    assert float(s.min()) < float(grid[20]) and float(s.max()) > float(grid[980])  # the wider range is used
+
+
+# ------------------------------------------------------------------------------------------------ DM gradient
+def test_fake_equals_real_gives_zero_generator_gradient():
+    m = _dmd2(gan_weight=0.0)   # fake score == teacher at initialisation
+    loss, logs = m.loss("generator", None, 0)
+    loss.backward()
+    assert logs["dmd2/dm"] == 0.0
+    for p in m.G.parameters():
+        assert p.grad is None or torch.equal(p.grad, torch.zeros_like(p.grad))
+
+
+def test_paired_denoise_shares_dropout_masks():
+    teacher, _ = tiny_teacher(UNET_CFG, dropout=0.3)
+    a = Recorder(teacher).train()
+    b = Recorder(teacher).train()
+    x = torch.randn(4, 1, 8, 8)
+    s = torch.full((4,), 1.0)
+    d_fake, d_real = paired_denoise(a, b, x, s)
+    assert torch.equal(d_fake, d_real)
+    assert not torch.equal(a(x, s), a(x, s))   # dropout is really active
+    assert torch.equal(dm_gradient(x, d_real, d_fake), torch.zeros_like(x))
+
+
+def test_pseudo_loss_gradient_and_value():
+    g0 = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, generator=g0, requires_grad=True)
+    g = torch.randn(3, 2, 4, 4, generator=g0)
+    L = dm_pseudo_loss(x, g)
+    L.backward()
+    assert torch.allclose(x.grad, g / x.numel(), atol=1e-9)
+    assert math.isclose(float(L.detach()), 0.5 * float(g.square().mean()), rel_tol=1e-6)
+
+
+def test_normaliser_scale_invariance():
+    gen = torch.Generator().manual_seed(1)
+    x, dr, df = (torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64) for _ in range(3))
+    g = dm_gradient(x, dr, df)
+    a, b = 3.7, -1.3   # pixel units: affine maps with a > 0
+    assert torch.allclose(dm_gradient(a * x + b, a * dr + b, a * df + b), g, atol=1e-10)
+    c = torch.tensor([0.1, 2.0, 5.0, 0.7], dtype=torch.float64).reshape(-1, 1, 1, 1)  # per-sample residual scale
+    assert torch.allclose(dm_gradient(dr + c * (x - dr), dr, dr + c * (df - dr)), g, atol=1e-10)
+    ratio = (df - dr).abs().flatten(1).mean(1) / (x - dr).abs().flatten(1).mean(1)
+    assert torch.allclose(g.abs().flatten(1).mean(1), ratio, atol=1e-12)
+
+
+def test_normaliser_nan_becomes_zero():
+    x = torch.ones(2, 3)
+    dr = x.clone()            # zero normaliser for both samples
+    df = torch.tensor([[1.0, 1.0, 1.0], [2.0, 1.0, 1.0]])
+    assert torch.equal(dm_gradient(x, dr, df), torch.zeros(2, 3))
+
+
+def test_di_vs_dmd_relation():
+    from diffdistill.methods.diff_instruct import ikl_loss
+    gen = torch.Generator().manual_seed(2)
+    B, C, H, W = 4, 2, 3, 3
+    dr, df = torch.randn(B, C, H, W, generator=gen), torch.randn(B, C, H, W, generator=gen)
+    x1 = torch.randn(B, C, H, W, generator=gen, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    dm_pseudo_loss(x1, dm_gradient(x1, dr, df)).backward()
+    ikl_loss(x2, dr, df).backward()
+    norm = (x1.detach() - dr).abs().flatten(1).mean(1).reshape(-1, 1, 1, 1)
+    assert torch.allclose(x1.grad, x2.grad / (C * H * W * norm), rtol=1e-5, atol=1e-9)
+    # equal per-sample directions
+    cos = torch.nn.functional.cosine_similarity(x1.grad.flatten(1), x2.grad.flatten(1))
+    assert torch.allclose(cos, torch.ones(B), atol=1e-5)
+
+
+def test_gaussian_closed_form_through_the_method():
+    """Real N(μ, c²I), generator N(m, c²I), exact denoisers: D_f − D_r = (m − μ)σ²/(c²+σ²) at every x_t; the DMD2
+    gradient on m is that over (normaliser·B·CHW), summed over the batch, and a descent step moves m toward μ."""
+    mu, m0, c, B = torch.tensor([0.3, -0.2]), torch.tensor([1.0, 0.5]), 0.4, 64
+    m = _dmd2(gan_weight=0.0, batch_size=B)
+    m.teacher, m.fake = GaussianDenoiser(mu, c), GaussianDenoiser(m0, c)
+    mean = torch.nn.Parameter(m0.clone())
+    z = torch.randn(B, 2, generator=torch.Generator().manual_seed(3))
+    x = mean + c * z
+    state = m.ctx.generator.get_state()
+    loss, g, t = m.distribution_matching_loss(x, None)
+    loss.backward()
+    # replay the draws to rebuild x_t and the exact expected gradient
+    m.ctx.generator.set_state(state)
+    t2 = torch.randint(20, 981, (B,), generator=m.ctx.generator)
+    eps = torch.randn(B, 2, generator=m.ctx.generator)
+    assert torch.equal(t, t2)
+    sigma = m.grid[t].reshape(-1, 1)
+    x_t = x.detach() + sigma * eps
+    diff = m.fake(x_t, sigma) - m.teacher(x_t, sigma)
+    assert torch.allclose(diff, (m0 - mu) * sigma ** 2 / (c ** 2 + sigma ** 2), atol=1e-5)
+    norm = (x.detach() - m.teacher(x_t, sigma)).abs().mean(1, keepdim=True)
+    want = (diff / norm / (B * 2)).sum(0)
+    assert torch.allclose(mean.grad, want, rtol=1e-4, atol=1e-7)
+    stepped = mean.detach() - 0.1 * mean.grad / mean.grad.norm()
+    assert (stepped - mu).norm() < (m0 - mu).norm()
+
+
+# ------------------------------------------------------------------------------------------------ GAN
+def test_gan_losses_at_zero_logits():
+    l = torch.zeros(5, requires_grad=True)
+    assert math.isclose(float(gan_critic_loss(torch.zeros(5), torch.zeros(5))), 2 * math.log(2), rel_tol=1e-6)
+    Lg = gan_generator_loss(l)
+    assert math.isclose(float(Lg), math.log(2), rel_tol=1e-6)
+    l2 = torch.tensor([-2.0, 0.0, 3.0], requires_grad=True)
+    (gan_generator_loss(l2) * 3).backward()
+    assert torch.allclose(l2.grad, -torch.sigmoid(-l2.detach()))
+
+
+@pytest.mark.parametrize("cfg", [MLP_CFG, UNET_CFG], ids=["points", "images"])
+def test_gan_head_shapes_and_grad_isolation(cfg):
+    m = _dmd2(cfg, batch_size=8)
+    assert isinstance(m.head, PointGANHead if cfg is MLP_CFG else ImageGANHead)
+    real = (_real(m, 8), None)
+    loss, logs = m.loss("generator", real, 0)
+    loss.backward()
+    assert "dmd2/g_gan" in logs
+    assert any_nonzero(m.G)
+    assert all_none(m.fake) and all_none(m.head)          # the G step leaves critic grads empty
+    for p in m.G.parameters():
+        p.grad = None
+    loss, logs = m.loss("critic", real, 0)
+    loss.backward()
+    assert all_none(m.G)                                   # and the critic step leaves G grads empty
+    assert any_nonzero(m.fake) and any_nonzero(m.head)
+    assert "dmd2/d_gan" in logs
+    # the critic phase right after the generator phase of the same step reused its detached batch
+    assert all(p.requires_grad for p in m.fake.parameters())
+
+
+def test_critic_reuses_pre_update_generator_batch():
+    m = _dmd2(gan_weight=0.0)
+    m.fake = Recorder(m.fake)
+    m.loss("generator", None, 5)
+    x_gen = m.generated.detach().clone()
+    with torch.no_grad():
+        for p in m.G.parameters():   # an optimizer step in between must not change the critic's batch
+            p.add_(1.0)
+    m.fake.calls.clear()
+    state = m.ctx.generator.get_state()
+    m.loss("critic", None, 5)
+    (call,) = m.fake.calls
+    m.ctx.generator.set_state(state)     # replay the critic's draws: t, then ε
+    t = torch.randint(0, 1000, (16,), generator=m.ctx.generator)
+    eps = torch.randn(16, 2, generator=m.ctx.generator)
+    sigma = m.grid[t]
+    assert torch.equal(call["sigma"], sigma)
+    assert torch.allclose(call["x"], x_gen + sigma[:, None] * eps, atol=1e-6)
+    assert m._cache is None
+    # on a critic-only step the batch is fresh (G is called again, without grad)
+    m.G = Recorder(m.G)
+    m.loss("critic", None, 6)
+    assert len(m.G.calls) == 1 and not m.G.calls[0]["grad"]
+
+
+def test_conditional_labels_from_batch_and_random():
+    m = _dmd2(label_dim=3, batch_size=6)
+    m.G, m.fake = Recorder(m.G), Recorder(m.fake)
+    y = torch.eye(3)[[0, 1, 2, 0, 1, 2]]
+    m.loss("generator", (_real(m, 6), y), 0)
+    assert torch.equal(m.G.calls[-1]["labels"], y)
+    m.loss("critic", (_real(m, 6), y), 0)
+    gan_call = [c for c in m.fake.calls if c["kw"]][-1]
+    assert torch.equal(gan_call["labels"], torch.cat([y, y]))   # real labels then the generated batch's
+    m.G.calls.clear()
+    m.gan_weight = 0.0
+    m.head = None
+    m.loss("critic", None, 1)   # data-free: random one-hot labels
+    lab = m.G.calls[-1]["labels"]
+    assert lab.shape == (6, 3) and torch.equal(lab.sum(1), torch.ones(6))
+
+
+# ------------------------------------------------------------------------------------------------ multi-step
+def test_student_sigma_rule():
+    assert student_sigma_indices(4) == [999, 749, 499, 249]
+    assert student_sigma_indices(1) == [999]
+    assert student_sigma_indices(2) == [999, 499]
+    s = student_sigmas(4, dmd_sigma_grid())
+    for got, want in zip(s, [80.0, 17.5, 2.50, 0.168]):
+        assert math.isclose(got, want, rel_tol=5e-3)
+
+
+class ConstGen(torch.nn.Module):
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = x0
+
+    def forward(self, x, sigma, labels=None):
+        return self.x0.expand_as(x)
+
+
+def test_backward_simulation_inputs():
+    sigmas = student_sigmas(4, dmd_sigma_grid())
+    z = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(backward_simulation_input(ConstGen(torch.zeros(2)), z, sigmas, 0, g), z * sigmas[0])
+    x0 = torch.tensor([0.3, -0.7])
+    for k in (1, 2, 3):
+        g = torch.Generator().manual_seed(10 + k)
+        replay = torch.Generator().manual_seed(10 + k)
+        eps = [torch.randn(5, 2, generator=replay) for _ in range(k)][-1]
+        x = backward_simulation_input(ConstGen(x0), z, sigmas, k, g)
+        assert torch.allclose(x, x0 + sigmas[k] * eps, atol=1e-6)
+
+
+def test_multistep_training_uses_student_rollout_and_k_nfe():
+    from diffdistill.eval.generate import generate
+    m = _dmd2(student_steps=4, gan_weight=0.0)
+    assert m.sampling_spec() == {"sampler": "multistep", "sigmas": m.sigmas} and len(m.sigmas) == 4
+    m.G = Recorder(m.G)
+    seen = set()
+    for step in range(0, 60, 5):
+        m.G.calls.clear()
+        _, logs = m.loss("generator", None, step)
+        k = int(logs["dmd2/k"])
+        seen.add(k)
+        calls = m.G.calls
+        assert len(calls) == k + 1                      # k rollout calls without grad, then the trained call
+        assert all(not c["grad"] for c in calls[:-1]) and calls[-1]["grad"]
+        assert [float(c["sigma"][0]) for c in calls] == pytest.approx(m.sigmas[:k + 1])
+    assert seen == {0, 1, 2, 3}
+    _, _, info = generate(m.G.net, range(8), m.sampling_spec())
+    assert info["nfe"] == 4
+
+
+def test_k0_input_is_pure_noise():
+    m = _dmd2(student_steps=4, gan_weight=0.0)
+    m.G = Recorder(m.G)
+    for step in range(0, 100, 5):
+        state = m.ctx.generator.get_state()
+        m.G.calls.clear()
+        _, logs = m.loss("generator", None, step)
+        if logs["dmd2/k"] == 0:
+            m.ctx.generator.set_state(state)
+            z = torch.randn((16, 2), generator=m.ctx.generator)
+            assert torch.equal(m.G.calls[0]["x"], z * 80.0)
+            return
+    pytest.fail("k = 0 never drawn")
+
+
+# ------------------------------------------------------------------------------------------------ TTUR, trainer
+def _trainer(tmp_path, method, steps, teacher_label_dim=0, **opts):
+    from diffdistill.train.trainer import Trainer
+    teacher, cfg = tiny_teacher(MLP_CFG, label_dim=teacher_label_dim)
+    run = {"out": str(tmp_path), "steps": steps, "batch_size": 32, "log_every": 5, "ckpt_every": 0,
+           "sample_every": 0, "progress": False, "seed": 0, "device": "cpu", "keep_ckpts": 3, "nan_policy": "stop",
+           "grad_clip": 10.0, "resume": None, "num_sample_grid": 16}
+    full = {"run": run, "data": {"name": "ring8", "n": 500, "seed": 0}, "net": cfg,
+            "method": {"name": method, "lr": 1e-3, "warmup_steps": 2, **opts}}
+    return Trainer(full, teacher=teacher, teacher_path="mem")
+
+
+def test_ttur_counts_and_skipped_generator_is_bit_identical(tmp_path):
+    K = 12
+    tr = _trainer(tmp_path, "dmd2", K)
+    m = tr.method
+    counts = {"generator": 0, "critic": 0}
+    orig = m.loss
+
+    def counting(phase, batch, step):
+        counts[phase] += 1
+        return orig(phase, batch, step)
+    m.loss = counting
+    for step in range(K):
+        before = [p.detach().clone() for p in m.G.parameters()]
+        crit_before = [p.detach().clone() for p in m.fake.parameters()]
+        tr.train_step()
+        tr.step += 1
+        same = all(torch.equal(a, b) for a, b in zip(before, m.G.parameters()))
+        assert same == (step % 5 != 0), step
+        assert not all(torch.equal(a, b) for a, b in zip(crit_before, m.fake.parameters()))
+    assert counts == {"critic": K, "generator": math.ceil(K / 5)}
+
+
+def test_resume_is_exact_with_gan(tmp_path):
+    full = _trainer(tmp_path / "full", "dmd2", 12)
+    full.run()
+    half = _trainer(tmp_path / "split", "dmd2", 6)
+    half.cfg["run"]["ckpt_every"] = 0
+    half.run()
+    resumed = _trainer(tmp_path / "split", "dmd2", 12)
+    resumed.cfg["run"]["resume"] = "auto"
+    resumed.run()
+    import json
+    steps = [json.loads(l)["step"] for l in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert steps == [5, 6, 10, 12]      # really resumed at step 6, not retrained from 0
+    a, b = full.method.state_dict(), resumed.method.state_dict()
+    for net in ("generator", "fake_score", "gan_head"):
+        for k, v in a["nets"][net].items():
+            assert torch.equal(v, b["nets"][net][k]), (net, k)
+
+
+def test_checkpoint_carries_sampling_spec(tmp_path):
+    from diffdistill.train.checkpoint import list_checkpoints, load_checkpoint
+    tr = _trainer(tmp_path, "dmd2", 3, student_steps=2)
+    tr.run()
+    state = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
+    assert state["role"] == "student" and state["method"] == "dmd2"
+    assert state["sampling"]["sampler"] == "multistep"
+    assert state["sampling"]["sigmas"] == pytest.approx([80.0, 2.50], rel=5e-3)
+
+
+# ------------------------------------------------------------------------------------------------ 2-D end to end
+def test_dmd2_ring8_end_to_end(ring8_teacher, tmp_path):
+    """A 1-step DMD2 student of the ring8 teacher (points preset: TTUR 5, no GAN) lands near the teacher."""
+    res = ring8_teacher.distill_and_eval("dmd2", tmp_path, steps=1000)
+    print("dmd2 ring8", res)
+    assert res["student"] < 2.5 * res["teacher"]
+    assert res["student"] < 0.25 * res["untrained"]
