@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train-teacher", action="store_true", help="retrain the teacher even if a shipped one exists")
     d.add_argument("--teacher-steps", type=int, default=None, help="teacher training iterations (default: preset)")
     d.add_argument("--num-samples", type=int, default=2000, help="samples per evaluation")
+    d.add_argument("--distill-iters", type=int, help="distillation iterations (default: the method's preset)")
     d.add_argument("--device", default="cpu")
     d.add_argument("--no-progress", action="store_true")
     return p
@@ -199,7 +200,8 @@ def cmd_export(a) -> int:
 def cmd_demo(a) -> int:
     from .demo import run_demo
     run_demo(out=a.out, retrain_teacher=a.train_teacher, teacher_steps=a.teacher_steps,
-             num_samples=a.num_samples, device=a.device, progress=not a.no_progress)
+             num_samples=a.num_samples, device=a.device, progress=not a.no_progress,
+             distill_iters=a.distill_iters)
     return 0
 
 

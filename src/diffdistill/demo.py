@@ -1,8 +1,11 @@
 """``diffdistill demo``: the main job on the embedded default (real 8×8 digits, no downloads, minutes on a CPU).
 
-Trains the digits teacher with the ``digits`` preset, measures it at 35 NFE (Heun-18) and at 1/3/7 NFE next to
-the real-data floor and the Gaussian-noise ceiling in the same feature space, and writes ``OUT/report.md`` with a
-sample grid, the metrics table and how long each phase took.
+1. Teacher: the digits teacher shipped with the package (trained by the project's own ``digits`` preset), or
+   ``--train-teacher`` to retrain it with that preset.
+2. Teacher quality at 35 NFE (Heun-18), at 1/3/7 NFE (Heun 1/2/4 steps) and at 2/4 NFE (DDIM), next to the
+   real-data floor and the Gaussian-noise ceiling, all in the same feature space.
+3. Distillation: a 1-step DMD2 student from that teacher, with proxy-FID tracked over the iterations.
+4. ``OUT/report.md`` (+ ``metrics.json``, sample grids, the proxy-FID curve) with the time each phase took.
 """
 
 from __future__ import annotations
@@ -14,55 +17,81 @@ from pathlib import Path
 from .config import resolve
 from .eval.evaluate import digits_floor_and_ceiling, evaluate_net
 from .eval.generate import generate
-from .eval.plots import save_samples_png
+from .eval.plots import line_plot, save_samples_png
 from .train.checkpoint import list_checkpoints
 
-TEACHER_NFES = (35, 7, 3, 1)
 SHIPPED_TEACHER = Path(__file__).resolve().parent / "assets" / "teacher_digits.safetensors"
+TEACHER_SPECS = [("Heun, 18 steps", {"sampler": "heun", "nfe": 35}), ("Heun, 4 steps", {"sampler": "heun", "nfe": 7}),
+                 ("DDIM, 4 steps", {"sampler": "ddim", "nfe": 4}), ("Heun, 2 steps", {"sampler": "heun", "nfe": 3}),
+                 ("DDIM, 2 steps", {"sampler": "ddim", "nfe": 2}), ("1 step", {"sampler": "heun", "nfe": 1})]
+DEMO_METHOD = "dmd2"
 
 
-def _teacher_spec(nfe: int) -> dict:
-    return {"sampler": "heun", "nfe": nfe}
-
-
-def run_demo(out="runs/demo", retrain_teacher: bool = False, teacher_steps=None, num_samples: int = 2000,
-             device="cpu", progress: bool = True) -> dict:
+def _get_teacher(out: Path, retrain: bool, teacher_steps, device, progress, timings):
+    from .eval.evaluate import load_for_sampling
     from .train.trainer import Trainer
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    timings, rows = {}, []
-
     t0 = time.perf_counter()
-    if retrain_teacher and (out / "teacher").exists():  # keep the old run, never overwrite work
+    if not retrain and not teacher_steps and SHIPPED_TEACHER.exists():
+        teacher, tstate = load_for_sampling(SHIPPED_TEACHER, device)
+        timings[f"teacher: shipped (trained by the digits preset in {tstate.get('train_seconds', '?')} s; "
+                "--train-teacher retrains)"] = time.perf_counter() - t0
+        return teacher, SHIPPED_TEACHER
+    if retrain and (out / "teacher").exists():  # keep the old run: never overwrite work
         (out / "teacher").rename(out / f"teacher.old-{time.strftime('%Y%m%d-%H%M%S')}")
     flags = {"run": {"out": str(out / "teacher"), "device": device, "progress": progress, "resume": "auto"}}
     if teacher_steps:
         flags["run"]["steps"] = teacher_steps
-    cfg = resolve("digits", flags=flags)
-    use_shipped = SHIPPED_TEACHER.exists() and not retrain_teacher and not teacher_steps
-    if use_shipped:
-        from .eval.evaluate import load_for_sampling
-        teacher, tstate = load_for_sampling(SHIPPED_TEACHER, device)
-        teacher_ckpt = SHIPPED_TEACHER
-        timings["teacher (shipped; trained by the digits preset in "
-                f"{tstate.get('train_seconds', '?')} s; --train-teacher retrains)"] = time.perf_counter() - t0
-    else:
-        trainer = Trainer(cfg)
-        trainer.run()  # resumes (run.resume=auto) when the run directory already holds checkpoints
-        timings["teacher training"] = time.perf_counter() - t0
-        teacher = trainer.method.sampling_net().eval()
-        teacher_ckpt = list_checkpoints(trainer.ckpt_dir)[-1]
+    trainer = Trainer(resolve("digits", flags=flags))
+    trainer.run()  # resumes (run.resume=auto) when the run directory already holds checkpoints
+    timings["teacher training"] = time.perf_counter() - t0
+    return trainer.method.sampling_net().eval(), list_checkpoints(trainer.ckpt_dir)[-1]
+
+
+def run_demo(out="runs/demo", retrain_teacher: bool = False, teacher_steps=None, num_samples: int = 2000,
+             device="cpu", progress: bool = True, distill_iters=None) -> dict:
+    from .distill import distill
+    from .methods.registry import list_methods
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings, rows = {}, []
+    data_cfg = resolve("digits")["data"]
+    teacher, teacher_ckpt = _get_teacher(out, retrain_teacher, teacher_steps, device, progress, timings)
 
     t0 = time.perf_counter()
     ref = digits_floor_and_ceiling()
-    for nfe in TEACHER_NFES:
-        m = evaluate_net(teacher, _teacher_spec(nfe), cfg["data"], num_samples, seed=0, device=device)
-        rows.append({"model": f"teacher (Heun, {(nfe + 1) // 2} steps)", **m})
-    x, _, _ = generate(teacher, range(64), _teacher_spec(35), device=device)
+    for name, spec in TEACHER_SPECS:
+        m = evaluate_net(teacher, spec, data_cfg, num_samples, seed=0, device=device)
+        rows.append({"model": f"teacher ({name})", **m})
+    x, _, _ = generate(teacher, range(64), TEACHER_SPECS[0][1], device=device)
     save_samples_png(x, out / "teacher_samples.png")
-    timings["evaluation"] = time.perf_counter() - t0
+    timings["teacher evaluation"] = time.perf_counter() - t0
 
-    metrics = {"teacher_checkpoint": str(teacher_ckpt), "reference": ref, "rows": rows,
+    curve = []
+    if DEMO_METHOD in list_methods():
+        t0 = time.perf_counter()
+
+        def track(trainer):  # proxy-FID of the 1-step student over the iterations (500 samples: cheap at 1 NFE)
+            net = trainer.method.sampling_net()
+            m = evaluate_net(net, trainer.method.sampling_spec(), data_cfg, 500, seed=0, device=device)
+            curve.append((trainer.step, m["proxy_fid"]))
+
+        flags = {"run": {"out": str(out / DEMO_METHOD), "device": device, "progress": progress, "resume": "auto"}}
+        if distill_iters:
+            flags["run"]["steps"] = distill_iters
+        tr = distill(DEMO_METHOD, teacher_ckpt, flags=flags, on_sample=track)
+        timings[f"{DEMO_METHOD} distillation ({tr.step} iterations)"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        student = tr.method.sampling_net()
+        m = evaluate_net(student, tr.method.sampling_spec(), data_cfg, num_samples, seed=0, device=device)
+        rows.append({"model": f"{DEMO_METHOD} student (1 step)", **m})
+        x, _, _ = generate(student, range(64), tr.method.sampling_spec(), device=device)
+        save_samples_png(x, out / "student_samples.png")
+        if curve:
+            line_plot({f"{DEMO_METHOD} student, 1 NFE (500 samples)": tuple(zip(*curve))}, out / "distill_curve.png",
+                      "iteration", "proxy-FID", f"{DEMO_METHOD}: proxy-FID over distillation", logy=True)
+        timings["student evaluation"] = time.perf_counter() - t0
+
+    metrics = {"teacher_checkpoint": str(teacher_ckpt), "reference": ref, "rows": rows, "curve": curve,
                "timings_seconds": {k: round(v, 1) for k, v in timings.items()}}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(out, metrics)
@@ -75,9 +104,9 @@ def write_report(out: Path, metrics: dict) -> None:
     n = ref["floor_n"]
     lines = [
         "# diffdistill demo report — 8×8 handwritten digits (scikit-learn, real data)", "",
-        f"Teacher checkpoint: `{metrics['teacher_checkpoint']}`", "",
+        f"Teacher: `{metrics['teacher_checkpoint']}`", "",
         "Quality is proxy-FID / KID in the 64-d penultimate feature space of the project's digits classifier "
-        "(lower is better), against the 1,500 training digits. It is not Inception FID.", "",
+        "(lower is better), against the 1,500 training digits. It is not Inception FID.",
         f"FID is biased upwards at small sample sizes, so the column *proxy-FID @{n}* compares every model with "
         f"the real-data floor at the floor's own size ({n} held-out digits; mean over disjoint {n}-sample subsets).",
         "", f"| model | NFE | samples | proxy-FID | proxy-FID @{n} | KID | samples/s |", "|---|---|---|---|---|---|---|",
@@ -87,7 +116,11 @@ def write_report(out: Path, metrics: dict) -> None:
         lines.append(f"| {r['model']} | {r['nfe']} | {r['num_samples']} | {r['proxy_fid']:.3f} | "
                      f"{r[f'proxy_fid_n{n}']:.3f} | {r['kid']:.4f} | {r['images_per_second']:.0f} |")
     lines += [f"| Gaussian noise (ceiling) | – | {ref['noise_n']} | {ref['noise_proxy_fid']:.1f} | – | – | – |", "",
-              "![teacher samples, Heun 35 NFE](teacher_samples.png)", "", "## Time per phase", "",
-              "| phase | seconds |", "|---|---|"]
+              "Teacher, Heun 35 NFE:", "", "![teacher samples](teacher_samples.png)", ""]
+    if (out / "student_samples.png").exists():
+        lines += [f"{DEMO_METHOD} student, 1 NFE (same seeds):", "", "![student samples](student_samples.png)", ""]
+    if (out / "distill_curve.png").exists():
+        lines += ["![proxy-FID over distillation](distill_curve.png)", ""]
+    lines += ["## Time per phase", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in metrics["timings_seconds"].items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -39,12 +39,12 @@ def distill_config(method: str, teacher_state: dict, flags=None, config_file=Non
     return cfg
 
 
-def distill(method: str, teacher_path, flags=None, config_file=None, overrides=None, supplements=()):
+def distill(method: str, teacher_path, flags=None, config_file=None, overrides=None, supplements=(), on_sample=None):
     from .train.trainer import Trainer
     device = ((flags or {}).get("run") or {}).get("device", "cpu")
     teacher, tstate = load_teacher(teacher_path, device)
     cfg = distill_config(method, tstate, flags, config_file, overrides)
     cfg["teacher"] = {"path": str(teacher_path), "step": tstate["step"], "sampling": tstate["sampling"]}
     trainer = Trainer(cfg, teacher=teacher, teacher_path=str(teacher_path), supplements=supplements)
-    trainer.run()
+    trainer.run(on_sample=on_sample)
     return trainer

@@ -64,10 +64,11 @@ class EDMPrecond(nn.Module):
         return (self.img_channels,)
 
     def forward(self, x: torch.Tensor, sigma, labels: Optional[torch.Tensor] = None,
-                return_bottleneck: bool = False):
+                return_bottleneck: bool = False, bottleneck_only: bool = False):
         """D(x; σ). With ``return_bottleneck=True`` returns ``(D, features)``, where ``features`` are the raw
         network's bottleneck activations (SongUNet: the last encoder output; MLP: the last hidden layer), e.g. for
-        a GAN discriminator head on a fake-score network (DMD2)."""
+        a GAN discriminator head on a fake-score network (DMD2); ``bottleneck_only=True`` returns the features
+        alone (the same values) without computing D."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         if sigma.numel() == 1:
@@ -80,6 +81,8 @@ class EDMPrecond(nn.Module):
             labels = None
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
         bshape = (-1,) + (1,) * (x.ndim - 1)
+        if bottleneck_only:
+            return self.model(c_in.reshape(bshape) * x, c_noise, labels, bottleneck_only=True)
         if return_bottleneck:
             F_x, feats = self.model(c_in.reshape(bshape) * x, c_noise, labels, return_bottleneck=True)
         else:

@@ -108,7 +108,7 @@ def build_gan_head(fake, sample_shape: tuple, label_dim: int) -> nn.Module:
     x = torch.zeros((1,) + tuple(sample_shape), device=param.device)
     y = torch.zeros(1, label_dim, device=param.device) if label_dim else None
     with torch.no_grad():
-        _, feats = fake(x, torch.ones(1, device=param.device), y, return_bottleneck=True)
+        feats = fake(x, torch.ones(1, device=param.device), y, bottleneck_only=True)
     head = ImageGANHead(feats.shape[1]) if feats.ndim == 4 else PointGANHead(feats.shape[1])
     return head.to(param.device)
 
@@ -187,8 +187,7 @@ class DMD2(ScoreDistillMethod):
         and the head on its bottleneck features. Gradients reach x when x has them."""
         _, sigma = self.grid_sigma(x.shape[0], CRITIC_T_MIN, CRITIC_T_MAX, self.grid)
         x_t = x + self.bview(sigma, x) * self.randn_like(x)
-        _, feats = self.fake(x_t, sigma, labels, return_bottleneck=True)
-        return self.head(feats)
+        return self.head(self.fake(x_t, sigma, labels, bottleneck_only=True))
 
     # ---------------------------------------------------------------------------------------------- losses
     def loss(self, phase, batch, step):

@@ -39,9 +39,11 @@ class MLPDenoiserNet(nn.Module):
         self.out_norm = nn.LayerNorm(hidden)
         self.out = Linear(hidden, dim, init_weight=0)
 
-    def forward(self, x, noise_labels, class_labels=None, return_bottleneck: bool = False):
+    def forward(self, x, noise_labels, class_labels=None, return_bottleneck: bool = False,
+                bottleneck_only: bool = False):
         """F(x, c_noise, y); with ``return_bottleneck=True`` returns ``(F, features)``, ``features`` being the last
-        hidden layer ``silu(LN(h))`` of shape [B, hidden] (the input of the zero-initialised output layer)."""
+        hidden layer ``silu(LN(h))`` of shape [B, hidden] (the input of the zero-initialised output layer);
+        ``bottleneck_only=True`` returns the features alone."""
         emb = self.map_noise(noise_labels)
         if self.map_label is not None:
             if class_labels is None:
@@ -53,5 +55,7 @@ class MLPDenoiserNet(nn.Module):
         for block in self.blocks:
             h = block(h, emb)
         feats = F.silu(self.out_norm(h))
+        if bottleneck_only:
+            return feats
         out = self.out(feats)
         return (out, feats) if return_bottleneck else out

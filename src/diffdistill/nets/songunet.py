@@ -176,7 +176,8 @@ class SongUNet(nn.Module):
     ``{res}x{res}_{conv,down,block<i>,in0,in1,up,aux_norm,aux_conv}``, mapping network ``map_*``).
 
     ``forward(..., return_bottleneck=True)`` returns ``(out, bottleneck)``, where ``bottleneck`` is the activation
-    after the last encoder block (``[B, model_channels·channel_mult[-1], R/2^(L-1), R/2^(L-1)]``), e.g. for a GAN head.
+    after the last encoder block (``[B, model_channels·channel_mult[-1], R/2^(L-1), R/2^(L-1)]``), e.g. for a GAN head;
+    ``bottleneck_only=True`` returns the bottleneck alone and skips the decoder.
     """
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
@@ -245,7 +246,8 @@ class SongUNet(nn.Module):
                 self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(c, eps=1e-6)
                 self.dec[f'{res}x{res}_aux_conv'] = Conv2d(c, out_channels, 3, **init_zero)
 
-    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, return_bottleneck: bool = False):
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, return_bottleneck: bool = False,
+                bottleneck_only: bool = False):
         # Mapping.
         emb = self.map_noise(noise_labels)
         emb = torch.cat(emb.chunk(2, dim=1)[::-1], dim=1)  # [cos, sin] -> [sin, cos]
@@ -267,6 +269,8 @@ class SongUNet(nn.Module):
             x = m(x) if name.endswith('_conv') else m(x, emb)
             skips.append(x)
         bottleneck = x
+        if bottleneck_only:  # e.g. a GAN head on a fake-score net: the decoder's work would be thrown away
+            return bottleneck
 
         # Decoder: `block<i>` modules take the concatenation with the matching encoder output.
         out = None
