@@ -379,8 +379,13 @@ def test_checkpoint_carries_sampling_spec(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ 2-D end to end
 def test_dmd2_ring8_end_to_end(ring8_teacher, tmp_path):
-    """A 1-step DMD2 student of the ring8 teacher (points preset: TTUR 5, no GAN) lands near the teacher."""
-    res = ring8_teacher.distill_and_eval("dmd2", tmp_path, steps=1000)
-    print("dmd2 ring8", res)
-    assert res["student"] < 2.5 * res["teacher"]
+    """A 1-step DMD2 student of the ring8 teacher (points preset: TTUR 5, no GAN; 1,000 iterations = 200 generator
+    updates at batch 256) within 3× the teacher's sliced W2 at 35 NFE and far below the untrained 1-step student.
+    Measured: teacher 0.036, untrained 0.494, student 0.076."""
+    res = ring8_teacher.distill_and_eval("dmd2", tmp_path, steps=1000, overrides=["run.batch_size=256"])
+    print("dmd2 ring8", {k: v for k, v in res.items() if k != "trainer"})
+    m = res["trainer"].method
+    assert int(m.optimizers["generator"].state[next(m.G.parameters())]["step"]) == 200   # TTUR: every 5th iteration
+    assert res["modes_covered"] == 1.0
+    assert res["student"] < 3 * res["teacher"]
     assert res["student"] < 0.25 * res["untrained"]

@@ -2,7 +2,7 @@
 Diffusion Models", NeurIPS 2023).
 
 The generator minimises the Integral KL divergence between its diffused distribution q_t and the teacher's p_t,
-D_IKL = ∫ w(t)·KL(q_t‖p_t) dt, whose gradient (paper Theorem 3.1 / Eq. 3.3) is
+D_IKL = ∫ w(t)·KL(q_t‖p_t) dt, whose gradient (the paper's IKL gradient theorem) is
 ∫ w(t)·E[(s_q(x_t) − s_p(x_t))ᵀ ∂x_t/∂θ] dt, with s_q from an online fake-score network. With w(σ) = σ² and
 s = (D − x)/σ² this is the denoiser difference, so the generator loss is the "IKL pseudo-loss"
 

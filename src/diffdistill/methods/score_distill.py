@@ -47,8 +47,8 @@ def sample_grid_index(n: int, lo: int, hi: int, generator: torch.Generator) -> t
 
 # ------------------------------------------------------------------------------------------------ DM gradient
 def dm_gradient(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
-    """DMD distribution-matching gradient in x space (Yin et al. 2024 "One-step Diffusion with Distribution
-    Matching Distillation", Eq. 7–8; kept unchanged by DMD2):
+    """DMD's distribution-matching gradient in x space (Yin et al., "One-step Diffusion with Distribution Matching
+    Distillation": the DM gradient and its per-sample weight w_t; unchanged in DMD2):
 
         g_b = (D_fake(x_t) − D_real(x_t))_b / mean_CHW |x_b − D_real(x_t)_b|
 
@@ -73,7 +73,7 @@ def dm_pseudo_loss(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def fake_score_loss(fake, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, labels=None,
                     reduction: str = "mean") -> torch.Tensor:
     """Denoising loss of the fake-score network on *detached* generator samples, with EDM's weighting
-    λ(σ) = 1/σ² + 1/σ_d² (Karras et al. 2022, Eq. 2 and Table 1; DMD Eq. 6 uses the same score-matching loss):
+    λ(σ) = 1/σ² + 1/σ_d² (Karras et al. 2022, Eq. 2 and Table 1; DMD trains its fake score with this denoising loss):
 
         L_fake = E[ λ(σ)·‖D_fake(x + σε; σ) − x‖² ]
 
