@@ -76,6 +76,17 @@ def load_config_file(path) -> dict:
     return cfg
 
 
+def _parse_value(val: str):
+    """YAML scalar, except that numbers YAML 1.1 leaves as strings (``1e-4``) become floats."""
+    v = yaml.safe_load(val)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
 def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     """``section.key=value`` strings; the value is parsed as YAML (numbers, lists, null, true/false)."""
     cfg = copy.deepcopy(cfg)
@@ -89,7 +100,7 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"--set {key}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(val)
+        node[parts[-1]] = _parse_value(val)
     return cfg
 
 

@@ -47,8 +47,9 @@ class DiffInstruct(ScoreDistillMethod):
     needs_data = False
 
     presets: ClassVar[dict] = {
+        # digits (smoke-tested only): proxy-FID 1154 → 21.7 after 300 iterations (EMA), ~0.3–0.7 s per iteration.
         "images": {
-            "run": {"steps": 1500, "batch_size": 64, "log_every": 50, "ckpt_every": 500, "sample_every": 500},
+            "run": {"steps": 600, "batch_size": 64, "log_every": 50, "ckpt_every": 200, "sample_every": 200},
             "method": {"lr": 1e-4, "ema_halflife_kimg": 10.0, "ema_rampup": 0.05},
         },
         "points": {

@@ -252,7 +252,7 @@ class Trainer:
                 self.nimg += run["batch_size"] * self.world
                 if logs is not None:
                     self.method.after_step(self.step, self.nimg)
-                    last_logs = logs
+                    last_logs.update(logs)  # latest value of every key (TTUR phases do not run every step)
                 steps_since += 1
                 if bar is not None:
                     bar.update(1)
