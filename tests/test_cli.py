@@ -116,3 +116,20 @@ def test_export_roundtrip(teacher_ckpt, tmp_path):
 def test_distill_refuses_a_non_teacher_and_unknown_method(teacher_ckpt, tmp_path):
     r = run("distill", "--method", "nope", "--teacher", teacher_ckpt, cwd=tmp_path)
     assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
+    r = run("distill", "--method", "dmd2", "--teacher", teacher_ckpt, "--set", "method.bogus=1", cwd=tmp_path)
+    assert r.returncode == 2 and "bogus" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("method", ["dmd2", "dmd", "diff-instruct"])
+def test_distill_cli_runs_and_student_checkpoint_samples(method, teacher_ckpt, tmp_path):
+    out = tmp_path / method
+    extra = ["--set", "method.num_pairs=64"] if method == "dmd" else []
+    r = run("distill", "--method", method, "--teacher", teacher_ckpt, "--iters", 5, "--out", out, "--no-progress",
+            "--batch-size", 32, "--set", "run.sample_every=0", *extra)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1]
+    r = run("eval", ckpt, "--num-samples", 200, "--out", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["role"] == "student" and m["method"] == method.replace("-", "_") and m["nfe"] == 1

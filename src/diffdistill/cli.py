@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("distill", help="distill a teacher checkpoint into a few-step student",
                        description="Methods:\n" + "\n".join(f"  {k:14s} {v}" for k, v in methods.items()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    m.add_argument("--method", required=True, choices=sorted(k for k, v in methods.items()), metavar="NAME",
+    m.add_argument("--method", required=True, choices=sorted(methods), metavar="NAME",
+                   type=lambda name: name.replace("-", "_"),  # diff-instruct == diff_instruct
                    help="one of: " + ", ".join(sorted(methods)))
     m.add_argument("--teacher", required=True, help="teacher checkpoint (.pt written by train-teacher)")
     m.add_argument("--student-steps", "--steps", dest="student_steps", type=int,

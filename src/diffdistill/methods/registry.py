@@ -9,7 +9,7 @@ from ..errors import UserError
 METHODS: dict[str, type] = {}
 
 # Modules that define methods; importing them fills METHODS. Adding a method = one file + one name here.
-_MODULES = ["teacher", "dmd", "dmd2", "diff_instruct"]
+_MODULES = ["teacher", "dmd", "dmd2", "diff_instruct", "sid"]
 
 
 def register(cls):
@@ -24,6 +24,7 @@ def _load_all():
 
 def get_method(name: str):
     _load_all()
+    name = name.replace("-", "_")
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
     return METHODS[name]

@@ -75,6 +75,18 @@ def check_data_matches_net(shape: tuple, num_classes: int, net_cfg: dict) -> Non
                         f"use --set net.label_dim=0 or give labelled data (class sub-folders / dataset.json)")
 
 
+def check_method_options(method_cls, options: dict) -> None:
+    """Unknown method options are a user error naming the valid ones, not a TypeError from deep inside."""
+    import inspect
+    params = inspect.signature(method_cls.__init__).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [k for k in params if k not in ("self", "ctx")]
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        raise UserError(f"method {method_cls.name!r} has no option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+
+
 class Trainer:
     def __init__(self, cfg: dict, teacher=None, teacher_path: str | None = None, dataset=None, supplements=()):
         self.cfg = cfg
@@ -110,6 +122,7 @@ class Trainer:
         ctx = MethodContext(device=self.device, generator=self.gen, batch_size=run["batch_size"],
                             world_size=self.world, net_config=net_cfg, teacher=teacher, teacher_path=teacher_path,
                             sample_shape=shape, num_classes=getattr(self.dataset, "num_classes", 0))
+        check_method_options(method_cls, method_cfg)
         self.method = method_cls(ctx, **method_cfg)
         for net in self.method.nets.values():
             dist.broadcast_module(net)
