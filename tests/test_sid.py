@@ -90,6 +90,14 @@ def test_weight_clip_nan_drop_and_flat_inputs():
     keep = torch.tensor([0, 2])
     want = sid_generator_loss(x[keep], d_real[keep], d_fake[keep], 1.2) * 2 / 3
     assert torch.isfinite(got) and torch.allclose(got, want, atol=1e-6)
+    # the fake-score loss drops NaN samples the same way (sum over the rest, / full B)
+    teacher, _ = tiny_teacher(MLP_CFG)
+    sigma, n = torch.tensor([0.5, 1.0, 2.0]), torch.randn(3, 2, generator=g)
+    x_nan = x.clone()
+    x_nan[1, 1] = float("nan")
+    got = sid_fake_score_loss(teacher, x_nan, sigma, n)
+    want = edm_loss(teacher, x[keep], sigma[keep], n[keep]).sum() / 3
+    assert torch.isfinite(got) and torch.allclose(got, want, rtol=1e-6)
 
 
 def test_gradient_guard_is_nan_to_num():
