@@ -28,9 +28,9 @@ import torch
 
 from ..diffusion.schedules import sample_lognormal_sigma
 from ..errors import UserError
-from ..train.ema import EMA, ema_beta
+from ..train.ema import EMA
 from .registry import register
-from .score_distill import ScoreDistillMethod, fake_score_loss, paired_denoise
+from .score_distill import EMAGenerator, ScoreDistillMethod, fake_score_loss, paired_denoise
 
 
 def ikl_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ def ikl_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor) -> tor
 
 
 @register
-class DiffInstruct(ScoreDistillMethod):
+class DiffInstruct(EMAGenerator, ScoreDistillMethod):
     name = "diff_instruct"
     summary = "Diff-Instruct: integral-KL gradient from an online fake score, 1 step, EMA, data-free (Luo et al. 2023)"
     needs_data = False
@@ -110,25 +110,3 @@ class DiffInstruct(ScoreDistillMethod):
             l_g = ikl_loss(x, d_real, d_fake)
             return l_g, {"di/ikl": float(l_g.detach())}
         raise ValueError(f"unknown phase {phase!r}")
-
-    def ema_beta(self, nimg: int) -> float:
-        """β = 0.5^(B/h), h = min(half-life, ramp-up·n_img) images (EDM's rule, as in the official code), with B
-        the global batch; or the constant ``ema_beta_const``."""
-        return ema_beta(self.ctx.batch_size * self.ctx.world_size, nimg, self.ema_halflife_kimg, self.ema_rampup,
-                        self.ema_beta_const)
-
-    def after_step(self, step, nimg):
-        self.last_beta = self.ema_beta(nimg)
-        self.ema.update(self.G, self.last_beta)
-
-    def sampling_net(self):
-        return self.ema.net
-
-    def sampling_spec(self):
-        return {"sampler": "multistep", "sigmas": [self.sigma_init]}
-
-    def extra_state(self):
-        return {"ema": self.ema.net.state_dict()}
-
-    def load_extra_state(self, state):
-        self.ema.net.load_state_dict(state["ema"])

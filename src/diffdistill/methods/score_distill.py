@@ -22,6 +22,7 @@ from torch import nn
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
 from ..train import distributed as dist
+from ..train.ema import ema_beta
 from .base import Method, MethodContext
 from .teacher import edm_loss
 
@@ -199,3 +200,32 @@ class ScoreDistillMethod(Method):
     @staticmethod
     def bview(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return v.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+class EMAGenerator:
+    """Mixin for one-step methods that sample from an EMA of the generator (Diff-Instruct, SiD): EDM's half-life
+    rule β = 0.5^(B/h), h = min(half-life, ramp-up·n_img) with B the global batch, or a constant β. Expects
+    ``self.G``, ``self.ema``, ``self.sigma_init``, ``self.ema_halflife_kimg``, ``self.ema_rampup`` and
+    ``self.ema_beta_const``."""
+
+    def ema_beta(self, nimg: int) -> float:
+        """β = 0.5^(B/h), h = min(half-life, ramp-up·n_img) images (EDM's rule, as in the official code), with B
+        the global batch; or the constant ``ema_beta_const``."""
+        return ema_beta(self.ctx.batch_size * self.ctx.world_size, nimg, self.ema_halflife_kimg, self.ema_rampup,
+                        self.ema_beta_const)
+
+    def after_step(self, step, nimg):
+        self.last_beta = self.ema_beta(nimg)
+        self.ema.update(self.G, self.last_beta)
+
+    def sampling_net(self):
+        return self.ema.net
+
+    def sampling_spec(self):
+        return {"sampler": "multistep", "sigmas": [self.sigma_init]}
+
+    def extra_state(self):
+        return {"ema": self.ema.net.state_dict()}
+
+    def load_extra_state(self, state):
+        self.ema.net.load_state_dict(state["ema"])

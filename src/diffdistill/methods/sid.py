@@ -35,9 +35,9 @@ import torch
 
 from ..diffusion.schedules import sample_lognormal_sigma
 from ..errors import UserError
-from ..train.ema import EMA, ema_beta
+from ..train.ema import EMA
 from .registry import register
-from .score_distill import ScoreDistillMethod, frozen
+from .score_distill import EMAGenerator, ScoreDistillMethod, frozen
 from .teacher import edm_loss
 
 SIGMA_INIT = 2.5        # generator input noise level (official ``init_sigma``)
@@ -128,7 +128,7 @@ def nan_to_num_grad(grad: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ method
 @register
-class SiD(ScoreDistillMethod):
+class SiD(EMAGenerator, ScoreDistillMethod):
     name = "sid"
     summary = "SiD: α-weighted score-identity loss with an online fake score, 1 step from σ=2.5, EMA, " \
               "data-free (Zhou et al. 2024)"
@@ -244,25 +244,3 @@ class SiD(ScoreDistillMethod):
             l_g = sid_generator_loss(x, d_real, d_fake, self.alpha, scale=self.loss_scale_g)
             return l_g, {"sid/generator": float(l_g.detach())}
         raise ValueError(f"unknown phase {phase!r}")
-
-    def ema_beta(self, nimg: int) -> float:
-        """β = 0.5^(B/h), h = min(half-life, ramp-up·n_img) images (EDM's rule, as in the official code), with B
-        the global batch; or the constant ``ema_beta_const``."""
-        return ema_beta(self.ctx.batch_size * self.ctx.world_size, nimg, self.ema_halflife_kimg, self.ema_rampup,
-                        self.ema_beta_const)
-
-    def after_step(self, step, nimg):
-        self.last_beta = self.ema_beta(nimg)
-        self.ema.update(self.G, self.last_beta)
-
-    def sampling_net(self):
-        return self.ema.net
-
-    def sampling_spec(self):
-        return {"sampler": "multistep", "sigmas": [self.sigma_init]}
-
-    def extra_state(self):
-        return {"ema": self.ema.net.state_dict()}
-
-    def load_extra_state(self, state):
-        self.ema.net.load_state_dict(state["ema"])
