@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from helpers.dm_helpers import MLP_CFG, GaussianDenoiser, Recorder, all_none, any_nonzero, make_ctx, tiny_teacher
+from helpers.dm_helpers import assert_same_ema_method_state, MLP_CFG, GaussianDenoiser, Recorder, all_none, any_nonzero, make_ctx, tiny_teacher
 from diffdistill.methods.diff_instruct import DiffInstruct, ikl_loss
 
 
@@ -139,11 +139,7 @@ def test_resume_is_exact_including_ema(tmp_path):
     assert steps == [5, 10]                 # one log line per 5 steps: resumed at 5, not retrained from 0
     assert resumed.dataset is None          # data-free: no loader was built
     a, b = full.method.state_dict(), resumed.method.state_dict()
-    for k, v in a["extra"]["ema"].items():
-        assert torch.equal(v, b["extra"]["ema"][k]), k
-    for net in ("generator", "fake_score"):
-        for k, v in a["nets"][net].items():
-            assert torch.equal(v, b["nets"][net][k]), (net, k)
+    assert_same_ema_method_state(a, b)
     h = trainer(tmp_path / "x", 5).method.state_dict()["extra"]["ema"]
     assert any(not torch.equal(h[k], v) for k, v in b["extra"]["ema"].items())
 

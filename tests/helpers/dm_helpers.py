@@ -82,3 +82,12 @@ class GaussianDenoiser(nn.Module):
     def forward(self, x, sigma, labels=None):
         s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1)
         return self.mean + self.c ** 2 / (self.c ** 2 + s ** 2) * (x - self.mean)
+
+
+def assert_same_ema_method_state(a: dict, b: dict) -> None:
+    """Bitwise equality of two EMA-generator methods' states (EMA, generator and fake-score weights)."""
+    for k, v in a["extra"]["ema"].items():
+        assert torch.equal(v, b["extra"]["ema"][k]), k
+    for net in ("generator", "fake_score"):
+        for k, v in a["nets"][net].items():
+            assert torch.equal(v, b["nets"][net][k]), (net, k)
