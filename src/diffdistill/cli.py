@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--student-steps", "--steps", dest="student_steps", type=int,
                    help="sampling steps of the student (default: the method's, usually 1)")
     m.add_argument("--iters", type=int, help="training iterations (default: the method's preset)")
+    m.add_argument("--start-steps", type=int, metavar="N",
+                   help="step-halving methods (pd, cfd, rdd): the teacher's steps at the start, N -> N/2 -> ... -> "
+                        "--steps (default: the preset's)")
+    m.add_argument("--iters-per-halving", type=int, metavar="K",
+                   help="step-halving methods: training iterations per halving (the run is K x log2(N/steps) "
+                        "iterations unless --iters is given)")
     m.add_argument("--data", help="real data for methods that use it (default: the teacher's training data)")
     m.add_argument("--config", help="YAML/JSON file with sections run/data/method")
     m.add_argument("--out", help="run directory (default runs/<method>)")
@@ -95,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a checkpoint's sampling weights as .safetensors with JSON metadata")
     x.add_argument("checkpoint")
     x.add_argument("out", help="OUT.safetensors")
+
+    c = sub.add_parser("compare", help="run several methods on one teacher with the same seeds and budget; "
+                                       "report.md + report.html")
+    c.add_argument("--teacher", required=True, help="teacher checkpoint or exported .safetensors")
+    c.add_argument("--methods", required=True, help="comma-separated, e.g. dmd2,sid,diff-instruct")
+    c.add_argument("--iters", type=int, help="iterations per method (default: each method's preset)")
+    c.add_argument("--budget-minutes", type=float, help="training wall-clock per method (evaluation excluded)")
+    c.add_argument("--num-samples", type=int, default=2000, help="samples per table row")
+    c.add_argument("--curve-points", type=int, default=8, help="evaluations along each training run")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default="runs/compare")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every method's run, e.g. --set run.batch_size=32")
 
     d = sub.add_parser("demo", help="the main job: digits teacher, evaluation and report.md (minutes on a CPU)")
     d.add_argument("--out", default="runs/demo")
@@ -130,6 +151,20 @@ def cmd_distill(a) -> int:
         if a.student_steps <= 0:
             raise UserError(f"--steps (student steps) must be positive, got {a.student_steps}")
         flags["method"] = {"student_steps": a.student_steps}
+    halving = {k: v for k, v in {"start_steps": a.start_steps, "iters_per_halving": a.iters_per_halving}.items()
+               if v is not None}
+    if halving:
+        import inspect
+        from .methods.registry import get_method, list_methods
+        accepts = lambda name: "start_steps" in inspect.signature(get_method(name).__init__).parameters  # noqa: E731
+        if not accepts(a.method):
+            names = ", ".join(n for n in list_methods(role="student") if accepts(n))
+            raise UserError(f"--start-steps/--iters-per-halving set a step-halving schedule; method {a.method!r} "
+                            f"has none (methods with one: {names})")
+        for k, v in halving.items():
+            if v <= 0:
+                raise UserError(f"--{k.replace('_', '-')} must be positive, got {v}")
+        flags.setdefault("method", {}).update(halving)
     if a.data:
         flags["data"] = _data_spec(a.data)
     trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set)
@@ -198,6 +233,15 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_compare(a) -> int:
+    from .compare import compare
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    compare(a.teacher, methods, out=a.out, iters=a.iters, budget_minutes=a.budget_minutes, seed=a.seed,
+            num_samples=a.num_samples, curve_points=a.curve_points, device=a.device, progress=not a.no_progress,
+            overrides=a.set)
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .demo import run_demo
     run_demo(out=a.out, retrain_teacher=a.train_teacher, teacher_steps=a.teacher_steps,
@@ -207,7 +251,7 @@ def cmd_demo(a) -> int:
 
 
 COMMANDS = {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export,
-            "demo": cmd_demo}
+            "compare": cmd_compare, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

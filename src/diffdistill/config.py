@@ -28,6 +28,7 @@ RUN_DEFAULTS = {
     "grad_clip": None,          # max grad norm, None = off
     "progress": True,
     "resume": None,             # None, 'auto' or a checkpoint path
+    "max_minutes": None,        # wall-clock budget of the training loop (evaluation excluded); None = steps only
     "num_sample_grid": 64,
 }
 
@@ -123,5 +124,8 @@ def validate_run(run: dict) -> None:
         v = run.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise UserError(f"run.{key} must be a positive integer, got {v!r}")
+    mm = run.get("max_minutes")
+    if mm is not None and (isinstance(mm, bool) or not isinstance(mm, (int, float)) or mm <= 0):
+        raise UserError(f"run.max_minutes must be a positive number of minutes, got {mm!r}")
     if run.get("nan_policy") not in ("stop", "skip"):
         raise UserError(f"run.nan_policy must be 'stop' or 'skip', got {run.get('nan_policy')!r}")

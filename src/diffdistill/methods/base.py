@@ -38,6 +38,9 @@ class Method(ABC):
     summary: ClassVar[str]              # one line for ``--help``
     needs_data: ClassVar[bool] = True   # False for data-free methods: the trainer then builds no data loader
     role: ClassVar[str] = "student"     # 'teacher' for denoiser training
+    # The phase that trains a generator from noise (None: the method has none). Supplements such as the embedding
+    # loss attach to this phase and read its samples through ``generated_batch``.
+    generator_phase: ClassVar[Optional[str]] = None
 
     def __init__(self, ctx: MethodContext, **options: Any):
         self.ctx = ctx
@@ -64,6 +67,19 @@ class Method(ABC):
     def sampling_spec(self) -> dict:
         """How to sample ``sampling_net``: ``{'sampler': 'heun', 'nfe': 35}`` or ``{'sampler': 'multistep',
         'sigmas': [...]}``; stored in the checkpoint so ``sample``/``eval`` need no flags."""
+
+    def sampling_variants(self) -> dict[int, dict]:
+        """Every way this student can be sampled, as ``{number of steps: sampling spec}`` (``compare`` evaluates
+        each). Default: the one recipe of ``sampling_spec``; a consistency model, which samples at any step count,
+        returns several."""
+        spec = self.sampling_spec()
+        steps = len(spec["sigmas"]) if "sigmas" in spec else spec.get("nfe", 1)
+        return {steps: spec}
+
+    def generated_batch(self, batch, step: int):
+        """(x, labels): this step's generated samples with the graph into the generator, for supplements; called
+        after ``loss(generator_phase, batch, step)`` in the same step. Only methods with a ``generator_phase``."""
+        raise NotImplementedError(f"method {self.name!r} trains no generator from noise")
 
     def extra_state(self) -> dict:
         """Method state that is not a net/optimizer (EMA copies, memory banks)."""
