@@ -115,9 +115,9 @@ def test_songunet_deterministic_and_label_sensitive():
 
 def test_songunet_rejects_unsupported_types():
     with pytest.raises(ValueError, match="standard"):
-        small(encoder_type='residual')
+        small(encoder_type='progressive')
     with pytest.raises(ValueError, match="standard"):
-        small(decoder_type='skip')
+        small(decoder_type='residual')
 
 
 def test_songunet_gradients_reach_every_parameter():

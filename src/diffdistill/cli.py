@@ -13,7 +13,9 @@ from pathlib import Path
 
 from .errors import UserError
 
-EXIT_USER, EXIT_DIVERGED = 2, 3
+# Exit codes: 0 done; 2 bad input (one line naming the fix); 3 diverged (NaN/inf, nan_policy=stop); 4 out of
+# memory; 128 + signal number (130 SIGINT, 143 SIGTERM) when a signal stopped training after a final checkpoint.
+EXIT_USER, EXIT_DIVERGED, EXIT_OOM = 2, 3, 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +32,8 @@ def _add_run_flags(p, steps_default_help="preset's"):
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--resume", help="'auto' (newest checkpoint in the run directory) or a checkpoint path")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the networks with parameter counts and estimate peak memory, then exit (writes nothing)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config entry, e.g. --set method.lr=5e-4 --set run.ckpt_every=200")
 
@@ -69,6 +73,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="metrics JSON file (default: print only)")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--inception", help="local inception-2015-12-05.pt (TorchScript, StyleGAN/EDM/clean-fid); default "
+                                       "$DIFFDISTILL_INCEPTION. With --ref: Inception FID/KID/precision-recall")
+    e.add_argument("--ref", help="reference: EDM-style .npz (mu, sigma; from 'diffdistill ref-stats' also features) "
+                                 "or a folder / zip / image .npz")
+    e.add_argument("--no-kid", action="store_true", help="skip KID")
+    e.add_argument("--no-pr", action="store_true", help="skip precision/recall")
+    e.add_argument("--batch-size", type=int, default=250, help="generation and feature batch size")
+
+    r = sub.add_parser("ref-stats", help="Inception reference statistics (EDM-style .npz) of a folder / zip / .npz")
+    r.add_argument("data", help="folder of images (recursive), EDM zip, or image .npz")
+    r.add_argument("--inception", help="local inception-2015-12-05.pt (default $DIFFDISTILL_INCEPTION)")
+    r.add_argument("--out", required=True, help="OUT.npz (mu, sigma, num_images, recipe[, features])")
+    r.add_argument("--max-images", type=int, help="use the first N images (sorted names)")
+    r.add_argument("--no-features", action="store_true",
+                   help="store mu/sigma only (KID and precision/recall need the features)")
+    r.add_argument("--batch-size", type=int, default=250)
+    r.add_argument("--device", default="cpu")
+
+    ct = sub.add_parser("convert-teacher", help="NVlabs/edm .pkl or diffusers UNet2DModel folder -> teacher "
+                                                ".safetensors (+ .json); the pickle's code is never run")
+    ct.add_argument("source", help="EDM network-snapshot .pkl, or a diffusers pipeline / UNet2DModel folder")
+    ct.add_argument("out", help="OUT.safetensors")
+    ct.add_argument("--dropout", type=float, help="set the network's dropout (students copy it; DMD2 uses 0)")
 
     from .methods.registry import list_methods
     methods = list_methods(role="student")
@@ -89,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step-halving methods: training iterations per halving (the run is K x log2(N/steps) "
                         "iterations unless --iters is given)")
     m.add_argument("--data", help="real data for methods that use it (default: the teacher's training data)")
+    m.add_argument("--el-weight", type=float, metavar="W",
+                   help="add the embedding loss (EL: MMD to real data in random-network features) with weight W to "
+                        "the generator loss of dmd2, dmd, diff_instruct, sid or cd; other options via --set "
+                        "el.KEY=VALUE (mode, count, seed, kernel, ...). EL reads real data, so data-free methods "
+                        "(sid, dmd, diff_instruct) then use data too")
     m.add_argument("--config", help="YAML/JSON file with sections run/data/method")
     m.add_argument("--out", help="run directory (default runs/<method>)")
     m.add_argument("--batch-size", type=int)
@@ -96,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device")
     m.add_argument("--resume")
     m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--dry-run", action="store_true",
+                   help="list every network (student, teacher, helpers, EMA copies) with parameter counts and "
+                        "estimate peak memory for the batch, then exit without training or writing anything")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
     x = sub.add_parser("export", help="write a checkpoint's sampling weights as .safetensors with JSON metadata")
@@ -136,9 +171,25 @@ def cmd_train_teacher(a) -> int:
         flags["data"] = _data_spec(a.data)
     cfg = resolve(a.preset, a.config, flags, a.set)
     trainer = Trainer(cfg)
+    if a.dry_run:
+        from .train.memory import dry_run_report
+        print(dry_run_report(trainer))
+        return 0
     trainer.run()
+    if trainer.stopped_by_signal:
+        return _stopped(trainer)
     print(f"teacher checkpoint: {trainer.ckpt_dir}/ (newest ckpt-*.pt); samples: {trainer.out / 'samples'}")
     return 0
+
+
+def _stopped(trainer) -> int:
+    """Exit code 128 + signal after a signal stopped training (the trainer has written a final checkpoint), so job
+    scripts can tell an interrupted run from a finished one."""
+    import signal
+    name = signal.Signals(trainer.stopped_by_signal).name
+    print(f"diffdistill: stopped by {name} at step {trainer.step} after writing a checkpoint; continue with the same "
+          f"command plus --resume auto", file=sys.stderr)
+    return 128 + int(trainer.stopped_by_signal)
 
 
 def cmd_distill(a) -> int:
@@ -167,7 +218,22 @@ def cmd_distill(a) -> int:
         flags.setdefault("method", {}).update(halving)
     if a.data:
         flags["data"] = _data_spec(a.data)
+    if a.el_weight is not None:
+        flags["el"] = {"weight": a.el_weight}
+    if a.dry_run:
+        import inspect
+        import tempfile
+        from .methods.registry import get_method
+        from .train.memory import dry_run_report
+        with tempfile.TemporaryDirectory(prefix="diffdistill-dry-run-") as tmp:
+            if "run_dir" in inspect.signature(get_method(a.method).__init__).parameters:
+                flags.setdefault("method", {})["run_dir"] = tmp  # files a method precomputes go to a temp folder
+            trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set, dry_run=True)
+            print(dry_run_report(trainer))
+        return 0
     trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set)
+    if trainer.stopped_by_signal:
+        return _stopped(trainer)
     print(f"student checkpoint: {trainer.ckpt_dir}/ (newest ckpt-*.pt)")
     return 0
 
@@ -186,8 +252,10 @@ def cmd_sample(a) -> int:
     from .eval.evaluate import load_for_sampling, sampling_spec_for
     from .eval.generate import generate
     from .eval.plots import image_grid
+    from .config import check_device
     if a.num_samples <= 0:
         raise UserError(f"--num-samples must be positive, got {a.num_samples}")
+    check_device(a.device)
     net, state = load_for_sampling(a.checkpoint, a.device)
     spec = sampling_spec_for(state, a.steps, a.sampler)
     x, labels, info = generate(net, range(a.seed, a.seed + a.num_samples), spec, device=a.device)
@@ -210,17 +278,72 @@ def cmd_sample(a) -> int:
     return 0
 
 
+def _init_ranks(device: str) -> bool:
+    """Join torchrun's process group when launched by it (eval / ref-stats shard their work); True on rank 0."""
+    from .train.distributed import init_distributed, rank
+    init_distributed(device)
+    return rank() == 0
+
+
+def _inception_setup(a) -> dict | None:
+    """--inception/--ref → the extractor and reference of eval (None when no --ref is given)."""
+    from .eval.inception import TorchScriptExtractor, load_reference, resolve_inception_path
+    if not a.ref:
+        if a.inception:
+            raise UserError("--inception needs a reference: add --ref REF.npz (diffdistill ref-stats) or an image folder")
+        return None
+    path = resolve_inception_path(a.inception)
+    if path is None:
+        raise UserError("--ref needs the Inception network: --inception PATH/inception-2015-12-05.pt or "
+                        "$DIFFDISTILL_INCEPTION")
+    ext = TorchScriptExtractor(path, a.device)
+    return {"extractor": ext, "reference": load_reference(a.ref, ext, a.batch_size), "kid": not a.no_kid,
+            "pr": not a.no_pr, "batch_size": a.batch_size}
+
+
 def cmd_eval(a) -> int:
     from .eval.evaluate import evaluate_checkpoint
+    from .config import check_device
     if a.num_samples <= 1:
         raise UserError(f"--num-samples must be at least 2, got {a.num_samples}")
+    check_device(a.device)
+    rank0 = _init_ranks(a.device)
     metrics = evaluate_checkpoint(a.checkpoint, steps=a.steps, sampler=a.sampler, num_samples=a.num_samples,
-                                  seed=a.seed, device=a.device)
+                                  seed=a.seed, device=a.device, inception=_inception_setup(a))
+    if not rank0:
+        return 0
     text = json.dumps(metrics, indent=2)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(text + "\n")
     print(text)
+    return 0
+
+
+def cmd_ref_stats(a) -> int:
+    from .eval.inception import TorchScriptExtractor, compute_reference, resolve_inception_path, save_reference
+    path = resolve_inception_path(a.inception)
+    if path is None:
+        raise UserError("ref-stats needs the Inception network: --inception PATH/inception-2015-12-05.pt or "
+                        "$DIFFDISTILL_INCEPTION")
+    if not a.out.endswith(".npz"):
+        raise UserError(f"ref-stats writes an .npz: give --out ending in .npz, not {a.out!r}")
+    rank0 = _init_ranks(a.device)
+    ref = compute_reference(a.data, TorchScriptExtractor(path, a.device), a.batch_size, a.max_images,
+                            keep_features=not a.no_features)
+    if rank0:
+        sha = save_reference(ref, a.out, keep_features=not a.no_features)
+        print(f"wrote {a.out}: {ref.num_images} images, {ref.mu.shape[0]}-d features, sha256 {sha[:16]}…")
+    return 0
+
+
+def cmd_convert_teacher(a) -> int:
+    from .teachers import convert_teacher
+    meta = convert_teacher(a.source, a.out, dropout=a.dropout)
+    cfg, src = meta["net_config"], meta["source"]
+    print(f"wrote {a.out} (+ {Path(a.out).with_suffix('.json').name}): {src['format']} -> {cfg['arch']} with "
+          f"{cfg['precond']} preconditioning, {cfg['img_channels']}x{cfg['img_resolution']}x{cfg['img_resolution']}, "
+          f"label_dim {cfg['label_dim']}; reloaded output identical (max |diff| {meta['verified_max_abs_diff']})")
     return 0
 
 
@@ -251,11 +374,13 @@ def cmd_demo(a) -> int:
 
 
 COMMANDS = {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export,
+            "ref-stats": cmd_ref_stats, "convert-teacher": cmd_convert_teacher,
             "compare": cmd_compare, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:
-    from .train.trainer import DivergenceError
+    from .train.health import is_out_of_memory, out_of_memory_message
+    from .train.trainer import DivergenceError, OutOfMemoryStop
     try:
         parser = build_parser()
         a = parser.parse_args(argv)
@@ -269,6 +394,14 @@ def main(argv=None) -> int:
     except DivergenceError as e:
         print(f"diffdistill: diverged: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except OutOfMemoryStop as e:
+        print(f"diffdistill: {e}", file=sys.stderr)
+        return EXIT_OOM
+    except (RuntimeError, MemoryError) as e:  # out of memory outside the training loop (set-up, sampling, eval)
+        if not is_out_of_memory(e):
+            raise
+        print(f"diffdistill: {out_of_memory_message(e)}", file=sys.stderr)
+        return EXIT_OOM
     except KeyboardInterrupt:
         print("diffdistill: interrupted", file=sys.stderr)
         return 130

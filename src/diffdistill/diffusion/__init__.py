@@ -1,10 +1,10 @@
 """EDM basis: preconditioning, σ schedules and samplers (pure functions)."""
 
-from .precond import EDMPrecond, Denoiser, edm_coefficients
+from .precond import EDMPrecond, VEPrecond, VPPrecond, Precond, Denoiser, edm_coefficients
 from .schedules import karras_sigmas, sample_lognormal_sigma
 from .samplers import SAMPLERS, NFECounter, euler_sampler, heun_sampler, ddim_sampler, multistep_sampler, sample
 
 __all__ = [
-    "EDMPrecond", "Denoiser", "edm_coefficients", "karras_sigmas", "sample_lognormal_sigma", "SAMPLERS",
+    "EDMPrecond", "VPPrecond", "VEPrecond", "Precond", "Denoiser", "edm_coefficients", "karras_sigmas", "sample_lognormal_sigma", "SAMPLERS",
     "NFECounter", "euler_sampler", "heun_sampler", "ddim_sampler", "multistep_sampler", "sample",
 ]

@@ -1,11 +1,13 @@
-"""EDM preconditioning (Karras et al. 2022, Table 1, "Ours" column).
+"""Preconditioning (Karras et al. 2022, "EDM", Table 1): D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x; c_noise(σ)).
 
-    D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x; c_noise(σ))
-    c_skip = σ_d² / (σ² + σ_d²),  c_out = σ·σ_d / √(σ² + σ_d²),  c_in = 1 / √(σ² + σ_d²),  c_noise = ¼·ln σ
+    EDM ("Ours"): c_skip = σ_d²/(σ² + σ_d²), c_out = σ·σ_d/√(σ² + σ_d²), c_in = 1/√(σ² + σ_d²), c_noise = ¼·ln σ
+    VP (Song et al. 2021, DDPM++): c_skip = 1, c_out = −σ, c_in = 1/√(σ² + 1), c_noise = (M − 1)·σ⁻¹(σ)
+    VE (Song et al. 2021, NCSN++): c_skip = 1, c_out = σ,  c_in = 1,           c_noise = ln(½σ)
 
 A *Denoiser* is any module ``D(x, sigma, labels=None) -> x0_hat`` (fp32 at the boundary) that also carries
 ``img_channels``, ``img_resolution``, ``label_dim``, ``sigma_min`` and ``sigma_max``. Teachers, students and fake
-score networks are all Denoisers.
+score networks are all Denoisers. ``sigma_min``/``sigma_max`` are the *sampling* bounds: EDM's generate.py clips its
+[0.002, 80] Karras grid to the network's supported range, and so do the VP/VE classes here.
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ def edm_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5):
     return c_skip, c_out, c_in, c_noise
 
 
-class EDMPrecond(nn.Module):
-    """Wrap a raw network ``F(x_in, c_noise, class_labels)`` into the EDM denoiser D(x; σ).
+class Precond(nn.Module):
+    """Wrap a raw network ``F(x_in, c_noise, class_labels)`` into a denoiser D(x; σ); subclasses give the four
+    coefficients. The raw network is ``self.model`` so state-dict keys match NVlabs/edm's preconditioners
+    (``model.enc.8x8_conv.weight`` ...). ``img_resolution`` is 0 for flat (2-D point) data. ``sigma_data`` is the
+    data std the training losses weight with (EDM's λ(σ)); VP/VE keep it for that use only."""
 
-    The raw network is stored as ``self.model`` so state-dict keys match NVlabs/edm's ``EDMPrecond``
-    (``model.enc.8x8_conv.weight`` ...). ``img_resolution`` is 0 for flat (2-D point) data.
-    """
+    kind = "base"
 
     def __init__(self, model: nn.Module, img_channels: int, img_resolution: int = 0, label_dim: int = 0,
                  sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
@@ -55,6 +58,14 @@ class EDMPrecond(nn.Module):
         self.sigma_data = float(sigma_data)
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
+
+    def coefficients(self, sigma: torch.Tensor):
+        """(c_skip, c_out, c_in, c_noise) for a [B] tensor of noise levels."""
+        raise NotImplementedError
+
+    def precond_config(self) -> dict:
+        """Keyword arguments that rebuild this preconditioner (stored as ``net_config['precond_kwargs']``)."""
+        return {}
 
     @property
     def sample_shape(self) -> tuple:
@@ -79,7 +90,8 @@ class EDMPrecond(nn.Module):
             labels = labels.to(torch.float32).reshape(-1, self.label_dim)
         else:
             labels = None
-        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
+        c_skip, c_out, c_in, c_noise = (torch.as_tensor(c, dtype=torch.float32, device=x.device).expand(sigma.shape)
+                                        for c in self.coefficients(sigma))
         bshape = (-1,) + (1,) * (x.ndim - 1)
         if bottleneck_only:
             return self.model(c_in.reshape(bshape) * x, c_noise, labels, bottleneck_only=True)
@@ -89,3 +101,77 @@ class EDMPrecond(nn.Module):
             F_x = self.model(c_in.reshape(bshape) * x, c_noise, labels)
         D = c_skip.reshape(bshape) * x + c_out.reshape(bshape) * F_x.to(torch.float32)
         return (D, feats) if return_bottleneck else D
+
+
+class EDMPrecond(Precond):
+    """EDM preconditioning (Karras et al. 2022, Table 1 "Ours"; σ_d = 0.5 by default)."""
+
+    kind = "edm"
+
+    def coefficients(self, sigma):
+        return edm_coefficients(sigma, self.sigma_data)
+
+
+def vp_sigma(t, beta_d: float = 19.9, beta_min: float = 0.1) -> torch.Tensor:
+    """VP noise level at time t ∈ (0, 1]: σ(t) = √(exp(½β_d t² + β_min t) − 1) (EDM Table 1, VP column)."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return ((0.5 * beta_d * t ** 2 + beta_min * t).exp() - 1).sqrt()
+
+
+def vp_sigma_inv(sigma, beta_d: float = 19.9, beta_min: float = 0.1) -> torch.Tensor:
+    """Inverse of `vp_sigma`: t(σ) = (√(β_min² + 2β_d ln(1 + σ²)) − β_min) / β_d."""
+    sigma = torch.as_tensor(sigma)
+    return ((beta_min ** 2 + 2 * beta_d * (1 + sigma ** 2).log()).sqrt() - beta_min) / beta_d
+
+
+def vp_coefficients(sigma: torch.Tensor, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000):
+    """VP preconditioning (EDM Table 1, VP column): c_skip = 1, c_out = −σ, c_in = 1/√(σ² + 1),
+    c_noise = (M − 1)·t(σ): the network predicts the noise ε, fed the VP-scaled input x/√(1 + σ²) and the DDPM
+    timestep on a 0..M−1 scale."""
+    return (torch.ones_like(sigma), -sigma, 1 / (sigma ** 2 + 1).sqrt(),
+            (M - 1) * vp_sigma_inv(sigma, beta_d, beta_min))
+
+
+def ve_coefficients(sigma: torch.Tensor):
+    """VE preconditioning (EDM Table 1, VE column): c_skip = 1, c_out = σ, c_in = 1, c_noise = ln(½σ)."""
+    return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log()
+
+
+class VPPrecond(Precond):
+    """Variance-preserving preconditioning of Song et al. (2021) as parameterised in EDM: β_d = 19.9, β_min = 0.1,
+    M = 1000, ε_t = 1e-5 (the official defaults). The network supports σ ∈ [σ(ε_t), σ(1)] ≈ [0.001, 152]; the
+    sampling bounds default to that range clipped to EDM's [0.002, 80]."""
+
+    kind = "vp"
+
+    def __init__(self, model: nn.Module, img_channels: int, img_resolution: int = 0, label_dim: int = 0,
+                 beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,
+                 sigma_data: float = 0.5, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None):
+        self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
+        lo, hi = float(vp_sigma(epsilon_t, beta_d, beta_min)), float(vp_sigma(1.0, beta_d, beta_min))
+        super().__init__(model, img_channels, img_resolution, label_dim, sigma_data,
+                         max(0.002, lo) if sigma_min is None else sigma_min,
+                         min(80.0, hi) if sigma_max is None else sigma_max)
+
+    def coefficients(self, sigma):
+        return vp_coefficients(sigma, self.beta_d, self.beta_min, self.M)
+
+    def precond_config(self) -> dict:
+        return {"beta_d": self.beta_d, "beta_min": self.beta_min, "M": self.M, "epsilon_t": self.epsilon_t}
+
+
+class VEPrecond(Precond):
+    """Variance-exploding preconditioning of Song et al. (2021) as parameterised in EDM; the network supports
+    σ ∈ [0.02, 100] (official defaults), so sampling uses [0.02, 80]."""
+
+    kind = "ve"
+
+    def __init__(self, model: nn.Module, img_channels: int, img_resolution: int = 0, label_dim: int = 0,
+                 sigma_data: float = 0.5, sigma_min: float = 0.02, sigma_max: float = 80.0):
+        super().__init__(model, img_channels, img_resolution, label_dim, sigma_data, sigma_min, sigma_max)
+
+    def coefficients(self, sigma):
+        return ve_coefficients(sigma)
+
+
+PRECONDS = {"edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..diffusion.samplers import teacher_sigmas
+from ..diffusion.samplers import STEP_SCHEDULES, teacher_sigmas
 from ..errors import UserError
 from ..nets.factory import build_denoiser
 from ..train.checkpoint import load_checkpoint
@@ -23,14 +23,23 @@ _DIGITS_REF_CACHE: dict = {}
 
 
 def load_for_sampling(path, device="cpu"):
-    """(denoiser in eval mode, checkpoint dict) from a diffdistill checkpoint (.pt) or exported .safetensors."""
-    state = load_exported(path) if str(path).endswith(".safetensors") else load_checkpoint(path)
+    """(denoiser in eval mode, checkpoint dict) from a diffdistill checkpoint (.pt), an exported .safetensors, an
+    NVlabs/edm snapshot (.pkl, read without running its code) or a diffusers UNet2DModel folder."""
+    from ..teachers import load_foreign_teacher
+    state = load_foreign_teacher(path)
+    if state is None:
+        state = load_exported(path) if str(path).endswith(".safetensors") else load_checkpoint(path)
     net = build_denoiser(state["net_config"])
     net.load_state_dict(state["sample_net"])
     return net.to(device).eval().requires_grad_(False), state
 
 
 EXPORT_KEYS = ("method", "role", "step", "config", "net_config", "sampling", "teacher_path")
+
+
+def _sha256(path) -> str | None:
+    from .inception import file_sha256
+    return file_sha256(path) if Path(path).is_file() else None
 
 
 def export_checkpoint(ckpt_path, out_path, extra_metadata: dict | None = None) -> dict:
@@ -69,9 +78,13 @@ def sampling_spec_for(state: dict, steps: int | None = None, sampler: str | None
     spec = dict(state["sampling"])
     if steps is not None and steps <= 0:
         raise UserError(f"--steps must be positive, got {steps}")
-    if spec["sampler"] == "multistep":  # students carry their σ list; --steps picks a prefix-free schedule later
+    if "sigmas" in spec:  # students carry their σ list; samplers with a step schedule redraw it for --steps k
         if steps is not None and steps != len(spec["sigmas"]):
-            raise UserError(f"this student was trained for {len(spec['sigmas'])} step(s); got --steps {steps}")
+            schedule = STEP_SCHEDULES.get(spec["sampler"])
+            if schedule is None:
+                raise UserError(f"this student was trained for {len(spec['sigmas'])} step(s); got --steps {steps}")
+            net_cfg = state.get("net_config") or {}
+            spec["sigmas"] = schedule(steps, net_cfg.get("sigma_min", 0.002), net_cfg.get("sigma_max", 80.0))
         return spec
     if sampler is not None or steps is not None:
         sampler = sampler or spec["sampler"]
@@ -166,10 +179,22 @@ def evaluate_net(net, spec: dict, data_cfg: dict | None, num_samples: int = 2000
     return out
 
 
-def evaluate_checkpoint(path, steps=None, sampler=None, num_samples=2000, seed=0, device="cpu") -> dict:
+def evaluate_checkpoint(path, steps=None, sampler=None, num_samples=2000, seed=0, device="cpu",
+                        inception: dict | None = None) -> dict:
+    """metrics.json of a checkpoint. ``inception`` (``{'extractor': TorchScriptExtractor, 'reference': Reference,
+    'kid': bool, 'pr': bool, 'batch_size': int}``) replaces the data kind's built-in figures with Inception
+    FID/KID/precision-recall and their recipe (eval/inception.py)."""
     net, state = load_for_sampling(path, device)
     spec = sampling_spec_for(state, steps, sampler)
     data_cfg = state["config"].get("data")
-    m = evaluate_net(net, spec, data_cfg, num_samples, seed, device)
+    if inception is not None:
+        from .inception import evaluate_inception
+        m = evaluate_inception(net, spec, inception["extractor"], inception["reference"], num_samples, seed, device,
+                               batch_size=inception.get("batch_size", 250), kid=inception.get("kid", True),
+                               pr=inception.get("pr", True))
+        m.update(describe_spec(spec, net))
+        m["fid_recipe"].update({"checkpoint_sha256": _sha256(path), **describe_spec(spec, net)})
+    else:
+        m = evaluate_net(net, spec, data_cfg, num_samples, seed, device)
     return {"dataset": (data_cfg or {}).get("name") or (data_cfg or {}).get("path"), "role": state["role"],
             "method": state["method"], "checkpoint": str(Path(path)), "step": state["step"], **m}

@@ -226,3 +226,27 @@ def mode_coverage(points: Tensor, means: Tensor, std: float | Tensor, thresh: fl
     covered = counts >= min_frac * p.shape[0] / k
     return {"modes_covered": covered.double().mean().item(), "n_modes_covered": int(covered.sum()),
             "high_quality": hq.double().mean().item(), "counts": counts.tolist()}
+
+
+def _knn_radii(a: Tensor, k: int, block: int) -> Tensor:
+    """Distance from each row of ``a`` to its k-th nearest other row (the row itself is the 0-th)."""
+    return torch.cat([torch.cdist(a[i:i + block], a).kthvalue(k + 1, dim=1).values for i in range(0, len(a), block)])
+
+
+def _inside_manifold(x: Tensor, centres: Tensor, radii: Tensor, block: int) -> Tensor:
+    """For each row of ``x``: is it within radius r_i of some centre i (‖x − c_i‖ ≤ r_i)?"""
+    return torch.cat([(torch.cdist(x[i:i + block], centres) <= radii[None]).any(dim=1) for i in range(0, len(x), block)])
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3, block: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al., NeurIPS 2019, Eqs. 1–3; official k = 3).
+
+    The manifold of a set Φ is ∪_φ∈Φ B(φ, NN_k(φ, Φ)), balls reaching each sample's k-th nearest neighbour in Φ.
+    precision = fraction of fake samples inside the real manifold; recall = fraction of real samples inside the fake
+    manifold. Euclidean distances in float64, computed in row blocks (memory O(block · N))."""
+    r, f = _f64(real), _f64(fake).to(_f64(real).device)
+    if min(len(r), len(f)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than k samples per set, got {len(r)} and {len(f)}")
+    precision = _inside_manifold(f, r, _knn_radii(r, k, block), block).double().mean().item()
+    recall = _inside_manifold(r, f, _knn_radii(f, k, block), block).double().mean().item()
+    return precision, recall

@@ -2,7 +2,8 @@
 
 Module tree, state-dict keys, initialisation (including the order in which the global RNG is consumed) and
 forward math follow the EDM reimplementation, so an EDM ``SongUNet`` state dict loads with ``strict=True``.
-Independent implementation; only the 'standard' encoder/decoder (DDPM++) is provided.
+Independent implementation. Encoders: 'standard' (DDPM++), 'residual' (NCSN++) and 'skip'; decoders: 'standard'
+and 'skip' (EDM's options).
 
 Naming notes: ``Conv2d.resample_filter`` is an ordinary (persistent) buffer that exists only on up/down-sampling
 convs (for the others it is registered as ``None`` and therefore absent from the state dict).
@@ -48,15 +49,18 @@ class Linear(nn.Module):
 
 
 class Conv2d(nn.Module):
-    """k×k convolution (k = 0: none) with optional 2× FIR up- or down-sampling applied before it."""
+    """k×k convolution (k = 0: none) with optional 2× FIR up- or down-sampling applied before it; with
+    ``fused_resample`` the upsampling comes before and the downsampling after the convolution, with the padding
+    split between the two (NCSN++'s resampling convs)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, up: bool = False,
-                 down: bool = False, resample_filter: Sequence[float] = (1, 1), init_mode: str = 'kaiming_normal',
-                 init_weight: float = 1, init_bias: float = 0):
+                 down: bool = False, resample_filter: Sequence[float] = (1, 1), fused_resample: bool = False,
+                 init_mode: str = 'kaiming_normal', init_weight: float = 1, init_bias: float = 0):
         if up and down:
             raise ValueError("Conv2d cannot both upsample and downsample")
         super().__init__()
         self.in_channels, self.out_channels, self.up, self.down = in_channels, out_channels, up, down
+        self.fused_resample = fused_resample
         kw = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
         self.weight = nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **kw) * init_weight) \
             if kernel else None
@@ -67,6 +71,18 @@ class Conv2d(nn.Module):
 
     def forward(self, x):
         f = self.resample_filter
+        w = None if self.weight is None else self.weight.to(x.dtype)
+        if f is not None and self.fused_resample and w is not None:
+            f = f.to(x.dtype)
+            f_pad, w_pad = (f.shape[-1] - 1) // 2, w.shape[-1] // 2
+            if self.up:
+                x = F.conv_transpose2d(x, (4 * f).tile(self.in_channels, 1, 1, 1), groups=self.in_channels,
+                                       stride=2, padding=max(f_pad - w_pad, 0))
+                x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
+            else:
+                x = F.conv2d(x, w, padding=w_pad + f_pad)
+                x = F.conv2d(x, f.tile(self.out_channels, 1, 1, 1), groups=self.out_channels, stride=2)
+            return x if self.bias is None else x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
         if f is not None:
             f = f.to(x.dtype)
             pad, C = (f.shape[-1] - 1) // 2, self.in_channels
@@ -74,8 +90,8 @@ class Conv2d(nn.Module):
                 x = F.conv_transpose2d(x, (4 * f).tile(C, 1, 1, 1), groups=C, stride=2, padding=pad)
             else:
                 x = F.conv2d(x, f.tile(C, 1, 1, 1), groups=C, stride=2, padding=pad)
-        if self.weight is not None:
-            x = F.conv2d(x, self.weight.to(x.dtype), padding=self.weight.shape[-1] // 2)
+        if w is not None:
+            x = F.conv2d(x, w, padding=w.shape[-1] // 2)
         if self.bias is not None:
             x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
         return x
@@ -188,9 +204,9 @@ class SongUNet(nn.Module):
                  resample_filter: Sequence[int] = (1, 1)):
         if embedding_type not in ('positional', 'fourier'):
             raise ValueError(f"embedding_type must be 'positional' or 'fourier', got {embedding_type!r}")
-        if encoder_type != 'standard' or decoder_type != 'standard':
-            raise ValueError(f"only encoder_type='standard' and decoder_type='standard' (DDPM++) are supported, "
-                             f"got encoder_type={encoder_type!r}, decoder_type={decoder_type!r}")
+        if encoder_type not in ('standard', 'skip', 'residual') or decoder_type not in ('standard', 'skip'):
+            raise ValueError(f"encoder_type must be 'standard', 'skip' or 'residual' and decoder_type 'standard' or "
+                             f"'skip', got encoder_type={encoder_type!r}, decoder_type={decoder_type!r}")
         if img_resolution % (1 << (len(channel_mult) - 1)):
             raise ValueError(f"img_resolution {img_resolution} is not divisible by 2^{len(channel_mult) - 1}")
         super().__init__()
@@ -212,9 +228,9 @@ class SongUNet(nn.Module):
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
-        # Encoder.
+        # Encoder. 'skip'/'residual' add an auxiliary path from the input image, resampled to every level.
         self.enc = nn.ModuleDict()
-        c = in_channels
+        c = caux = in_channels
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level == 0:
@@ -222,11 +238,19 @@ class SongUNet(nn.Module):
                 c = model_channels
             else:
                 self.enc[f'{res}x{res}_down'] = UNetBlock(c, c, down=True, **blk)
+                if encoder_type == 'skip':
+                    self.enc[f'{res}x{res}_aux_down'] = Conv2d(caux, caux, 0, down=True,
+                                                               resample_filter=resample_filter)
+                    self.enc[f'{res}x{res}_aux_skip'] = Conv2d(caux, c, 1, **init)
+                if encoder_type == 'residual':
+                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(caux, c, 3, down=True, resample_filter=resample_filter,
+                                                                   fused_resample=True, **init)
+                    caux = c
             for i in range(num_blocks):
                 self.enc[f'{res}x{res}_block{i}'] = UNetBlock(c, model_channels * mult,
                                                               attention=res in attn_resolutions, **blk)
                 c = model_channels * mult
-        skips = [m.out_channels for m in self.enc.values()]
+        skips = [m.out_channels for name, m in self.enc.items() if 'aux' not in name]
 
         # Decoder.
         self.dec = nn.ModuleDict()
@@ -242,7 +266,10 @@ class SongUNet(nn.Module):
                     c + skips.pop(), model_channels * mult, attention=i == num_blocks and res in attn_resolutions,
                     **blk)
                 c = model_channels * mult
-            if level == 0:
+            if decoder_type == 'skip' or level == 0:
+                if decoder_type == 'skip' and level < len(channel_mult) - 1:
+                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(out_channels, out_channels, 0, up=True,
+                                                             resample_filter=resample_filter)
                 self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(c, eps=1e-6)
                 self.dec[f'{res}x{res}_aux_conv'] = Conv2d(c, out_channels, 3, **init_zero)
 
@@ -263,22 +290,34 @@ class SongUNet(nn.Module):
             emb = emb + self.map_augment(augment_labels)
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
-        # Encoder: every output (including the stem conv and the down blocks) is kept for a skip connection.
-        skips = []
+        # Encoder: every output (including the stem conv and the down blocks) is kept for a skip connection; the
+        # auxiliary image path replaces the last kept output in place.
+        skips, aux = [], x
         for name, m in self.enc.items():
-            x = m(x) if name.endswith('_conv') else m(x, emb)
-            skips.append(x)
+            if 'aux_down' in name:
+                aux = m(aux)
+            elif 'aux_skip' in name:
+                x = skips[-1] = x + m(aux)
+            elif 'aux_residual' in name:
+                x = skips[-1] = aux = (x + m(aux)) / math.sqrt(2)
+            else:
+                x = m(x) if name.endswith('_conv') else m(x, emb)
+                skips.append(x)
         bottleneck = x
         if bottleneck_only:  # e.g. a GAN head on a fake-score net: the decoder's work would be thrown away
             return bottleneck
 
-        # Decoder: `block<i>` modules take the concatenation with the matching encoder output.
-        out = None
+        # Decoder: `block<i>` modules take the concatenation with the matching encoder output; the output is the
+        # sum of the aux_conv heads ('skip': one per level, upsampled along; 'standard': level 0 only).
+        out = h = None
         for name, m in self.dec.items():
-            if name.endswith('aux_norm'):
-                out = m(x)
+            if name.endswith('aux_up'):
+                out = m(out)
+            elif name.endswith('aux_norm'):
+                h = m(x)
             elif name.endswith('aux_conv'):
-                out = m(F.silu(out))
+                h = m(F.silu(h))
+                out = h if out is None else h + out
             else:
                 if '_block' in name:
                     x = torch.cat([x, skips.pop()], dim=1)

@@ -1,0 +1,255 @@
+"""A diffusers ``UNet2DModel`` folder as a Denoiser D(x; σ), offline (``local_files_only``; nothing is downloaded).
+
+The preconditioning follows the model's scheduler config and prediction type. With ᾱ_t the cumulative product of
+(1 − β_t) of a DDPM-family scheduler (DDPM, DDIM, PNDM, DPM-Solver, Euler …), the EDM noise level of timestep t is
+σ_t = √((1 − ᾱ_t)/ᾱ_t), the network sees the VP input x/√(1 + σ²) (α = 1/√(1 + σ²)) and a fractional timestep
+t(σ) interpolated linearly in ln σ over the table σ_0..σ_{T−1} (k-diffusion's discrete-schedule convention), and
+
+    epsilon:      D = x − σ·ε̂                                  (c_skip 1,          c_out −σ)
+    v_prediction: D = α²·x − σα·v̂ = x/(1+σ²) − σ/√(1+σ²)·v̂     (c_skip 1/(1+σ²),   c_out −σ/√(1+σ²))
+    sample:       D = x̂₀                                       (c_skip 0,          c_out 1)
+
+(v = α·ε − σ_vp·x₀ with σ_vp = σα, Salimans & Ho 2022). EDM-family schedulers (``EDMEulerScheduler``,
+``EDMDPMSolverMultistepScheduler``) use EDM's preconditioning with their ``sigma_data`` and c_noise = ¼ ln σ, and
+v_prediction flips the sign of c_out (diffusers' ``precondition_outputs``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..diffusion.precond import Precond
+from ..errors import UserError
+
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _require_diffusers():
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise UserError("diffusers teachers need the diffusers package: pip install -e '.[diffusers]'") from None
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+def ddpm_alphas_cumprod(sched: dict) -> torch.Tensor:
+    """ᾱ_t (float64, length num_train_timesteps) of a DDPM-family scheduler config: ``trained_betas`` or
+    ``beta_schedule`` linear / scaled_linear / squaredcos_cap_v2 with ``beta_start``, ``beta_end``."""
+    T = int(sched.get("num_train_timesteps", 1000))
+    b0, b1 = float(sched.get("beta_start", 1e-4)), float(sched.get("beta_end", 0.02))
+    kind = sched.get("beta_schedule", "linear")
+    if sched.get("trained_betas") is not None:
+        betas = torch.tensor(sched["trained_betas"], dtype=torch.float64)
+    elif kind == "linear":
+        betas = torch.linspace(b0, b1, T, dtype=torch.float64)
+    elif kind == "scaled_linear":
+        betas = torch.linspace(b0 ** 0.5, b1 ** 0.5, T, dtype=torch.float64) ** 2
+    elif kind == "squaredcos_cap_v2":  # Nichol & Dhariwal's cosine schedule, β capped at 0.999
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
+    else:
+        raise UserError(f"unsupported beta_schedule {kind!r} in the scheduler config; supported: linear, "
+                        f"scaled_linear, squaredcos_cap_v2 or trained_betas")
+    if sched.get("rescale_betas_zero_snr"):
+        raise UserError("rescale_betas_zero_snr schedulers (σ_max = ∞) are not supported")
+    return torch.cumprod(1 - betas, 0)
+
+
+class DiffusersPrecond(Precond):
+    """D(x; σ) around a diffusers ``UNet2DModel`` (held by `UNet2DAdapter` as ``model``); see the module docstring.
+
+    ``schedule``: ``{'family': 'ddpm', <scheduler config>}`` or ``{'family': 'edm', 'sigma_data': …}``."""
+
+    kind = "diffusers"
+
+    def __init__(self, model: nn.Module, img_channels: int, img_resolution: int, label_dim: int, schedule: dict,
+                 prediction_type: str = "epsilon", sigma_data: float = 0.5, sigma_min: Optional[float] = None,
+                 sigma_max: Optional[float] = None):
+        if prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"unsupported prediction_type {prediction_type!r}; supported: {', '.join(PREDICTION_TYPES)}")
+        self.schedule, self.prediction_type = dict(schedule), prediction_type
+        family = self.schedule.get("family")
+        if family == "ddpm":
+            ac = ddpm_alphas_cumprod(self.schedule)
+            table = ((1 - ac) / ac).sqrt()
+            lo, hi = float(table[0]), float(table[-1])
+        elif family == "edm":
+            if prediction_type == "sample":
+                raise UserError("EDM-family diffusers schedulers define epsilon and v_prediction only")
+            sigma_data = float(self.schedule.get("sigma_data", 0.5))
+            lo, hi = float(self.schedule.get("sigma_min", 0.002)), float(self.schedule.get("sigma_max", 80.0))
+            table = None
+        else:
+            raise UserError(f"unknown diffusers schedule family {family!r}")
+        super().__init__(model, img_channels, img_resolution, label_dim, sigma_data,
+                         max(0.002, lo) if sigma_min is None else sigma_min,
+                         min(80.0, hi) if sigma_max is None else sigma_max)
+        self.register_buffer("log_sigmas", None if table is None else table.log().float(), persistent=False)
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional DDPM timestep of σ: linear interpolation in ln σ between neighbouring table entries
+        (clamped to [0, T − 1])."""
+        ls = self.log_sigmas.to(sigma.device)
+        s = sigma.float().clamp(ls[0].exp(), ls[-1].exp()).log()
+        hi = torch.searchsorted(ls, s.contiguous()).clamp(1, ls.numel() - 1)
+        lo = hi - 1
+        w = ((s - ls[lo]) / (ls[hi] - ls[lo])).clamp(0, 1)
+        return lo.float() + w
+
+    def coefficients(self, sigma):
+        if self.schedule["family"] == "edm":
+            d2, s2 = self.sigma_data ** 2, sigma ** 2
+            sign = -1.0 if self.prediction_type == "v_prediction" else 1.0
+            return d2 / (s2 + d2), sign * sigma * self.sigma_data / (s2 + d2).sqrt(), 1 / (s2 + d2).sqrt(), \
+                sigma.log() / 4
+        c_in, t = 1 / (sigma ** 2 + 1).sqrt(), self.sigma_to_t(sigma)
+        if self.prediction_type == "epsilon":
+            return torch.ones_like(sigma), -sigma, c_in, t
+        if self.prediction_type == "v_prediction":
+            return 1 / (sigma ** 2 + 1), -sigma * c_in, c_in, t
+        return torch.zeros_like(sigma), torch.ones_like(sigma), c_in, t
+
+    def precond_config(self) -> dict:
+        return {"schedule": self.schedule, "prediction_type": self.prediction_type}
+
+
+class UNet2DAdapter(nn.Module):
+    """Calls a ``UNet2DModel`` as a raw network F(x_in, c_noise, one-hot labels): labels become class indices, a
+    learned-variance output (2C channels) keeps its first C, and the bottleneck is the mid-block output."""
+
+    def __init__(self, unet: nn.Module, out_channels: int):
+        super().__init__()
+        self.unet, self.out_channels = unet, out_channels
+        self._feats = None
+
+    def forward(self, x, c_noise, class_labels=None, return_bottleneck: bool = False, bottleneck_only: bool = False):
+        idx = None if class_labels is None else class_labels.argmax(dim=1)
+        hook = None
+        if return_bottleneck or bottleneck_only:
+            block = self.unet.mid_block if self.unet.mid_block is not None else self.unet.down_blocks[-1]
+            hook = block.register_forward_hook(lambda m, i, o: setattr(self, "_feats", o[0] if isinstance(o, tuple) else o))
+        try:
+            out = self.unet(x, c_noise.float(), class_labels=idx).sample[:, :self.out_channels]
+        finally:
+            if hook is not None:
+                hook.remove()
+        feats, self._feats = self._feats, None
+        if bottleneck_only:
+            return feats
+        return (out, feats) if return_bottleneck else out
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {p}: {type(e).__name__}") from None
+
+
+def locate(path) -> tuple[Path, Path]:
+    """(UNet folder, scheduler config file) of a pipeline folder (``unet/`` + ``scheduler/``) or of a UNet folder
+    with a ``scheduler_config.json`` beside its ``config.json`` (or in ``../scheduler/``)."""
+    p = Path(path)
+    unet_dir = p / "unet" if (p / "unet" / "config.json").is_file() else p
+    if not (unet_dir / "config.json").is_file():
+        raise UserError(f"{p} is not a diffusers UNet2DModel folder (no config.json, no unet/config.json)")
+    for cand in (p / "scheduler" / "scheduler_config.json", unet_dir / "scheduler_config.json",
+                 unet_dir.parent / "scheduler" / "scheduler_config.json"):
+        if cand.is_file():
+            return unet_dir, cand
+    raise UserError(f"no scheduler config for {p}: the noise schedule and prediction type come from it; give the "
+                    f"pipeline folder (with scheduler/scheduler_config.json) or put scheduler_config.json next to "
+                    f"config.json")
+
+
+def schedule_from_config(sched: dict) -> tuple[dict, str]:
+    """({'family': …, …}, prediction_type) from a diffusers scheduler config."""
+    name = sched.get("_class_name", "")
+    pred = sched.get("prediction_type", "epsilon")
+    if name in EDM_SCHEDULERS:
+        keep = ("sigma_min", "sigma_max", "sigma_data")
+        return {"family": "edm", "scheduler": name, **{k: sched[k] for k in keep if k in sched}}, pred
+    if any(k in sched for k in ("beta_schedule", "trained_betas", "beta_start")):
+        keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                "rescale_betas_zero_snr")
+        return {"family": "ddpm", "scheduler": name, **{k: sched[k] for k in keep if k in sched}}, pred
+    raise UserError(f"unsupported scheduler {name or '?'}: need a DDPM-family config (beta_schedule / trained_betas) "
+                    f"or an EDM scheduler ({', '.join(EDM_SCHEDULERS)})")
+
+
+def _unet_kwargs(config) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def _check_unet(kw: dict, where) -> tuple[int, int, int]:
+    if kw.get("time_embedding_type", "positional") != "positional":
+        raise UserError(f"{where}: time_embedding_type {kw.get('time_embedding_type')!r} is not supported (only "
+                        f"'positional' DDPM/EDM UNets; score-SDE Fourier UNets are not)")
+    if kw.get("class_embed_type") is not None:
+        raise UserError(f"{where}: class_embed_type {kw['class_embed_type']!r} is not supported (only "
+                        f"num_class_embeds class labels)")
+    size = kw.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise UserError(f"{where}: non-square sample_size {size} is not supported")
+        size = size[0]
+    C, out = int(kw.get("in_channels", 3)), int(kw.get("out_channels", 3))
+    if out not in (C, 2 * C):
+        raise UserError(f"{where}: out_channels {out} must equal in_channels {C} (or 2×, learned variance)")
+    if not size:
+        raise UserError(f"{where}: the UNet config has no sample_size (the image resolution)")
+    return C, int(size), int(kw.get("num_class_embeds") or 0)
+
+
+def build_diffusers_denoiser(cfg: dict) -> DiffusersPrecond:
+    """Rebuild from a ``net_config`` with ``arch: diffusers_unet2d`` (fresh weights; load the state dict after)."""
+    _require_diffusers()
+    from diffusers import UNet2DModel
+    kw = dict(cfg.get("kwargs", {}))
+    C, R, L = _check_unet(kw, "net_config")
+    unet = UNet2DModel.from_config(kw)
+    pk = dict(cfg.get("precond_kwargs") or {})
+    return DiffusersPrecond(UNet2DAdapter(unet, C), C, R, L, schedule=pk["schedule"],
+                            prediction_type=pk.get("prediction_type", "epsilon"),
+                            sigma_data=cfg.get("sigma_data", 0.5), sigma_min=cfg.get("sigma_min"),
+                            sigma_max=cfg.get("sigma_max"))
+
+
+def load_diffusers_teacher(path, dropout: float | None = None) -> dict:
+    """Checkpoint-like dict (role 'teacher') of a local diffusers folder; weights read with local_files_only."""
+    _require_diffusers()
+    from diffusers import UNet2DModel
+    unet_dir, sched_path = locate(path)
+    unet_cfg = _read_json(unet_dir / "config.json")
+    if unet_cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise UserError(f"{unet_dir} holds a {unet_cfg['_class_name']}; only UNet2DModel (pixel-space, "
+                        f"unconditional or class-conditional) is supported")
+    schedule, pred = schedule_from_config(_read_json(sched_path))
+    try:
+        unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    except Exception as e:  # missing weights file, corrupted safetensors, …
+        raise UserError(f"cannot load the UNet2DModel in {unet_dir}: {type(e).__name__}: {str(e)[:160]}") from None
+    kw = _unet_kwargs(unet.config)
+    if dropout is not None:
+        kw["dropout"] = float(dropout)
+    C, R, L = _check_unet(kw, unet_dir)
+    net = DiffusersPrecond(UNet2DAdapter(unet, C), C, R, L, schedule=schedule, prediction_type=pred)
+    cfg = {"arch": "diffusers_unet2d", "img_channels": C, "img_resolution": R, "label_dim": L,
+           "sigma_data": net.sigma_data, "sigma_min": net.sigma_min, "sigma_max": net.sigma_max, "kwargs": kw,
+           "precond": "diffusers", "precond_kwargs": net.precond_config()}
+    from .edm_pickle import file_sha256
+    weights = sorted(unet_dir.glob("diffusion_pytorch_model*.safetensors")) or sorted(unet_dir.glob("*.bin"))
+    return {"format": "diffusers", "method": "diffusers", "role": "teacher", "step": 0, "net_config": cfg,
+            "sample_net": {k: v.detach().contiguous() for k, v in net.state_dict().items()},
+            "sampling": {"sampler": "heun", "nfe": 35}, "config": {"data": {}}, "teacher_path": None,
+            "source": {"format": "diffusers UNet2DModel", "folder": str(Path(path)),
+                       "scheduler": schedule.get("scheduler"), "prediction_type": pred,
+                       "weights_sha256": file_sha256(weights[0]) if weights else None}}
