@@ -135,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a checkpoint's sampling weights as .safetensors with JSON metadata")
     x.add_argument("checkpoint")
-    x.add_argument("out", help="OUT.safetensors")
+    x.add_argument("out", help="OUT.safetensors, or a folder with --format diffusers")
+    x.add_argument("--format", choices=["safetensors", "diffusers"], default="safetensors",
+                   help="diffusers: a folder with unet/ (UNet2DModel), scheduler/ and diffdistill_sampling.json "
+                        "(students of diffusers teachers only)")
 
     c = sub.add_parser("compare", help="run several methods on one teacher with the same seeds and budget; "
                                        "report.md + report.html")
@@ -349,6 +352,14 @@ def cmd_convert_teacher(a) -> int:
 
 def cmd_export(a) -> int:
     from .eval.evaluate import export_checkpoint
+    if a.format == "diffusers":
+        from .eval.evaluate import load_for_sampling
+        from .teachers.diffusers_unet import export_diffusers
+        _, state = load_for_sampling(a.checkpoint)
+        info = export_diffusers(state, a.out)
+        print(f"wrote {a.out}/unet, scheduler/, diffdistill_sampling.json ({info['role']}, {len(info['steps'])} "
+              f"step(s))")
+        return 0
     if not a.out.endswith(".safetensors"):
         raise UserError(f"export writes safetensors: give an output path ending in .safetensors, not {a.out!r}")
     meta = export_checkpoint(a.checkpoint, a.out)

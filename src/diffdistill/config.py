@@ -25,6 +25,8 @@ RUN_DEFAULTS = {
     "sample_every": 500,
     "keep_ckpts": 3,
     "nan_policy": "stop",       # 'stop' or 'skip'
+    "spike_factor": 10.0,       # a loss / grad norm above this × its running median is logged as a spike (0: off)
+    "global_batch_size": None,  # if set: batch_size = global_batch_size / number of processes (must divide)
     "grad_clip": None,          # max grad norm, None = off
     "progress": True,
     "resume": None,             # None, 'auto' or a checkpoint path
@@ -129,3 +131,47 @@ def validate_run(run: dict) -> None:
         raise UserError(f"run.max_minutes must be a positive number of minutes, got {mm!r}")
     if run.get("nan_policy") not in ("stop", "skip"):
         raise UserError(f"run.nan_policy must be 'stop' or 'skip', got {run.get('nan_policy')!r}")
+    for key in ("ckpt_every", "log_every", "sample_every", "keep_ckpts"):
+        v = run.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise UserError(f"run.{key} must be a non-negative integer, got {v!r}")
+    if not run.get("log_every"):
+        raise UserError("run.log_every must be at least 1")
+    g = run.get("global_batch_size")
+    if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g <= 0):
+        raise UserError(f"run.global_batch_size must be a positive integer (or null), got {g!r}")
+    sf = run.get("spike_factor")
+    if sf is not None and (isinstance(sf, bool) or not isinstance(sf, (int, float)) or sf < 0):
+        raise UserError(f"run.spike_factor must be a number >= 0 (0 turns spike warnings off), got {sf!r}")
+    check_device(run.get("device", "cpu"))
+
+
+def check_device(device) -> None:
+    """Refuse a device this machine does not have, naming the one to use (instead of a CUDA assertion later)."""
+    import torch
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r} is not available (no CUDA GPU is visible to this torch build): "
+                            f"use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise UserError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
+                            f"GPU(s), use cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+    elif d.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"device {device!r} is not available: use --device cpu")
+
+
+def per_process_batch(run: dict, world: int) -> int:
+    """The batch each process draws: ``run.global_batch_size`` split evenly over ``world`` processes when it is
+    set, else ``run.batch_size`` (which is per process)."""
+    g = run.get("global_batch_size")
+    if g is None:
+        return run["batch_size"]
+    if g % world:
+        lo, hi = (g // world) * world, -(-g // world) * world
+        raise UserError(f"run.global_batch_size={g} is not divisible by the {world} processes: use a multiple of "
+                        f"{world} (e.g. {lo or hi} or {hi}), or give the per-process --batch-size instead")
+    return g // world

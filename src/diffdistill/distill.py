@@ -27,24 +27,46 @@ def distill_config(method: str, teacher_state: dict, flags=None, config_file=Non
     cfg = {"run": deep_update(RUN_DEFAULTS, {"out": f"runs/{method}"}), "data": dict(tcfg.get("data") or {}),
            "net": teacher_state["net_config"], "method": {"name": method}}
     cfg = deep_update(cfg, getattr(cls, "presets", {}).get(kind, {}))
-    if config_file:
-        cfg = deep_update(cfg, load_config_file(config_file))
+    file_cfg = load_config_file(config_file) if config_file else {}
+    cfg = deep_update(cfg, file_cfg)
     cfg = deep_update(cfg, flags or {})
     cfg = apply_overrides(cfg, overrides)
     cfg["method"]["name"] = method
+    # Methods whose length follows from their own schedule (PD: halvings × iterations per halving) define
+    # ``planned_steps``: it becomes run.steps unless run.steps was given (--iters, the config file or --set).
+    plan = getattr(cls, "planned_steps", None)
+    if plan is not None:
+        explicit = any("steps" in (c.get("run") or {}) for c in (file_cfg, flags or {})) or any(
+            str(o).split("=", 1)[0].strip() == "run.steps" for o in overrides or [])
+        planned = plan(cfg["method"])
+        if not explicit:
+            cfg["run"]["steps"] = planned
+        elif isinstance(cfg["run"]["steps"], int) and cfg["run"]["steps"] > planned:
+            raise UserError(f"method {method!r} runs {planned} iterations (its whole halving schedule); "
+                            f"--iters {cfg['run']['steps']} is more: raise --iters-per-halving instead")
     validate_run(cfg["run"])
     # Methods that keep files of their own in the run directory (e.g. DMD's teacher pairs) take ``run_dir``.
     if "run_dir" in inspect.signature(cls.__init__).parameters:
         cfg["method"].setdefault("run_dir", str(cfg["run"]["out"]))
+    # Methods whose defaults depend on the data set (CFD/RDD pick a classifier for it) take ``data_name``.
+    if "data_name" in inspect.signature(cls.__init__).parameters:
+        cfg["method"].setdefault("data_name", (cfg.get("data") or {}).get("name"))
     return cfg
 
 
-def distill(method: str, teacher_path, flags=None, config_file=None, overrides=None, supplements=(), on_sample=None):
+def distill(method: str, teacher_path, flags=None, config_file=None, overrides=None, supplements=(), on_sample=None,
+            on_step=None, dry_run: bool = False):
+    """Build the trainer and train; with ``dry_run`` return the built trainer without training or writing."""
     from .train.trainer import Trainer
     device = ((flags or {}).get("run") or {}).get("device", "cpu")
     teacher, tstate = load_teacher(teacher_path, device)
     cfg = distill_config(method, tstate, flags, config_file, overrides)
     cfg["teacher"] = {"path": str(teacher_path), "step": tstate["step"], "sampling": tstate["sampling"]}
+    # Supplements named in the config (the ``el`` section: --el-weight / --set el.KEY=...) join the given ones.
+    from .methods.embedding_loss import embedding_loss_from_config
+    supplements = list(supplements) + embedding_loss_from_config(cfg.get("el"), get_method(method))
     trainer = Trainer(cfg, teacher=teacher, teacher_path=str(teacher_path), supplements=supplements)
-    trainer.run(on_sample=on_sample)
+    if dry_run:
+        return trainer
+    trainer.run(on_sample=on_sample, on_step=on_step)
     return trainer

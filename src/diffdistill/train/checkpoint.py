@@ -1,15 +1,26 @@
-"""Atomic checkpoints: write to a temp file in the same folder, fsync, then rename over the target.
+"""Crash-safe checkpoints: atomic writes, a sha256 manifest per checkpoint, and finding the newest valid one.
 
 A checkpoint is one ``torch.save`` dict of tensors and plain Python values (loadable with ``weights_only=True``,
-so opening one never runs code). Exported weights for users go to safetensors (``export_safetensors``).
+so opening one never runs code). Writing ``ckpt-00000100.pt``:
+
+1. ``torch.save`` to a temp file in the same folder, fsync it, hash it (sha256);
+2. write the manifest ``ckpt-00000100.pt.json`` (bytes, sha256, step, method) atomically (temp + fsync + rename);
+3. rename the temp file onto ``ckpt-00000100.pt`` and fsync the folder.
+
+So a checkpoint file that exists is complete and has a manifest; a kill at any point leaves at most a stale temp
+file or an orphan manifest, both removed on the next save. A checkpoint whose bytes later change (a truncated copy,
+a bad disk) no longer matches its manifest: ``load_checkpoint`` refuses it and ``--resume auto`` skips it, loudly.
+Exported weights for users go to safetensors (``export_safetensors``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +29,21 @@ from safetensors.torch import save_file
 from ..errors import UserError
 
 FORMAT = "diffdistill-checkpoint-v1"
+MANIFEST_FORMAT = "diffdistill-manifest-v1"
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, write_fn) -> None:
@@ -31,20 +57,87 @@ def atomic_write(path: Path, write_fn) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def file_sha256(path, chunk: int = 1 << 22) -> tuple[str, int]:
+    """(hex sha256, size in bytes) of a file, read in 4 MiB chunks."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            n += len(block)
+    return h.hexdigest(), n
+
+
+def manifest_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
+    """Write ``state`` to ``path`` with its manifest (see the module docstring for the order of the steps)."""
+    path = Path(path)
     state = dict(state, format=FORMAT)
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        digest, size = file_sha256(tmp)
+        manifest = {"format": MANIFEST_FORMAT, "file": path.name, "bytes": size, "sha256": digest,
+                    "step": state.get("step"), "method": state.get("method"), "role": state.get("role"),
+                    "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write(manifest_path(path), lambda t: Path(t).write_text(json.dumps(manifest, indent=1) + "\n"))
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
-def load_checkpoint(path) -> dict:
+def verify_checkpoint(path) -> tuple[bool | None, str]:
+    """(ok, reason) for a checkpoint against its manifest: True = bytes and sha256 match, False = it does not
+    (reason says how), None = there is no manifest to check against (a file copied alone, or written by an older
+    version) — the caller then relies on the file loading at all."""
+    path = Path(path)
+    if not path.is_file():
+        return False, "file missing"
+    mp = manifest_path(path)
+    if not mp.exists():
+        return None, "no manifest"
+    try:
+        manifest = json.loads(mp.read_text())
+        want_bytes, want_sha = int(manifest["bytes"]), str(manifest["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False, f"its manifest {mp.name} is unreadable"
+    size = path.stat().st_size
+    if size != want_bytes:
+        return False, f"{size} bytes but its manifest says {want_bytes} ({'truncated' if size < want_bytes else 'grown'})"
+    if file_sha256(path)[0] != want_sha:
+        return False, "sha256 differs from its manifest (the file was modified or damaged)"
+    return True, "sha256 matches its manifest"
+
+
+def load_checkpoint(path, verify: bool = True) -> dict:
+    """The checkpoint dict, after checking it against its manifest when it has one (``verify``). Every failure is
+    a UserError naming the file and what to do."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path} (give the path of a .pt file written by diffdistill)")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a checkpoint: give a ckpt-*.pt file inside it (e.g. "
+                        f"{path}/checkpoints/ckpt-00001000.pt), or --resume auto for the run in --out")
+    if verify:
+        ok, reason = verify_checkpoint(path)
+        if ok is False:
+            raise UserError(f"checkpoint {path} is corrupted: {reason}; use an earlier checkpoint of the run "
+                            f"(--resume auto skips corrupt ones)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupted or foreign file
@@ -56,6 +149,8 @@ def load_checkpoint(path) -> dict:
 
 
 _STEP_RE = re.compile(r"^ckpt-(\d+)\.pt$")
+_TEMP_RE = re.compile(r"^\.ckpt-\d+\.pt(\.json)?\..*\.tmp$")
+_MANIFEST_RE = re.compile(r"^ckpt-(\d+)\.pt\.json$")
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -67,15 +162,55 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def find_resume_checkpoint(ckpt_dir: Path):
+    """For ``--resume auto``: (path, state, why, skipped) of the newest checkpoint that matches its manifest and
+    loads; ``why`` says how it was checked and ``skipped`` lists the newer ones refused, with the reason for each.
+    (None, None, '', []) when there is no checkpoint; a UserError when there are checkpoints but none is valid
+    (starting over silently would throw the run away)."""
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        ok, reason = verify_checkpoint(path)
+        if ok is False:
+            skipped.append((path, reason))
+            continue
+        try:
+            state = load_checkpoint(path, verify=False)
+        except UserError:
+            skipped.append((path, "it does not load (truncated or not a diffdistill checkpoint)"))
+            continue
+        return path, state, (reason if ok else "no manifest to check, but it loads"), skipped
+    if skipped:
+        detail = "; ".join(f"{p.name}: {why}" for p, why in skipped[:3])
+        raise UserError(f"no valid checkpoint in {ckpt_dir} ({len(skipped)} found, none usable — {detail}); "
+                        f"delete them to start over, or use a new --out")
+    return None, None, "", []
+
+
 def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
     return Path(ckpt_dir) / f"ckpt-{step:08d}.pt"
 
 
+def remove_stale_files(ckpt_dir: Path) -> list[Path]:
+    """Delete what a killed save leaves behind: temp files and manifests without a checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    removed = []
+    for p in ckpt_dir.iterdir():
+        orphan = _MANIFEST_RE.match(p.name) and not p.with_name(p.name[:-len(".json")]).exists()
+        if _TEMP_RE.match(p.name) or orphan:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints (and their manifests); ``keep <= 0`` keeps all."""
     if keep <= 0:
         return
     for p in list_checkpoints(ckpt_dir)[:-keep]:
         p.unlink(missing_ok=True)
+        manifest_path(p).unlink(missing_ok=True)
 
 
 def export_safetensors(state_dict: dict, path: Path, metadata: dict) -> None:

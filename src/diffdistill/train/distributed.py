@@ -33,6 +33,48 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def _reduce_device() -> torch.device:
+    """Where small reduction tensors live: NCCL reduces CUDA tensors only."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun started (its WORLD_SIZE), known before the process group exists."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def all_true(flag: bool) -> bool:
+    """True when ``flag`` is true on every rank (so all ranks take the same branch)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=_reduce_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def any_true(flag: bool) -> bool:
+    """True when ``flag`` is true on any rank."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=_reduce_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, …] on every rank ([obj] in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -59,7 +101,7 @@ def average_gradients(params) -> None:
 def all_reduce_mean(value: float) -> float:
     if not is_distributed():
         return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_reduce_device())
     dist.all_reduce(t)
     return float(t.item()) / world_size()
 

@@ -15,15 +15,22 @@ from pathlib import Path
 
 import torch
 
+from ..config import check_device, per_process_batch
 from ..errors import UserError
 from ..methods.base import MethodContext
 from ..methods.registry import get_method
 from . import distributed as dist
-from .checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint)
+from .checkpoint import (checkpoint_path, find_resume_checkpoint, list_checkpoints, load_checkpoint,
+                         prune_checkpoints, remove_stale_files, save_checkpoint, verify_checkpoint)
+from .health import HealthMonitor, is_out_of_memory, out_of_memory_message
 
 
 class DivergenceError(RuntimeError):
     """A loss or gradient became NaN/inf and the policy is 'stop'."""
+
+
+class OutOfMemoryStop(RuntimeError):
+    """Training ran out of memory; the message names the step, the phase, the knobs and the last checkpoint."""
 
 
 class BatchSampler:
@@ -49,6 +56,22 @@ def _rng_state(gen: torch.Generator) -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _config_changes(old, new, prefix="") -> list[str]:
+    """'key: old → new' for every entry that differs between two resolved configs (``run.resume``, ``run.steps``,
+    ``run.progress`` and ``run.out`` are expected to change and are left out)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if key in ("run.resume", "run.steps", "run.progress", "run.out", "run.max_minutes"):
+                continue
+            out += _config_changes(old.get(k), new.get(k), key)
+        return out
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)) and list(old) == list(new):
+        return []
+    return [] if old == new else [f"{prefix}: {old!r} → {new!r}"]
 
 
 def _set_rng_state(gen: torch.Generator, state: dict) -> None:
@@ -92,7 +115,11 @@ class Trainer:
         self.cfg = cfg
         run = cfg["run"]
         self.out = Path(run["out"])
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"--out {self.out} is a file, not a folder: give a new or existing run directory")
+        check_device(run["device"])
         self.device = torch.device(run["device"])
+        run["batch_size"] = per_process_batch(run, dist.launched_world_size())
         dist.init_distributed(run["device"])
         self.rank, self.world = dist.rank(), dist.world_size()
         method_cfg = dict(cfg["method"])
@@ -102,7 +129,8 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(run["seed"] * 7919 + self.rank)
 
         self.dataset = dataset
-        if method_cls.needs_data and self.dataset is None:
+        # Data is loaded when the method or a supplement reads it (e.g. the embedding loss on a data-free method).
+        if (method_cls.needs_data or any(getattr(s, "needs_data", False) for s in supplements)) and self.dataset is None:
             from ..data import dataset_from_config as load_dataset
             self.dataset = load_dataset(cfg["data"])
         if self.dataset is not None and len(self.dataset) == 0:
@@ -129,8 +157,13 @@ class Trainer:
         self.supplements = list(supplements)
         self.step = 0
         self.nimg = 0
+        self.train_seconds = 0.0  # wall-clock in the training loop, without sample grids and on_sample callbacks
         self.ckpt_dir = self.out / "checkpoints"
         self._stop_signal = None
+        self.stopped_by_signal = None  # the signal number when SIGINT/SIGTERM ended run() early
+        self.phase = None              # the phase being computed (named by the NaN guard and OOM messages)
+        self.health = HealthMonitor(self.out / "health.jsonl" if self.rank == 0 else None,
+                                    factor=run.get("spike_factor", 10.0), say=self._say)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -139,7 +172,9 @@ class Trainer:
             "method": self.method_cls.name, "role": self.method_cls.role, "step": self.step, "nimg": self.nimg,
             "config": self.cfg, "net_config": self.cfg.get("net", {}), "sampling": self.method.sampling_spec(),
             "sample_net": net.state_dict(), "method_state": self.method.state_dict(),
-            "rng": _rng_state(self.gen), "world_size": self.world,
+            "supplement_state": {getattr(s, "name", type(s).__name__): s.state_dict()
+                                 for s in self.supplements if hasattr(s, "state_dict")},
+            "rng": _rng_state(self.gen), "world_size": self.world, "health": self.health.state_dict(), "train_seconds": self.train_seconds,
             "data": None if self.dataset is None else {
                 "name": getattr(self.dataset, "name", "?"), "sample_shape": list(self.dataset.sample_shape),
                 "num_classes": self.dataset.num_classes},
@@ -154,32 +189,76 @@ class Trainer:
             raise UserError(f"checkpoint was written with {state.get('world_size')} ranks, now {self.world}: "
                             f"resume with the same number of processes")
         self.method.load_state_dict(state["method_state"])
+        for s in self.supplements:
+            saved = (state.get("supplement_state") or {}).get(getattr(s, "name", type(s).__name__))
+            if saved is not None and hasattr(s, "load_state_dict"):
+                s.load_state_dict(saved)
+        self.health.load_state_dict(state.get("health", {}))
         self.step, self.nimg = int(state["step"]), int(state["nimg"])
-        _set_rng_state(self.gen, state["rng"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        _set_rng_state(self.gen, (state.get("rng_ranks") or [state["rng"]])[self.rank])
 
     def save(self) -> Path | None:
         path = checkpoint_path(self.ckpt_dir, self.step)
+        rng_ranks = dist.all_gather_object(_rng_state(self.gen))  # every rank's RNG, so each resumes its own
         if self.rank == 0:
-            save_checkpoint(self.state_dict(), path)
+            remove_stale_files(self.ckpt_dir)
+            save_checkpoint(dict(self.state_dict(), rng_ranks=rng_ranks), path)
             prune_checkpoints(self.ckpt_dir, self.cfg["run"]["keep_ckpts"])
         dist.barrier()
         return path
+
+    def last_good_checkpoint(self) -> str:
+        """The newest checkpoint that matches its manifest (named by the NaN guard and OOM messages)."""
+        for p in reversed(list_checkpoints(self.ckpt_dir)):
+            if verify_checkpoint(p)[0] is not False:
+                return str(p)
+        return "none yet"
 
     def maybe_resume(self) -> None:
         what = self.cfg["run"].get("resume")
         if not what:
             return
         if what == "auto":
-            found = list_checkpoints(self.ckpt_dir)
-            if not found:
+            path, state, why, skipped = find_resume_checkpoint(self.ckpt_dir)
+            if path is None:
                 self._say(f"resume auto: no checkpoint in {self.ckpt_dir}, starting fresh")
                 return
-            path = found[-1]
+            for bad, reason in skipped:
+                self._say(f"WARNING: resume auto: skipping {bad.name}: {reason}")
+            why = f"the newest valid checkpoint ({why})" + (f"; {len(skipped)} newer one(s) skipped" if skipped else "")
         else:
             path = Path(what)
-        state = load_checkpoint(path)
+            state = load_checkpoint(path)
+            why = "given by --resume"
         self.load_state_dict(state)
-        self._say(f"resumed from {path} at step {self.step}")
+        self._say(f"resumed from {path} at step {self.step}: {why}")
+        changes = _config_changes(state.get("config", {}), self.cfg)
+        if changes:
+            self._say("WARNING: the configuration differs from the checkpoint's, so the run will not continue "
+                      "exactly: " + "; ".join(changes[:6]) + (" …" if len(changes) > 6 else ""))
+        if self.rank == 0:
+            self._truncate_logs()
+
+    def _truncate_logs(self) -> None:
+        """Drop log/health records written after the resumed step (by the run that was killed), so the logs read
+        as one run."""
+        for name in ("log.jsonl", "health.jsonl"):
+            f = self.out / name
+            if not f.is_file():
+                continue
+            lines = f.read_text().splitlines(keepends=True)
+            keep = []
+            for line in lines:
+                try:
+                    if int(json.loads(line).get("step", 0)) > self.step:
+                        continue
+                except (ValueError, AttributeError, TypeError):
+                    continue  # a half-written last line
+                keep.append(line if line.endswith("\n") else line + "\n")
+            if len(keep) != len(lines):
+                from .checkpoint import atomic_write
+                atomic_write(f, lambda tmp: Path(tmp).write_text("".join(keep)))
 
     # ---------------------------------------------------------------- loop
     def _say(self, msg: str) -> None:
@@ -192,30 +271,43 @@ class Trainer:
         idx = self.sampler.indices(step).to(self.device)
         return self.data_x[idx], (self.data_y[idx] if self.data_y is not None else None)
 
-    def _nonfinite(self, what: str, phase: str) -> bool:
+    def _nonfinite(self, what: str, phase: str, value=None, logs=None) -> bool:
         """Apply the NaN policy; returns True when the step must be skipped."""
-        msg = f"non-finite {what} in phase {phase!r} at step {self.step}"
+        parts = [f"{k}={v:.4g}" for k, v in (logs or {}).items()
+                 if isinstance(v, float) and not torch.isfinite(torch.tensor(v))]
+        if value is not None and torch.as_tensor(value).numel() == 1:
+            parts.insert(0, f"value {float(value):.4g}")
+        msg = f"non-finite {what} in phase {phase!r} at step {self.step}" + (f" ({', '.join(parts[:5])})" if parts else "")
+        self.health.event(self.step, f"nonfinite_{what}", phase=phase, policy=self.cfg["run"]["nan_policy"],
+                          losses=parts)
         if self.cfg["run"]["nan_policy"] == "skip":
             print(f"[diffdistill] WARNING: {msg}; skipping this step (nan_policy=skip)", flush=True)
             return True
-        last = list_checkpoints(self.ckpt_dir)
         raise DivergenceError(f"{msg}; stopped (nan_policy=stop). Last good checkpoint: "
-                              f"{last[-1] if last else 'none'}. Lower the learning rate or resume with "
-                              f"--set run.nan_policy=skip")
+                              f"{self.last_good_checkpoint()}. Lower the learning rate (or set run.grad_clip) and "
+                              f"resume from it, or use --set run.nan_policy=skip")
+
+    def phase_loss(self, phase: str, batch, step: int):
+        """(loss, logs) of one phase: the method's loss plus every supplement that applies to the phase (each gets
+        the method's own loss as ``base_loss``, e.g. to balance gradient norms)."""
+        loss, extra = self.method.loss(phase, batch, step)
+        base_loss = loss
+        for sup in self.supplements:
+            if sup.applies_to(self.method, phase):
+                sup_loss, sup_logs = sup.loss(self.method, batch, step, base_loss=base_loss)
+                loss = loss + sup_loss
+                extra = {**extra, **sup_logs}
+        return loss, extra
 
     def train_step(self) -> dict | None:
         batch = self.batch(self.step)
         logs = {}
         for phase in self.method.phases(self.step):
+            self.phase = phase
             opt = self.method.optimizers[phase]
-            loss, extra = self.method.loss(phase, batch, self.step)
-            for sup in self.supplements:
-                if sup.applies_to(self.method, phase):
-                    sup_loss, sup_logs = sup.loss(self.method, batch, self.step)
-                    loss = loss + sup_loss
-                    extra = {**extra, **sup_logs}
-            if not torch.isfinite(loss).all():
-                if self._nonfinite("loss", phase):
+            loss, extra = self.phase_loss(phase, batch, self.step)
+            if not dist.all_true(bool(torch.isfinite(loss).all())):  # every rank takes the same branch
+                if self._nonfinite("loss", phase, loss.detach(), extra):
                     opt.zero_grad(set_to_none=True)
                     return None
             opt.zero_grad(set_to_none=True)
@@ -225,7 +317,7 @@ class Trainer:
             clip = self.cfg["run"].get("grad_clip")
             gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
             if not torch.isfinite(gnorm):
-                if self._nonfinite("gradient", phase):
+                if self._nonfinite("gradient norm", phase, gnorm, extra):
                     opt.zero_grad(set_to_none=True)
                     return None
             opt.step()
@@ -237,17 +329,38 @@ class Trainer:
             logs.update(extra)
         return logs
 
-    def _install_signal_handlers(self):
+    def _install_signal_handlers(self) -> dict:
+        """SIGTERM/SIGINT only set a flag; the loop finishes the step, writes a checkpoint and returns. Returns the
+        previous handlers, which run() restores."""
         def handler(signum, frame):
             self._stop_signal = signum
+        previous = {}
         try:
-            signal.signal(signal.SIGTERM, handler)
-            signal.signal(signal.SIGINT, handler)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not in the main thread
             pass
+        return previous
 
-    def run(self, on_sample=None) -> dict:
-        """Train to ``run.steps``; returns the final logs. ``on_sample(trainer)`` is called at sample steps."""
+    def _train_step_guarded(self) -> dict | None:
+        """train_step, with an out-of-memory error turned into a message naming the step, the phase, the knobs
+        that lower memory and the last checkpoint."""
+        try:
+            return self.train_step()
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            where = (f"at step {self.step}, phase {self.phase!r}, batch {self.cfg['run']['batch_size']} per process "
+                     f"on {self.device}")
+            msg = out_of_memory_message(e, where)
+            self.health.event(self.step, "out_of_memory", phase=self.phase, error=str(e).splitlines()[0][:200]
+                              if str(e) else type(e).__name__)
+            raise OutOfMemoryStop(f"{msg}. Last checkpoint: {self.last_good_checkpoint()} "
+                                  f"(continue from it with --resume auto)") from None
+
+    def run(self, on_sample=None, on_step=None) -> dict:
+        """Train to ``run.steps`` (or ``run.max_minutes``); returns the final logs. ``on_sample(trainer)`` is called
+        at sample steps, ``on_step(trainer)`` after every step; neither counts towards ``train_seconds``."""
         run = self.cfg["run"]
         self.maybe_resume()
         if self.rank == 0:
@@ -256,16 +369,21 @@ class Trainer:
         log_f = open(self.out / "log.jsonl", "a") if self.rank == 0 else None
         tb = self._tensorboard()
         bar = self._progress(run["steps"])
-        self._install_signal_handlers()
+        previous_handlers = self._install_signal_handlers()
         t_last, steps_since, last_logs = time.perf_counter(), 0, {}
         try:
             while self.step < run["steps"]:
-                logs = self.train_step()
+                t_step = time.perf_counter()
+                logs = self._train_step_guarded()
                 self.step += 1
                 self.nimg += run["batch_size"] * self.world
                 if logs is not None:
                     self.method.after_step(self.step, self.nimg)
                     last_logs.update(logs)  # latest value of every key (TTUR phases do not run every step)
+                    self.health.observe(self.step, logs)
+                self.train_seconds += time.perf_counter() - t_step
+                if on_step:
+                    on_step(self)
                 steps_since += 1
                 if bar is not None:
                     bar.update(1)
@@ -275,7 +393,9 @@ class Trainer:
                     now = time.perf_counter()
                     rec = {"step": self.step, "kimg": self.nimg / 1000,
                            **{k: dist.all_reduce_mean(v) for k, v in last_logs.items()},
-                           "sec_per_step": (now - t_last) / max(steps_since, 1)}
+                           **{k: dist.all_reduce_mean(v) for k, v in self.health.pop_interval_max().items()},
+                           "sec_per_step": (now - t_last) / max(steps_since, 1),
+                           "train_seconds": round(self.train_seconds, 3)}
                     t_last, steps_since = now, 0
                     if log_f:
                         log_f.write(json.dumps(rec) + "\n")
@@ -291,10 +411,16 @@ class Trainer:
                         on_sample(self)
                 if run["ckpt_every"] and self.step % run["ckpt_every"] == 0 and self.step < run["steps"]:
                     self.save()
-                if self._stop_signal is not None:
-                    self._say(f"signal {self._stop_signal}: writing checkpoint at step {self.step} and stopping")
-                    self.save()
+                if dist.any_true(self._stop_signal is not None):  # every rank stops at the same step
+                    self.stopped_by_signal = self._stop_signal or signal.SIGTERM
+                    path = self.save()
+                    self.health.event(self.step, "signal", signal=int(self.stopped_by_signal), checkpoint=str(path))
+                    self._say(f"{signal.Signals(self.stopped_by_signal).name}: wrote {path} at step {self.step} "
+                              f"and stopped; continue with --resume auto")
                     return last_logs
+                if self._over_budget(run.get("max_minutes")):
+                    self._say(f"time budget of {run['max_minutes']} min reached at step {self.step}: stopping")
+                    break
             self.save()
         finally:
             if bar is not None:
@@ -303,7 +429,16 @@ class Trainer:
                 log_f.close()
             if tb:
                 tb.close()
+            for sig, h in previous_handlers.items():
+                if h is not None:
+                    signal.signal(sig, h)
         return last_logs
+
+    def _over_budget(self, max_minutes) -> bool:
+        if not max_minutes:
+            return False
+        over = float(self.train_seconds >= 60.0 * max_minutes)
+        return dist.all_reduce_mean(over) > 0  # every rank stops at the same step
 
     def save_sample_grid(self) -> None:
         from ..eval.generate import generate

@@ -1,0 +1,238 @@
+"""The memory plan printed by ``--dry-run``: every network a method builds, its parameter count, and an estimate of
+peak memory for the chosen batch — without training a step or writing a file.
+
+Networks are found generically, by walking the method object (its ``nets`` first, then its attributes, helper
+objects such as an EMA holder, dicts and lists, three levels deep) and the trainer's supplements for
+``nn.Module`` instances; so a method's teacher, fake score, discriminator, EMA/target copies and random feature nets
+appear without the method declaring them. Loose tensors found on the way (pair caches, memory banks) and the
+training data held on the device are counted too.
+
+Estimate (per process): weights and buffers + optimizer state (Adam/AdamW: 2 tensors per trainable parameter, SGD
+with momentum: 1) + the largest phase's gradients and activations + data and loose tensors. Activations are
+*measured*: the phase's forward pass runs at batch 2 and at batch 4 with an autograd hook that adds up the bytes of
+every tensor saved for backward (parameters excluded), and the difference is extrapolated linearly to the chosen
+batch. Temporaries of no-grad passes and allocator overhead are not counted (allow 10–30 % on top).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+_SKIP_TYPES = (torch.optim.Optimizer, torch.Generator, torch.device, type)
+_SKIP_NAMES = ("optimizers", "schedulers")
+
+
+@dataclass
+class NetInfo:
+    name: str
+    module: nn.Module
+    params: int
+    bytes: int
+    dtypes: str
+    phases: list = field(default_factory=list)  # optimizer phases that train it ([] = frozen)
+    shared_with: str | None = None              # all of its parameters belong to a network listed earlier
+
+
+def _scheduler_types():
+    sched = torch.optim.lr_scheduler
+    return tuple(t for t in (getattr(sched, "LRScheduler", None), getattr(sched, "_LRScheduler", None)) if t)
+
+
+def find_networks(method, supplements=(), extra_roots=None):
+    """([NetInfo, …], [(name, tensor), …]): every nn.Module reachable from the method (its ``nets`` named by their
+    keys, the rest by attribute path) and the supplements, and the loose tensors next to them."""
+    modules: dict[int, tuple[str, nn.Module]] = {}
+    tensors: dict[int, tuple[str, torch.Tensor]] = {}
+    seen: set[int] = set()
+    skip = _SKIP_TYPES + _scheduler_types()
+
+    def visit(obj, name: str, depth: int):
+        if isinstance(obj, nn.Module):
+            modules.setdefault(id(obj), (name, obj))
+            return
+        if torch.is_tensor(obj):
+            tensors.setdefault(id(obj), (name, obj))
+            return
+        if depth > 3 or id(obj) in seen or isinstance(obj, skip) or isinstance(obj, (str, bytes, int, float, bool)):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                visit(v, f"{name}.{k}" if name else str(k), depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                visit(v, f"{name}[{i}]", depth + 1)
+        elif hasattr(obj, "__dict__"):
+            for k, v in vars(obj).items():
+                if k in _SKIP_NAMES or k.startswith("__"):
+                    continue
+                visit(v, f"{name}.{k}" if name else k, depth + 1)
+
+    for k, net in method.nets.items():
+        visit(net, k, 0)
+    visit(method, "", 0)
+    for i, sup in enumerate(supplements):
+        visit(sup, f"{type(sup).__name__.lower()}", 1)
+    for k, v in (extra_roots or {}).items():
+        visit(v, k, 0)
+
+    trained = {}
+    for phase, opt in method.optimizers.items():
+        for g in opt.param_groups:
+            for p in g["params"]:
+                trained.setdefault(id(p), set()).add(phase)
+    infos, owner = [], {}
+    for name, m in modules.values():
+        name = name[4:] if name.startswith("ctx.") else name
+        params = list(m.parameters())
+        pids = {id(p) for p in params}
+        shared = None
+        if pids and all(i in owner for i in pids):
+            shared = owner[next(iter(pids))]
+        for i in pids:
+            owner.setdefault(i, name)
+        phases = sorted({ph for p in params for ph in trained.get(id(p), ())})
+        nbytes = sum(p.numel() * p.element_size() for p in params) + \
+            sum(b.numel() * b.element_size() for b in m.buffers())
+        dtypes = ",".join(sorted({str(p.dtype).replace("torch.", "") for p in params})) or "-"
+        infos.append(NetInfo(name, m, sum(p.numel() for p in params), nbytes, dtypes, phases, shared))
+    module_ptrs = {t.untyped_storage().data_ptr() for _, m in modules.values()
+                   for t in list(m.parameters()) + list(m.buffers())}
+    loose = [(n, t) for n, t in tensors.values() if t.numel() and t.untyped_storage().data_ptr() not in module_ptrs]
+    return infos, loose
+
+
+def _optimizer_slots(opt: torch.optim.Optimizer) -> int:
+    """State tensors per parameter: Adam-family 2 (3 with amsgrad), SGD with momentum 1, else 2 (an upper guess)."""
+    d = opt.defaults
+    if "betas" in d:
+        return 3 if d.get("amsgrad") else 2
+    if "momentum" in d:
+        return 1 if d.get("momentum") else 0
+    return 2
+
+
+def _saved_activation_bytes(trainer, phase: str, step: int, batch_size: int, exclude_ptrs: set) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward pass of ``phase`` at ``batch_size``."""
+    method = trainer.method
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            ptr = st.data_ptr()
+            if ptr not in exclude_ptrs:
+                saved[ptr] = max(saved.get(ptr, 0), st.nbytes())
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. nested/sparse): not counted
+            pass
+        return t
+
+    batch = None
+    if trainer.data_x is not None:
+        idx = torch.arange(batch_size, device=trainer.data_x.device) % len(trainer.data_x)
+        batch = (trainer.data_x[idx], trainer.data_y[idx] if trainer.data_y is not None else None)
+    old = method.ctx.batch_size
+    method.ctx.batch_size = batch_size
+    try:
+        # The phases before this one in the same step run first (unmeasured): a method may hand samples from one
+        # phase to the next (DMD2's critic reuses the generator phase's samples).
+        for before in method.phases(step)[:method.phases(step).index(phase)]:
+            trainer.phase_loss(before, batch, step)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = trainer.phase_loss(phase, batch, step)
+        del loss
+    finally:
+        method.ctx.batch_size = old
+    return sum(saved.values())
+
+
+def estimate_memory(trainer, probe=(2, 4)) -> dict:
+    method = trainer.method
+    infos, loose = find_networks(method, trainer.supplements,
+                                 {"data": [t for t in (trainer.data_x, trainer.data_y) if t is not None]})
+    unique, weights = set(), 0
+    for info in infos:
+        for t in list(info.module.parameters()) + list(info.module.buffers()):
+            if id(t) not in unique:
+                unique.add(id(t))
+                weights += t.numel() * t.element_size()
+    loose_bytes = sum(t.numel() * t.element_size() for _, t in loose)
+    opt_state = sum(_optimizer_slots(opt) * p.numel() * p.element_size()
+                    for opt in method.optimizers.values() for g in opt.param_groups for p in g["params"])
+    grads = {ph: sum(p.numel() * p.element_size() for p in method.trainable_params(ph)) for ph in method.optimizers}
+    first_step = {}  # a step where the phase runs, preferably as the step's first phase
+    for s in range(16):
+        for i, ph in enumerate(method.phases(s)):
+            if ph not in first_step or (i == 0 and method.phases(first_step[ph])[0] != ph):
+                first_step[ph] = s
+    exclude = {t.untyped_storage().data_ptr() for info in infos
+               for t in list(info.module.parameters()) + list(info.module.buffers())}
+    B = trainer.cfg["run"]["batch_size"]
+    acts, errors = {}, {}
+    rng = (method.ctx.generator.get_state(), torch.get_rng_state())
+    for ph, s in first_step.items():
+        try:
+            a, b = (_saved_activation_bytes(trainer, ph, s, n, exclude) for n in probe)
+            per_sample = max(b - a, 0) / (probe[1] - probe[0])
+            acts[ph] = max(0.0, a + (B - probe[0]) * per_sample)
+        except Exception as e:  # a method that cannot run at the probe batch: say so, estimate the rest
+            errors[ph] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    method.ctx.generator.set_state(rng[0])
+    torch.set_rng_state(rng[1])
+    worst = max(first_step, key=lambda ph: grads.get(ph, 0) + acts.get(ph, 0)) if first_step else None
+    peak = weights + opt_state + loose_bytes + (grads.get(worst, 0) + acts.get(worst, 0) if worst else 0)
+    return {"networks": infos, "loose": loose, "weights": weights, "optimizer_state": opt_state, "grads": grads,
+            "activations": acts, "errors": errors, "loose_bytes": loose_bytes, "worst_phase": worst,
+            "peak": peak, "batch_size": B, "probe": probe}
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def dry_run_report(trainer) -> str:
+    """The text ``--dry-run`` prints."""
+    est = estimate_memory(trainer)
+    cfg, m = trainer.cfg, trainer.method
+    data = trainer.dataset
+    what = f"data {getattr(data, 'name', '?')} {list(data.sample_shape)}" if data is not None else "data-free"
+    lines = [f"dry run: method {trainer.method_cls.name} ({trainer.method_cls.role}), {what}, batch "
+             f"{est['batch_size']} per process × {trainer.world} process(es), device {trainer.device}", "",
+             f"{'network':28s} {'parameters':>12s}  {'dtype':8s} trained by",
+             "-" * 72]
+    for info in est["networks"]:
+        trained = ("optimizer " + "/".join(info.phases)) if info.phases else "frozen (no optimizer)"
+        if info.shared_with:
+            trained += f"; shares its parameters with {info.shared_with}"
+        lines.append(f"{info.name:28s} {info.params:>12,d}  {info.dtypes:8s} {trained}")
+    uniq = sum(i.params for i in est["networks"] if not i.shared_with)
+    lines.append(f"{'total (distinct)':28s} {uniq:>12,d}")
+    big = sorted(est["loose"], key=lambda nt: -nt[1].numel() * nt[1].element_size())
+    if big:
+        shown = ", ".join(f"{n} {list(t.shape)} {_fmt_bytes(t.numel() * t.element_size())}" for n, t in big[:6])
+        more = f" and {len(big) - 6} more" if len(big) > 6 else ""
+        lines.append(f"tensors held by the run: {shown}{more}")
+    B = est["batch_size"]
+    lines += ["", f"peak memory estimate per process at batch {B}:",
+              f"  weights and buffers      {_fmt_bytes(est['weights']):>12s}",
+              f"  optimizer state          {_fmt_bytes(est['optimizer_state']):>12s}   "
+              f"(Adam/AdamW: 2 tensors per trained parameter)",
+              f"  data and other tensors   {_fmt_bytes(est['loose_bytes']):>12s}"]
+    for ph in sorted(set(est["grads"]) | set(est["activations"]) | set(est["errors"])):
+        if ph in est["errors"]:
+            lines.append(f"  phase {ph:18s} activations not measured ({est['errors'][ph]})")
+            continue
+        lines.append(f"  phase {ph:18s} gradients {_fmt_bytes(est['grads'].get(ph, 0)):>10s} + activations "
+                     f"{_fmt_bytes(est['activations'].get(ph, 0)):>10s}")
+    lines += [f"  peak ≈ {_fmt_bytes(est['peak'])} (largest phase: {est['worst_phase']}); activations are the tensors "
+              f"saved for backward, measured at batch {est['probe'][0]} and {est['probe'][1]} and extrapolated "
+              f"linearly; add 10–30 % for temporaries and the allocator",
+              "", "dry run: nothing was trained or written."]
+    return "\n".join(lines)
