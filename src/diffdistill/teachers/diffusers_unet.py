@@ -40,26 +40,27 @@ def _require_diffusers():
 
 # ------------------------------------------------------------------------------------------------ schedules
 def ddpm_alphas_cumprod(sched: dict) -> torch.Tensor:
-    """ᾱ_t (float64, length num_train_timesteps) of a DDPM-family scheduler config: ``trained_betas`` or
-    ``beta_schedule`` linear / scaled_linear / squaredcos_cap_v2 with ``beta_start``, ``beta_end``."""
+    """ᾱ_t (length num_train_timesteps) of a DDPM-family scheduler config: ``trained_betas`` or ``beta_schedule``
+    linear / scaled_linear / squaredcos_cap_v2 with ``beta_start``, ``beta_end``. Computed in float32 like
+    diffusers' schedulers, so σ_t are the noise levels the model was trained with (returned as float64)."""
     T = int(sched.get("num_train_timesteps", 1000))
     b0, b1 = float(sched.get("beta_start", 1e-4)), float(sched.get("beta_end", 0.02))
     kind = sched.get("beta_schedule", "linear")
     if sched.get("trained_betas") is not None:
-        betas = torch.tensor(sched["trained_betas"], dtype=torch.float64)
+        betas = torch.tensor(sched["trained_betas"], dtype=torch.float32)
     elif kind == "linear":
-        betas = torch.linspace(b0, b1, T, dtype=torch.float64)
+        betas = torch.linspace(b0, b1, T, dtype=torch.float32)
     elif kind == "scaled_linear":
-        betas = torch.linspace(b0 ** 0.5, b1 ** 0.5, T, dtype=torch.float64) ** 2
+        betas = torch.linspace(b0 ** 0.5, b1 ** 0.5, T, dtype=torch.float32) ** 2
     elif kind == "squaredcos_cap_v2":  # Nichol & Dhariwal's cosine schedule, β capped at 0.999
         f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-        betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
+        betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float32)
     else:
         raise UserError(f"unsupported beta_schedule {kind!r} in the scheduler config; supported: linear, "
                         f"scaled_linear, squaredcos_cap_v2 or trained_betas")
     if sched.get("rescale_betas_zero_snr"):
         raise UserError("rescale_betas_zero_snr schedulers (σ_max = ∞) are not supported")
-    return torch.cumprod(1 - betas, 0)
+    return torch.cumprod(1 - betas, 0).double()
 
 
 class DiffusersPrecond(Precond):
@@ -234,7 +235,7 @@ def load_diffusers_teacher(path, dropout: float | None = None) -> dict:
                         f"unconditional or class-conditional) is supported")
     schedule, pred = schedule_from_config(_read_json(sched_path))
     try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+        unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, low_cpu_mem_usage=False)
     except Exception as e:  # missing weights file, corrupted safetensors, …
         raise UserError(f"cannot load the UNet2DModel in {unet_dir}: {type(e).__name__}: {str(e)[:160]}") from None
     kw = _unet_kwargs(unet.config)
@@ -253,3 +254,42 @@ def load_diffusers_teacher(path, dropout: float | None = None) -> dict:
             "source": {"format": "diffusers UNet2DModel", "folder": str(Path(path)),
                        "scheduler": schedule.get("scheduler"), "prediction_type": pred,
                        "weights_sha256": file_sha256(weights[0]) if weights else None}}
+
+
+# ------------------------------------------------------------------------------------------------ export
+def export_diffusers(state: dict, out_dir) -> dict:
+    """Write a checkpoint whose network is a diffusers UNet2DModel as a diffusers folder: ``unet/`` (config +
+    safetensors, ``UNet2DModel.from_pretrained`` loads it), ``scheduler/scheduler_config.json`` (the teacher's
+    schedule and prediction type) and ``diffdistill_sampling.json`` (the student's σ list with, per step, the
+    UNet's timestep and input scale, so a few lines of diffusers code reproduce `diffdistill sample`)."""
+    cfg = state["net_config"]
+    if cfg.get("arch") != "diffusers_unet2d":
+        raise UserError(f"--format diffusers needs a network that is a diffusers UNet2DModel (a student of a "
+                        f"diffusers teacher); this one is {cfg.get('arch')!r}, which has no UNet2DModel layout: "
+                        f"export it as .safetensors")
+    net = build_diffusers_denoiser(cfg)
+    net.load_state_dict(state["sample_net"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    net.model.unet.save_pretrained(str(out / "unet"), safe_serialization=True)
+    sched = {k: v for k, v in net.schedule.items() if k not in ("family", "scheduler")}
+    sched.update({"_class_name": net.schedule.get("scheduler") or ("EDMEulerScheduler" if net.schedule["family"] == "edm"
+                                                                  else "DDPMScheduler"),
+                  "prediction_type": net.prediction_type})
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
+    spec = state.get("sampling") or {}
+    steps = []
+    for s in spec.get("sigmas") or []:
+        sig = torch.tensor([float(s)])
+        c_skip, c_out, c_in, c_noise = (float(torch.as_tensor(c).reshape(-1)[0]) for c in net.coefficients(sig))
+        steps.append({"sigma": float(s), "timestep": c_noise, "input_scale": c_in, "c_skip": c_skip, "c_out": c_out})
+    info = {"role": state.get("role"), "method": state.get("method"), "sampler": spec.get("sampler"),
+            "steps": steps, "prediction_type": net.prediction_type,
+            "denoised": "x0 = c_skip * x + c_out * unet(input_scale * x, torch.tensor([timestep])).sample "
+                        "(timestep as a float tensor: UNet2DModel truncates a Python float to an integer)"}
+    if spec.get("sampler") == "multistep":
+        info["multistep"] = ("x = sigma_0 * randn; per step k: x0 = denoised(x, k); x = x0 + sigma_{k+1} * randn "
+                             "(last step: output x0)")
+    (out / "diffdistill_sampling.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
