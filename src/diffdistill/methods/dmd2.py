@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..train.ema import EMA, ema_beta
 from .registry import register
 from .score_distill import (CRITIC_T_MAX, CRITIC_T_MIN, GRID_SIZE, ScoreDistillMethod, frozen, shared_randint)
 from .teacher import warmup_lambda
@@ -122,6 +123,10 @@ class DMD2(ScoreDistillMethod):
     needs_data = True
 
     presets: ClassVar[dict] = {
+        # The paper's ImageNet-64 run (official config; batch 40 × 7 GPUs); `--config configs/dmd2/official.yaml`.
+        "official": {"run": {"batch_size": 280, "grad_clip": 10.0, "steps": 200_000},
+                     "method": {"lr": 2e-6, "warmup_steps": 500, "dfake_gen_update_ratio": 5, "gan_weight": 3e-3,
+                                "gan_critic_weight": 1e-2}},
         # 8×8 digits on the 2-core CPU (one thread): ~0.25 s per iteration at batch 64 with the GAN when the machine
         # is not shared (0.4–1 s when it is), so 1,000 iterations (200 generator updates) take 4–5 minutes. lr 1e-3
         # reaches proxy-FID 22 by iteration 600 but then oscillates (22–48); 5e-4 settles at 23–26 from iteration 400.
@@ -143,7 +148,8 @@ class DMD2(ScoreDistillMethod):
     def __init__(self, ctx, lr: float = 2e-6, lr_critic: float | None = None, betas=(0.9, 0.999),
                  weight_decay: float = 0.01, warmup_steps: int = 500, student_steps: int = 1,
                  dfake_gen_update_ratio: int = 5, gan_weight: float = 3e-3, gan_critic_weight: float = 1e-2,
-                 critic_reduction: str = "mean"):
+                 critic_reduction: str = "mean", ema_halflife_kimg: float | None = None,
+                 ema_rampup: float | None = 0.05):
         super().__init__(ctx)
         if int(dfake_gen_update_ratio) < 1:
             raise UserError(f"dfake_gen_update_ratio must be >= 1, got {dfake_gen_update_ratio}")
@@ -167,6 +173,12 @@ class DMD2(ScoreDistillMethod):
         self.schedulers["critic"] = torch.optim.lr_scheduler.LambdaLR(self.optimizers["critic"],
                                                                       warmup_lambda(warmup_steps))
         self._cache = None  # (step, detached x, labels) of this step's generator phase, for the critic phase
+        # Optional generator EMA (not in the official DMD2 code; FastGen's reproduction samples from one). Off by
+        # default; on a small problem it smooths the generator's step-to-step oscillation under the TTUR.
+        self.ema = None
+        if ema_halflife_kimg:
+            self.ema_halflife_kimg, self.ema_rampup = float(ema_halflife_kimg), ema_rampup
+            self.ema = EMA(self.G)
 
     # ---------------------------------------------------------------------------------------------- pieces
     def phases(self, step):
@@ -241,8 +253,20 @@ class DMD2(ScoreDistillMethod):
         return loss, logs
 
     # ---------------------------------------------------------------------------------------------- sampling
+    def after_step(self, step, nimg):
+        if self.ema is not None:  # EDM's half-life rule with the global batch
+            self.ema.update(self.G, ema_beta(self.ctx.batch_size * self.ctx.world_size, nimg,
+                                             self.ema_halflife_kimg, self.ema_rampup))
+
+    def extra_state(self):
+        return {} if self.ema is None else {"ema": self.ema.net.state_dict()}
+
+    def load_extra_state(self, state):
+        if self.ema is not None:
+            self.ema.net.load_state_dict(state["ema"])
+
     def sampling_net(self):
-        return self.G
+        return self.G if self.ema is None else self.ema.net
 
     def sampling_spec(self):
         return {"sampler": "multistep", "sigmas": list(self.sigmas)}
