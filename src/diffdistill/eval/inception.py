@@ -27,6 +27,7 @@ import io
 import json
 import os
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -84,7 +85,9 @@ class TorchScriptExtractor:
         if not self.path.is_file():
             raise UserError(f"feature extractor not found: {self.path}")
         try:
-            self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
+            with warnings.catch_warnings():  # torch ≥ 2.10 marks torch.jit as deprecated; the file format is TorchScript
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
         except Exception as e:
             raise UserError(f"{self.path} is not a TorchScript file ({type(e).__name__}); give the "
                             f"inception-2015-12-05.pt used by StyleGAN/EDM/clean-fid") from None
@@ -123,10 +126,14 @@ def _rank_world() -> tuple[int, int]:
 
 
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate [n_r, D] tensors of every rank in rank order (n_r may differ); identity without torch.distributed."""
+    """Concatenate [n_r, D] tensors of every rank in rank order (n_r may differ); identity without torch.distributed.
+    The result is on ``t``'s device (NCCL gathers through the rank's GPU)."""
     d = _dist()
     if d is None:
         return t
+    home = t.device
+    if d.get_backend() == "nccl":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
     n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
     sizes = [torch.zeros_like(n) for _ in range(d.get_world_size())]
     d.all_gather(sizes, n)
@@ -134,7 +141,16 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     pad = torch.zeros((m - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
     bufs = [torch.empty((m,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) for _ in sizes]
     d.all_gather(bufs, torch.cat([t, pad]))
-    return torch.cat([b[:int(s)] for b, s in zip(bufs, sizes)])
+    return torch.cat([b[:int(s)] for b, s in zip(bufs, sizes)]).to(home)
+
+
+def gather_in_order(feats: list, index: list, dim: int) -> torch.Tensor:
+    """All ranks' feature rows sorted by their global index (seed or image number), so KID's random subsets and
+    the precision/recall cut-off see the same order for any number of ranks."""
+    f = torch.cat(feats) if feats else torch.zeros(0, dim)
+    i = torch.tensor(index, dtype=torch.int64).reshape(-1, 1)
+    f, i = all_gather_rows(f), all_gather_rows(i)
+    return f[i[:, 0].argsort()]
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -168,8 +184,8 @@ def _decode(name, opener) -> np.ndarray:
 
 
 def iter_reference_uint8(path, batch_size: int = 250, max_images: int | None = None, rank: int = 0, world: int = 1):
-    """Yield uint8 [B, C, H, W] batches of this rank's share (image i goes to rank i mod world) of a folder, zip
-    or image ``.npz``, in sorted-name order; ``max_images`` takes the first N."""
+    """Yield (image numbers, uint8 [B, C, H, W]) batches of this rank's share (image i goes to rank i mod world)
+    of a folder, zip or image ``.npz``, in sorted-name order; ``max_images`` takes the first N."""
     path = Path(path)
     if path.suffix == ".npz":
         from ..data.images import load_npz
@@ -177,13 +193,13 @@ def iter_reference_uint8(path, batch_size: int = 250, max_images: int | None = N
         x = x[:max_images] if max_images else x
         idx = torch.arange(rank, x.shape[0], world)
         for i in range(0, len(idx), batch_size):
-            yield images_to_uint8(x[idx[i:i + batch_size]])
+            yield idx[i:i + batch_size].tolist(), images_to_uint8(x[idx[i:i + batch_size]])
         return
     items = _image_items(path)
     if not items:
         raise UserError(f"no images found in {path}")
     items = items[:max_images] if max_images else items
-    mine, shape = items[rank::world], None
+    mine, numbers, shape = items[rank::world], list(range(rank, len(items), world)), None
     for i in range(0, len(mine), batch_size):
         arrs = [_decode(n, o) for n, o in mine[i:i + batch_size]]
         for (n, _), a in zip(mine[i:i + batch_size], arrs):
@@ -191,7 +207,7 @@ def iter_reference_uint8(path, batch_size: int = 250, max_images: int | None = N
             if a.shape != shape[1]:
                 raise UserError(f"reference images differ in size/channels: {shape[0]!r} is {shape[1]}, {n!r} is "
                                 f"{a.shape}; resize them to one size first")
-        yield torch.from_numpy(np.stack(arrs))
+        yield numbers[i:i + batch_size], torch.from_numpy(np.stack(arrs))
 
 
 class Reference:
@@ -211,23 +227,23 @@ def compute_reference(path, extractor: TorchScriptExtractor, batch_size: int = 2
                       keep_features: bool = True) -> Reference:
     """Statistics (and features, for KID / precision-recall) of reference images, sharded over ranks."""
     rank, world = _rank_world()
-    stats, feats = FeatureStats(), []
-    for x in iter_reference_uint8(path, batch_size, max_images, rank, world):
+    stats, feats, index = FeatureStats(), [], []
+    for numbers, x in iter_reference_uint8(path, batch_size, max_images, rank, world):
         f = extractor(x)
         stats.update(f)
         if keep_features:
             feats.append(f.float().cpu())
+            index += numbers
     dim = stats.dim or _probe_dim(extractor, path)
-    stats = stats if stats.dim else FeatureStats(dim)
+    stats = stats if stats.dim else FeatureStats(dim, extractor.device)
     stats.all_reduce_()
-    f = torch.cat(feats) if feats else torch.zeros(0, dim)
-    features = all_gather_rows(f) if keep_features else None
+    features = gather_in_order(feats, index, dim) if keep_features else None
     return Reference(stats.mean, stats.cov, stats.n, features, source=str(path), sha256=None,
                      recipe={**extractor.recipe(), "max_images": max_images})
 
 
 def _probe_dim(extractor, path) -> int:
-    x = next(iter_reference_uint8(path, 1, 1))
+    _, x = next(iter_reference_uint8(path, 1, 1))
     return extractor(x).shape[1]
 
 
@@ -311,9 +327,9 @@ def evaluate_inception(net, spec: dict, extractor: TorchScriptExtractor, ref: Re
         if kid or pr:
             feats.append(f.float().cpu())
     if stats.dim is None:  # a rank with no seeds still joins the collectives
-        stats = FeatureStats(extractor(torch.zeros(1, *net.sample_shape)).shape[1])
+        stats = FeatureStats(extractor(torch.zeros(1, *net.sample_shape)).shape[1], extractor.device)
     stats.all_reduce_()
-    gen_feats = all_gather_rows(torch.cat(feats) if feats else torch.zeros(0, stats.dim)) if kid or pr else None
+    gen_feats = gather_in_order(feats, seeds, stats.dim) if kid or pr else None
     scores = inception_scores(stats, gen_feats, ref, seed, pr=pr, pr_max=pr_max)
     if not kid:
         scores = {k: v for k, v in scores.items() if not k.startswith("kid")}
