@@ -261,8 +261,10 @@ def cmd_sample(a) -> int:
     check_device(a.device)
     net, state = load_for_sampling(a.checkpoint, a.device)
     spec = sampling_spec_for(state, a.steps, a.sampler)
-    x, labels, info = generate(net, range(a.seed, a.seed + a.num_samples), spec, device=a.device)
     out = Path(a.out)
+    if out.suffix != ".npz" and not net.img_resolution:  # refuse before sampling, not after
+        raise UserError("PNG output is for images; use --out FILE.npz for 2-D points")
+    x, labels, info = generate(net, range(a.seed, a.seed + a.num_samples), spec, device=a.device)
     if out.suffix == ".npz":
         out.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"samples": x.numpy().astype(np.float32)}

@@ -69,11 +69,11 @@ def deep_update(base: dict, new: dict) -> dict:
 def load_config_file(path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file not found: {p}")
+        raise UserError(f"config file not found: {p} (check the path given to --config)")
     try:
         cfg = yaml.safe_load(p.read_text()) if p.suffix in (".yaml", ".yml") else json.loads(p.read_text())
     except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot parse config file {p}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot parse config file {p}: {str(e).splitlines()[0]}; fix its YAML/JSON syntax") from None
     if not isinstance(cfg, dict):
         raise UserError(f"config file {p} must hold a mapping (sections run/data/net/method)")
     return cfg
@@ -125,7 +125,8 @@ def validate_run(run: dict) -> None:
     for key in ("steps", "batch_size"):
         v = run.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise UserError(f"run.{key} must be a positive integer, got {v!r}")
+            flag = {"steps": "--steps (train-teacher) or --iters (distill)", "batch_size": "--batch-size"}[key]
+            raise UserError(f"run.{key} must be a positive integer, got {v!r}: set it with {flag} N, N >= 1")
     mm = run.get("max_minutes")
     if mm is not None and (isinstance(mm, bool) or not isinstance(mm, (int, float)) or mm <= 0):
         raise UserError(f"run.max_minutes must be a positive number of minutes, got {mm!r}")

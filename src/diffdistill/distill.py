@@ -58,7 +58,9 @@ def distill(method: str, teacher_path, flags=None, config_file=None, overrides=N
             on_step=None, dry_run: bool = False):
     """Build the trainer and train; with ``dry_run`` return the built trainer without training or writing."""
     from .train.trainer import Trainer
+    from .config import check_device
     device = ((flags or {}).get("run") or {}).get("device", "cpu")
+    check_device(device)  # before the teacher is moved there
     teacher, tstate = load_teacher(teacher_path, device)
     cfg = distill_config(method, tstate, flags, config_file, overrides)
     cfg["teacher"] = {"path": str(teacher_path), "step": tstate["step"], "sampling": tstate["sampling"]}

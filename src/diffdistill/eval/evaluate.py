@@ -59,7 +59,8 @@ def load_exported(path) -> dict:
     from safetensors import safe_open
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"weights file not found: {p}")
+        raise UserError(f"weights file not found: {p} (give the path of a .safetensors file written by "
+                        f"'diffdistill export', or a checkpoint .pt)")
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
