@@ -410,3 +410,15 @@ def test_optional_generator_ema_is_sampled_and_resumes_exactly(tmp_path):
     resumed.run()
     for a, b in zip(E.state_dict().values(), resumed.method.sampling_net().state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_health_scalars_are_logged(tmp_path):
+    """'Is my run healthy?': per-network gradient norms, DM-gradient norm, GAN logits/accuracies, fake-score loss."""
+    import json
+    tr = _trainer(tmp_path, "dmd2", 10)
+    tr.run()
+    rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    for key in ("grad_norm/generator", "grad_norm/critic", "dmd2/dm_grad_norm", "dmd2/fake_score", "dmd2/d_gan",
+                "dmd2/d_real_logit", "dmd2/d_fake_logit", "dmd2/d_real_acc", "dmd2/d_fake_acc", "dmd2/g_gan"):
+        assert key in rec and math.isfinite(rec[key]), key
+    assert rec["dmd2/dm_grad_norm"] > 0 and 0 <= rec["dmd2/d_real_acc"] <= 1

@@ -218,7 +218,8 @@ class DMD2(ScoreDistillMethod):
         self.generated, self.generated_labels = x, labels
         l_dm, g, _ = self.distribution_matching_loss(x, labels)
         loss = l_dm
-        logs = {"dmd2/dm": float(l_dm.detach()), "dmd2/k": float(k)}
+        logs = {"dmd2/dm": float(l_dm.detach()), "dmd2/k": float(k),
+                "dmd2/dm_grad_norm": float(g.flatten(1).norm(dim=1).mean())}  # per-sample ‖g‖, batch mean
         if self.head is not None:
             with frozen(self.fake, self.head):
                 l_gan = gan_generator_loss(self.gan_logits(x, labels))
@@ -248,6 +249,8 @@ class DMD2(ScoreDistillMethod):
             l_d = gan_critic_loss(logits[:len(real)], logits[len(real):])
             loss = loss + self.gan_critic_weight * l_d
             logs.update({"dmd2/d_gan": float(l_d.detach()),
+                         "dmd2/d_real_logit": float(logits[:len(real)].mean()),
+                         "dmd2/d_fake_logit": float(logits[len(real):].mean()),
                          "dmd2/d_real_acc": float((logits[:len(real)] > 0).float().mean()),
                          "dmd2/d_fake_acc": float((logits[len(real):] < 0).float().mean())})
         return loss, logs
