@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="metrics JSON file (default: print only)")
     e.add_argument("--device", default="cpu")
-    e.add_argument("--inception", help="local inception-2015-12-05.pt (TorchScript, StyleGAN/EDM/clean-fid); default "
+    e.add_argument("--inception", help="local inception-2015-12-05.pt (TorchScript of StyleGAN2-ADA / clean-fid); default "
                                        "$DIFFDISTILL_INCEPTION. With --ref: Inception FID/KID/precision-recall")
     e.add_argument("--ref", help="reference: EDM-style .npz (mu, sigma; from 'diffdistill ref-stats' also features) "
                                  "or a folder / zip / image .npz")

@@ -1,10 +1,13 @@
 """Inception FID / KID / precision-recall the way papers report them, with the recipe attached to every number.
 
-Extractor: the ``inception-2015-12-05`` network as the TorchScript file that StyleGAN2-ADA/StyleGAN3/EDM and
-clean-fid load (``inception-2015-12-05.pt``; EDM's ``…/inception-2015-12-05.pkl`` is the same TorchScript archive),
-from a local path given by ``--inception PATH`` or ``$DIFFDISTILL_INCEPTION``; nothing is downloaded. It is called as
-EDM's ``fid.py`` calls it: ``net(images, return_features=True)`` on uint8 RGB images (greyscale tiled to 3 channels),
-which the TorchScript resizes to 299×299 itself, giving 2048-d pool features. Generated images are quantised exactly
+Extractor: the ``inception-2015-12-05`` network as the TorchScript file that StyleGAN2-ADA-pytorch and clean-fid load
+(``inception-2015-12-05.pt``), from a local path given by ``--inception PATH`` or ``$DIFFDISTILL_INCEPTION``; nothing
+is downloaded. (StyleGAN3/EDM fetch the network as a ``.pkl`` that ``fid.py`` opens with ``pickle.load``; a pickle
+can run code, so it is not accepted here.) It is called as EDM's ``fid.py`` calls its detector:
+``net(images, return_features=True)`` on uint8 RGB images (greyscale tiled to 3 channels), which the network resizes
+to 299×299 itself, giving 2048-d pool features. That is the convention of the numbers distillation papers quote
+(EDM's fid.py, StyleGAN2-ADA); clean-fid's default "clean" mode resizes with PIL outside the network and gives
+different numbers. Generated images are quantised exactly
 as EDM's ``generate.py`` writes PNGs: uint8(clip(127.5·x + 128, 0, 255)) (truncation), so scores match a
 PNG-folder evaluation bit for bit.
 
@@ -61,8 +64,8 @@ def resolve_inception_path(path=None) -> Path | None:
         return None
     p = Path(p).expanduser()
     if not p.is_file():
-        raise UserError(f"Inception weights not found: {p}; give the local inception-2015-12-05.pt (TorchScript, as "
-                        f"used by StyleGAN/EDM/clean-fid) with --inception PATH or ${ENV_VAR}")
+        raise UserError(f"Inception weights not found: {p}; give the local inception-2015-12-05.pt (the TorchScript "
+                        f"of StyleGAN2-ADA-pytorch / clean-fid) with --inception PATH or ${ENV_VAR}")
     return p
 
 
@@ -89,8 +92,10 @@ class TorchScriptExtractor:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
         except Exception as e:
-            raise UserError(f"{self.path} is not a TorchScript file ({type(e).__name__}); give the "
-                            f"inception-2015-12-05.pt used by StyleGAN/EDM/clean-fid") from None
+            hint = (" (a .pkl is a Python pickle, e.g. StyleGAN3/EDM's detector; pickles can run code and are not "
+                    "loaded)" if self.path.suffix == ".pkl" else "")
+            raise UserError(f"{self.path} is not a TorchScript file ({type(e).__name__}){hint}; give the TorchScript "
+                            f"inception-2015-12-05.pt of StyleGAN2-ADA-pytorch / clean-fid") from None
         self.sha256 = file_sha256(self.path)
         self.dim = None
 
@@ -111,7 +116,7 @@ class TorchScriptExtractor:
         return {"extractor": self.name, "extractor_file": self.path.name, "extractor_sha256": self.sha256,
                 "feature_dim": self.dim,
                 "input": "uint8 RGB from uint8(clip(127.5·x + 128, 0, 255)) (EDM PNG quantisation); grey tiled ×3",
-                "resize": "inside the TorchScript (bilinear to 299×299, StyleGAN/EDM convention)"}
+                "resize": "inside the network (to 299×299, as StyleGAN/EDM call it on uint8 images)"}
 
 
 # ------------------------------------------------------------------------------------------------ distributed
