@@ -249,8 +249,8 @@ class DMD2(ScoreDistillMethod):
             l_d = gan_critic_loss(logits[:len(real)], logits[len(real):])
             loss = loss + self.gan_critic_weight * l_d
             logs.update({"dmd2/d_gan": float(l_d.detach()),
-                         "dmd2/d_real_logit": float(logits[:len(real)].mean()),
-                         "dmd2/d_fake_logit": float(logits[len(real):].mean()),
+                         "dmd2/d_real_logit": float(logits[:len(real)].detach().mean()),
+                         "dmd2/d_fake_logit": float(logits[len(real):].detach().mean()),
                          "dmd2/d_real_acc": float((logits[:len(real)] > 0).float().mean()),
                          "dmd2/d_fake_acc": float((logits[len(real):] < 0).float().mean())})
         return loss, logs
