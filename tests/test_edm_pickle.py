@@ -338,3 +338,13 @@ def test_student_of_converted_teacher_exports_and_reloads(vp_snapshot, tmp_path)
     b, _, _ = generate(student, range(3), state["sampling"])
     assert torch.allclose(a, b, atol=1e-6) and a.shape == (3, 3, 8, 8)
     assert main(["sample", str(out), "--num-samples", "2", "--out", str(tmp_path / "s.npz")]) == 0
+
+
+def test_tensor_forms_from_other_torch_versions(tmp_path):
+    """Parameters, tensors with Python state (_rebuild_from_type_v2) and protocol-2 bytes all rebuild as tensors."""
+    t = torch.randn(3, 2)
+    t.note = "state"
+    for protocol in (2, 4):
+        (tmp_path / "t.pkl").write_bytes(pickle.dumps({"t": t, "p": torch.nn.Parameter(torch.ones(2))}, protocol=protocol))
+        out = read_edm_pickle(tmp_path / "t.pkl")
+        assert torch.equal(out["t"], t) and torch.equal(out["p"], torch.ones(2)) and type(out["p"]) is torch.Tensor

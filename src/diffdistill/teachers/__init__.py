@@ -12,7 +12,7 @@ def load_foreign_teacher(path, dropout: float | None = None) -> dict | None:
     if p.suffix == ".pkl":
         from .edm_pickle import load_edm_snapshot
         return load_edm_snapshot(p, dropout=dropout)
-    if p.is_dir():
+    if p.is_dir() and any((p / f).is_file() for f in ("config.json", "unet/config.json", "model_index.json")):
         from .diffusers_unet import load_diffusers_teacher
         return load_diffusers_teacher(p, dropout=dropout)
     return None

@@ -114,8 +114,16 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
     return data.detach()  # a plain tensor is all the weight loader needs; hooks and Python state are dropped
 
 
+class _TypeName(str):
+    """A non-callable stand-in for ``torch.Tensor`` / ``torch.nn.Parameter`` (only ever an argument of
+    ``_rebuild_from_type_v2``; handing out the real classes would let a stream call them)."""
+
+
+_TENSOR_TYPES = (_TypeName("torch.Tensor"), _TypeName("torch.nn.Parameter"))
+
+
 def _rebuild_from_type_v2(func, new_type, args, state):
-    if func not in (_rebuild_tensor_v2, _rebuild_parameter) or new_type not in (torch.Tensor, torch.nn.Parameter):
+    if func not in (_rebuild_tensor_v2, _rebuild_parameter) or new_type not in _TENSOR_TYPES:
         raise _Refused("torch._tensor._rebuild_from_type_v2 of something other than a tensor")
     return func(*args)
 
@@ -159,8 +167,8 @@ def _allowed() -> dict:
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
         ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
         ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-        ("torch", "Tensor"): torch.Tensor,
-        ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+        ("torch", "Tensor"): _TENSOR_TYPES[0],
+        ("torch.nn.parameter", "Parameter"): _TENSOR_TYPES[1],
         ("torch.storage", "_load_from_bytes"): _load_storage_bytes,
         ("numpy", "dtype"): _numpy_dtype,
         ("_codecs", "encode"): _codecs_encode,
