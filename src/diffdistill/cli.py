@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--method", required=True, choices=sorted(methods), metavar="NAME",
                    type=lambda name: name.replace("-", "_"),  # diff-instruct == diff_instruct
                    help="one of: " + ", ".join(sorted(methods)))
-    m.add_argument("--teacher", required=True, help="teacher checkpoint (.pt written by train-teacher)")
+    m.add_argument("--teacher", required=True, help="teacher: checkpoint (.pt), exported .safetensors, NVlabs/edm .pkl "
+                                                    "or diffusers UNet2DModel folder")
     m.add_argument("--student-steps", "--steps", dest="student_steps", type=int,
                    help="sampling steps of the student (default: the method's, usually 1)")
     m.add_argument("--iters", type=int, help="training iterations (default: the method's preset)")
