@@ -316,9 +316,10 @@ def _student_methods():
     return sorted(list_methods(role="student"))
 
 
-SMALL = {"dmd": ["method.num_pairs=64"], "pd": ["method.start_steps=4", "method.iters_per_halving=4"],
-         "cfd": ["method.start_steps=4", "method.iters_per_halving=4"],
-         "rdd": ["method.start_steps=4", "method.iters_per_halving=4"]}
+# PD-like methods: 8 → 4 → 2 → 1 in three halvings of 4 updates = the 12 steps, so the cut at 6 is mid-stage
+SMALL = {"dmd": ["method.num_pairs=64"], "pd": ["method.start_steps=8", "method.iters_per_halving=4"],
+         "cfd": ["method.start_steps=8", "method.iters_per_halving=4"],
+         "rdd": ["method.start_steps=8", "method.iters_per_halving=4"]}
 
 
 @pytest.mark.parametrize("method", _student_methods())

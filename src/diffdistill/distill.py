@@ -32,18 +32,13 @@ def distill_config(method: str, teacher_state: dict, flags=None, config_file=Non
     cfg = deep_update(cfg, flags or {})
     cfg = apply_overrides(cfg, overrides)
     cfg["method"]["name"] = method
-    # Methods whose length follows from their own schedule (PD: halvings × iterations per halving) define
-    # ``planned_steps``: it becomes run.steps unless run.steps was given (--iters, the config file or --set).
-    plan = getattr(cls, "planned_steps", None)
-    if plan is not None:
-        explicit = any("steps" in (c.get("run") or {}) for c in (file_cfg, flags or {})) or any(
-            str(o).split("=", 1)[0].strip() == "run.steps" for o in overrides or [])
-        planned = plan(cfg["method"])
-        if not explicit:
-            cfg["run"]["steps"] = planned
-        elif isinstance(cfg["run"]["steps"], int) and cfg["run"]["steps"] > planned:
-            raise UserError(f"method {method!r} runs {planned} iterations (its whole halving schedule); "
-                            f"--iters {cfg['run']['steps']} is more: raise --iters-per-halving instead")
+    # Methods whose length follows from a schedule of their own (PD: halvings × iterations per halving) define
+    # ``resolve_schedule(run, method, given)``; ``given`` holds the dotted keys set explicitly (file, flags, --set).
+    resolve_schedule = getattr(cls, "resolve_schedule", None)
+    if resolve_schedule is not None:
+        given = {f"{sec}.{k}" for c in (file_cfg, flags or {}) for sec in ("run", "method") for k in (c.get(sec) or {})}
+        given |= {str(o).split("=", 1)[0].strip() for o in overrides or []}
+        resolve_schedule(cfg["run"], cfg["method"], given)
     validate_run(cfg["run"])
     # Methods that keep files of their own in the run directory (e.g. DMD's teacher pairs) take ``run_dir``.
     if "run_dir" in inspect.signature(cls.__init__).parameters:
