@@ -324,14 +324,22 @@ SMALL = {"dmd": ["method.num_pairs=64"], "pd": ["method.start_steps=8", "method.
 
 @pytest.mark.parametrize("method", _student_methods())
 def test_every_method_resumes_exactly(method, teacher, tmp_path):
-    """12 steps straight == 6 steps, stop, --resume auto, 6 more: every net, optimizer, scheduler, the method's extra
-    state (EMA copies, stage counters, banks) and the RNG, bit for bit; the TTUR/halving schedules cross the cut."""
+    """12 steps straight == the same run stopped by SIGINT after step 6, then --resume auto: every net, optimizer,
+    scheduler, the method's extra state (EMA copies, stage counters, banks) and the RNG, bit for bit; the TTUR /
+    halving schedules cross the cut. (The same command both times: PD-like methods derive their schedule from the
+    run length.)"""
     from diffdistill.distill import distill
-    flags = lambda out, steps, **run: {"run": {"out": str(out), "steps": steps, "batch_size": 16,  # noqa: E731
-                                               "progress": False, "ckpt_every": 0, "sample_every": 0, **run}}
-    a = distill(method, teacher, flags=flags(tmp_path / "straight", 12), overrides=SMALL.get(method, []))
-    distill(method, teacher, flags=flags(tmp_path / "split", 6), overrides=SMALL.get(method, []))
-    b = distill(method, teacher, flags=flags(tmp_path / "split", 12, resume="auto"), overrides=SMALL.get(method, []))
+    flags = lambda out, **run: {"run": {"out": str(out), "steps": 12, "batch_size": 16,  # noqa: E731
+                                        "progress": False, "ckpt_every": 0, "sample_every": 0, **run}}
+
+    def interrupt_at_6(trainer):
+        if trainer.step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+    a = distill(method, teacher, flags=flags(tmp_path / "straight"), overrides=SMALL.get(method, []))
+    cut = distill(method, teacher, flags=flags(tmp_path / "split"), overrides=SMALL.get(method, []),
+                  on_step=interrupt_at_6)
+    assert cut.stopped_by_signal == signal.SIGINT and cut.step == 6
+    b = distill(method, teacher, flags=flags(tmp_path / "split", resume="auto"), overrides=SMALL.get(method, []))
     assert b.step == 12
     assert differences(_state(a), _state(b)) == []
     assert differences(final_state(tmp_path / "straight"), final_state(tmp_path / "split")) == []

@@ -116,7 +116,8 @@ def kill_and_resume(method: str, teacher: Path, out: Path, rng: random.Random, r
     from diffdistill.train.checkpoint import list_checkpoints
     argv = distill_argv(method, teacher, out, iters, ckpt_every)
     total = int(argv[argv.index("--iters") + 1])
-    target = rng.randint(ckpt_every + 1, max(ckpt_every + 1, (2 * total) // 3))
+    first = (2 if corrupt_newest else 1) * ckpt_every
+    target = rng.randint(first + 1, max(first + 1, (2 * total) // 3))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     err_file = Path(out).parent / f"{Path(out).name}.stderr"
     t0 = time.perf_counter()
@@ -127,7 +128,8 @@ def kill_and_resume(method: str, teacher: Path, out: Path, rng: random.Random, r
         try:
             while time.perf_counter() - t0 < timeout:
                 step = _last_logged_step(Path(out) / "log.jsonl")
-                if step >= target and list_checkpoints(Path(out) / "checkpoints"):
+                # with corrupt_newest an older checkpoint must exist too, for resume to fall back on
+                if step >= target and len(list_checkpoints(Path(out) / "checkpoints")) >= (2 if corrupt_newest else 1):
                     os.kill(proc.pid, signal.SIGKILL)
                     killed_at = step
                     break
