@@ -343,3 +343,104 @@ def test_every_method_resumes_exactly(method, teacher, tmp_path):
     assert b.step == 12
     assert differences(_state(a), _state(b)) == []
     assert differences(final_state(tmp_path / "straight"), final_state(tmp_path / "split")) == []
+
+
+KILL_DURING_SAVE = r"""
+import os, signal, sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from conftest import tiny_points_cfg
+from diffdistill.train.trainer import Trainer
+where, out = sys.argv[1], sys.argv[2]
+real_save, real_replace, saves = torch.save, os.replace, []
+
+def save(obj, f, *a, **k):  # the 2nd checkpoint: half written, then SIGKILL
+    saves.append(f)
+    real_save(obj, f, *a, **k)
+    if where == "save" and len(saves) == 2:
+        with open(f, "r+b") as fh:
+            fh.truncate(100)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def replace(src, dst):      # the 2nd checkpoint: complete and with its manifest, SIGKILL before the rename
+    if where == "rename" and str(dst).endswith("ckpt-00000020.pt"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst)
+
+torch.save, os.replace = save, replace
+Trainer(tiny_points_cfg(out, steps=30, ckpt_every=10)).run()
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["save", "rename"])
+def test_sigkill_inside_a_checkpoint_write(where, tmp_path):
+    """SIGKILL while the 2nd checkpoint is being written (mid torch.save, or after its manifest but before the
+    rename): the 1st checkpoint stays the newest valid one, resume continues exactly, the leftovers are removed."""
+    script = tmp_path / "kill_during_save.py"
+    script.write_text(KILL_DURING_SAVE.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(script), where, str(out)], capture_output=True, text=True, timeout=110,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    ckpt_dir = out / "checkpoints"
+    left = sorted(p.name for p in ckpt_dir.iterdir())
+    assert "ckpt-00000010.pt" in left and "ckpt-00000020.pt" not in left, left
+    assert any(n.startswith(".ckpt-00000020.pt.") and n.endswith(".tmp") for n in left), left
+    assert ("ckpt-00000020.pt.json" in left) == (where == "rename"), left
+    resumed = Trainer(tiny_points_cfg(out, steps=30, ckpt_every=10, resume="auto"))
+    resumed.run()
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [
+        f"ckpt-000000{s}.pt{x}" for s in (10, 20, 30) for x in ("", ".json")]
+    straight = Trainer(tiny_points_cfg(tmp_path / "straight", steps=30))
+    straight.run()
+    assert differences(_state(straight), _state(resumed)) == []
+
+
+TWO_RANKS = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from conftest import tiny_points_cfg
+from diffdistill.train.trainer import Trainer
+from diffdistill.train import distributed as dist
+out, steps, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+tr = Trainer(tiny_points_cfg(out, steps=steps, resume=None if resume == "none" else resume))
+tr.run()
+torch.save({{"net": tr.method.nets["net"].state_dict(), "gen": tr.gen.get_state(), "torch": torch.get_rng_state()}},
+           f"{{out}}/final-rank{{dist.rank()}}.pt")
+dist.destroy()
+"""
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_rank_resume_restores_each_ranks_rng(tmp_path):
+    """torchrun, 2 ranks: 8 steps straight == 4 steps + --resume auto + 4 steps on every rank (each rank gets its
+    own RNG state back from the checkpoint, not rank 0's)."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS.format(tests=str(Path(__file__).parent)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def launch(out, steps, resume="none"):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                            f"--master_port={_free_port()}", str(script), str(out), str(steps), resume],
+                           capture_output=True, text=True, env=env, timeout=250)
+        assert r.returncode == 0, r.stderr[-3000:]
+    launch(tmp_path / "straight", 8)
+    launch(tmp_path / "split", 4)
+    state = load_checkpoint(list_checkpoints(tmp_path / "split" / "checkpoints")[-1])
+    assert len(state["rng_ranks"]) == 2
+    assert not torch.equal(state["rng_ranks"][0]["method"], state["rng_ranks"][1]["method"])
+    launch(tmp_path / "split", 8, "auto")
+    for rank in (0, 1):
+        a = torch.load(tmp_path / "straight" / f"final-rank{rank}.pt")
+        b = torch.load(tmp_path / "split" / f"final-rank{rank}.pt")
+        assert differences(a, b) == [], rank
