@@ -31,6 +31,9 @@ RUN_DEFAULTS = {
     "progress": True,
     "resume": None,             # None, 'auto' or a checkpoint path
     "max_minutes": None,        # wall-clock budget of the training loop (evaluation excluded); None = steps only
+    "precision": "fp32",        # 'fp32' or 'bf16' (autocast around the losses; weights and optimizer stay fp32)
+    "compile": False,           # torch.compile every trained network and the teacher (in place; same weights)
+    "channels_last": False,     # NHWC memory format for image networks (faster convolutions on GPUs)
     "num_sample_grid": 64,
 }
 
@@ -130,6 +133,11 @@ def validate_run(run: dict) -> None:
     mm = run.get("max_minutes")
     if mm is not None and (isinstance(mm, bool) or not isinstance(mm, (int, float)) or mm <= 0):
         raise UserError(f"run.max_minutes must be a positive number of minutes, got {mm!r}")
+    if run.get("precision", "fp32") not in ("fp32", "bf16"):
+        raise UserError(f"run.precision must be 'fp32' or 'bf16', got {run.get('precision')!r}")
+    for key in ("compile", "channels_last"):
+        if not isinstance(run.get(key, False), bool):
+            raise UserError(f"run.{key} must be true or false, got {run.get(key)!r}")
     if run.get("nan_policy") not in ("stop", "skip"):
         raise UserError(f"run.nan_policy must be 'stop' or 'skip', got {run.get('nan_policy')!r}")
     for key in ("ckpt_every", "log_every", "sample_every", "keep_ckpts"):

@@ -154,6 +154,7 @@ class Trainer:
         self.method = method_cls(ctx, **method_cfg)
         for net in self.method.nets.values():
             dist.broadcast_module(net)
+        self._prepare_networks(teacher)
         self.supplements = list(supplements)
         self.step = 0
         self.nimg = 0
@@ -287,9 +288,32 @@ class Trainer:
                               f"{self.last_good_checkpoint()}. Lower the learning rate (or set run.grad_clip) and "
                               f"resume from it, or use --set run.nan_policy=skip")
 
+    def _prepare_networks(self, teacher) -> None:
+        """GPU-throughput options, applied to every trained network and the teacher: NHWC memory format and
+        torch.compile (in place: parameter names, and so checkpoints, are unchanged)."""
+        run = self.cfg["run"]
+        nets = list(self.method.nets.values()) + ([teacher] if teacher is not None else [])
+        if run.get("channels_last"):
+            for net in nets:
+                if any(p.ndim == 4 for p in net.parameters()):  # convolutional: image networks only
+                    net.to(memory_format=torch.channels_last)
+        if run.get("compile"):
+            for net in nets:
+                net.compile()
+
+    def _autocast(self):
+        """bf16 autocast around the forward passes and losses (no loss scaling needed for bf16)."""
+        on = self.cfg["run"].get("precision", "fp32") == "bf16"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=on)
+
     def phase_loss(self, phase: str, batch, step: int):
         """(loss, logs) of one phase: the method's loss plus every supplement that applies to the phase (each gets
         the method's own loss as ``base_loss``, e.g. to balance gradient norms)."""
+        with self._autocast():
+            loss, extra = self._phase_loss(phase, batch, step)
+        return loss.float(), extra
+
+    def _phase_loss(self, phase: str, batch, step: int):
         loss, extra = self.method.loss(phase, batch, step)
         base_loss = loss
         for sup in self.supplements:
