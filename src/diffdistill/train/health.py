@@ -86,11 +86,18 @@ def is_out_of_memory(e: BaseException) -> bool:
         or "cannot allocate memory" in msg)
 
 
-MEMORY_KNOBS = ("lower --batch-size (it is per process; run more processes with torchrun, or set "
-                "run.global_batch_size, to keep the global batch) or use a smaller network (--set net.kwargs...); "
-                "'--dry-run' prints the networks and a peak-memory estimate for a batch")
+def memory_knobs() -> str:
+    """The options that lower memory, as they exist in this version (bf16 only once ``run.precision`` exists)."""
+    from ..config import RUN_DEFAULTS
+    knobs = ["lower --batch-size (it is per process; run more processes with torchrun, or set "
+             "run.global_batch_size, to keep the global batch)"]
+    if "precision" in RUN_DEFAULTS:
+        knobs.append("use bf16 autocast (--set run.precision=bf16)")
+    knobs.append("use a smaller network (--set net.kwargs...); '--dry-run' prints the networks and a peak-memory "
+                 "estimate for a batch")
+    return ", ".join(knobs[:-1]) + " or " + knobs[-1]
 
 
 def out_of_memory_message(e: BaseException, where: str = "") -> str:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-    return f"out of memory{(' ' + where) if where else ''} ({first}): {MEMORY_KNOBS}"
+    return f"out of memory{(' ' + where) if where else ''} ({first}): {memory_knobs()}"
