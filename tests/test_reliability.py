@@ -239,6 +239,10 @@ def test_dry_run_lists_every_network_and_writes_nothing(teacher, tmp_path, monke
             if line and line.split()[0] in ("generator", "fake_score", "teacher", "ema.net")}
     assert rows == {k: f"{n:,d}" for k in ("generator", "fake_score", "teacher", "ema.net")}, out
     assert "frozen" in out and "peak ≈" in out and "at batch 64" in out
+    rc, out_el, err = run_in_process(["distill", "--method", "sid", "--teacher", str(teacher), "--dry-run",
+                                      "--el-weight", "1"])  # the supplement's random feature nets appear too
+    count = lambda text: int(text.split("total (distinct)")[1].split()[0].replace(",", ""))  # noqa: E731
+    assert rc == 0 and count(out_el) > count(out) == 4 * n, err
     rc, out, err = run_in_process(["distill", "--method", "dmd2", "--teacher", str(teacher), "--dry-run",
                                    "--set", "method.gan_weight=0.003"])
     assert rc == 0 and "gan_head" in out and "optimizer critic" in out, err

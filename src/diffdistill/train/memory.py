@@ -87,8 +87,11 @@ def find_networks(method, supplements=(), extra_roots=None):
             for p in g["params"]:
                 trained.setdefault(id(p), set()).add(phase)
     infos, owner = [], {}
+    used = set()
     for name, m in modules.values():
-        name = name[4:] if name.startswith("ctx.") else name
+        if name.startswith("ctx.") and name[4:] not in used:  # the context's teacher is "teacher" unless taken
+            name = name[4:]
+        used.add(name)
         params = list(m.parameters())
         pids = {id(p) for p in params}
         shared = None
@@ -103,7 +106,8 @@ def find_networks(method, supplements=(), extra_roots=None):
         infos.append(NetInfo(name, m, sum(p.numel() for p in params), nbytes, dtypes, phases, shared))
     module_ptrs = {t.untyped_storage().data_ptr() for _, m in modules.values()
                    for t in list(m.parameters()) + list(m.buffers())}
-    loose = [(n, t) for n, t in tensors.values() if t.numel() and t.untyped_storage().data_ptr() not in module_ptrs]
+    loose = [(n, t) for n, t in tensors.values()  # (tensors with a grad_fn are a step's leftovers, not state)
+             if t.numel() and t.grad_fn is None and t.untyped_storage().data_ptr() not in module_ptrs]
     return infos, loose
 
 
@@ -151,8 +155,24 @@ def _saved_activation_bytes(trainer, phase: str, step: int, batch_size: int, exc
     return sum(saved.values())
 
 
+def _phase_steps(method) -> dict:
+    """phase → a step where it runs, preferably as the step's first phase."""
+    first_step = {}
+    for s in range(16):
+        for i, ph in enumerate(method.phases(s)):
+            if ph not in first_step or (i == 0 and method.phases(first_step[ph])[0] != ph):
+                first_step[ph] = s
+    return first_step
+
+
 def estimate_memory(trainer, probe=(2, 4)) -> dict:
     method = trainer.method
+    rng = (method.ctx.generator.get_state(), torch.get_rng_state())
+    for ph, s in _phase_steps(method).items():  # one small forward first: supplements build their nets lazily
+        try:
+            _saved_activation_bytes(trainer, ph, s, probe[0], set())
+        except Exception:  # reported by the measurement below
+            pass
     infos, loose = find_networks(method, trainer.supplements,
                                  {"data": [t for t in (trainer.data_x, trainer.data_y) if t is not None]})
     unique, weights = set(), 0
@@ -165,16 +185,11 @@ def estimate_memory(trainer, probe=(2, 4)) -> dict:
     opt_state = sum(_optimizer_slots(opt) * p.numel() * p.element_size()
                     for opt in method.optimizers.values() for g in opt.param_groups for p in g["params"])
     grads = {ph: sum(p.numel() * p.element_size() for p in method.trainable_params(ph)) for ph in method.optimizers}
-    first_step = {}  # a step where the phase runs, preferably as the step's first phase
-    for s in range(16):
-        for i, ph in enumerate(method.phases(s)):
-            if ph not in first_step or (i == 0 and method.phases(first_step[ph])[0] != ph):
-                first_step[ph] = s
+    first_step = _phase_steps(method)
     exclude = {t.untyped_storage().data_ptr() for info in infos
                for t in list(info.module.parameters()) + list(info.module.buffers())}
     B = trainer.cfg["run"]["batch_size"]
     acts, errors = {}, {}
-    rng = (method.ctx.generator.get_state(), torch.get_rng_state())
     for ph, s in first_step.items():
         try:
             a, b = (_saved_activation_bytes(trainer, ph, s, n, exclude) for n in probe)
