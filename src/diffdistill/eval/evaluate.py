@@ -80,10 +80,13 @@ def sampling_spec_for(state: dict, steps: int | None = None, sampler: str | None
     if steps is not None and steps <= 0:
         raise UserError(f"--steps must be positive, got {steps}")
     if "sigmas" in spec:  # students carry their σ list; samplers with a step schedule redraw it for --steps k
-        if steps is not None and steps != len(spec["sigmas"]):
+        # multistep/consistency lists hold one σ per step; a DDIM/Euler grid (PD students) also holds its end point
+        trained = (len([v for v in spec["sigmas"] if v > 0]) if spec["sampler"] in ("multistep", "consistency")
+                   else len(spec["sigmas"]) - 1)
+        if steps is not None and steps != trained:
             schedule = STEP_SCHEDULES.get(spec["sampler"])
             if schedule is None:
-                raise UserError(f"this student was trained for {len(spec['sigmas'])} step(s); got --steps {steps}")
+                raise UserError(f"this student was trained for {trained} step(s); got --steps {steps}")
             net_cfg = state.get("net_config") or {}
             spec["sigmas"] = schedule(steps, net_cfg.get("sigma_min", 0.002), net_cfg.get("sigma_max", 80.0))
         return spec

@@ -143,6 +143,7 @@ class ScoreDistillMethod(Method):
     copies of the teacher), the sample shape, labels and noise drawn from the trainer's generator."""
 
     role = "student"
+    generator_phase = "generator"
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
@@ -156,10 +157,15 @@ class ScoreDistillMethod(Method):
         self.shape = tuple(self.teacher.sample_shape)
         self.label_dim = int(getattr(self.teacher, "label_dim", 0) or 0)
         self.grid = dmd_sigma_grid(self.teacher.sigma_min, self.teacher.sigma_max)
-        # Exposed for supplements (e.g. the embedding loss): the generator phase's samples, with grad.
-        self.generator_phase = "generator"
+        # The generator phase's samples, with grad (set by each method's generator loss; see ``generated_batch``).
         self.generated = None
         self.generated_labels = None
+
+    def generated_batch(self, batch, step):
+        """The samples (and labels) of this step's generator phase, as its loss computed them (with grad)."""
+        if self.generated is None:
+            raise RuntimeError(f"{self.name}: generated_batch() is only valid after the generator phase's loss")
+        return self.generated, self.generated_labels
 
     # draws (all from the trainer's checkpointed generator, moved to the device afterwards)
     def randn(self, n: int) -> torch.Tensor:

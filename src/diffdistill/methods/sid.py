@@ -138,6 +138,10 @@ class SiD(EMAGenerator, ScoreDistillMethod):
     # are kept; lr 1e-4–3e-4, batch 128–256 (points: 512, see below), EMA half-life ≈ 5–10 % of the images seen,
     # dropout/augment off.
     presets: ClassVar[dict] = {
+        # The official CIFAR-10 settings: batch 256, Adam 1e-5 β (0, 0.999), α 1.2, σ_init 2.5, EMA half-life 500 kimg.
+        "official": {"run": {"batch_size": 256},
+                     "method": {"lr": 1e-5, "betas": [0.0, 0.999], "alpha": 1.2, "sigma_init": 2.5,
+                                "ema_halflife_kimg": 500.0}},
         # 8×8 digits (SongUNet teacher): 800 × 128 = 102 k images, half-life 6 kimg (≈ 6 %); 0.6–0.8 s per
         # iteration on one CPU thread (≈ 10 min). With the shipped teacher: proxy-FID 7.8 (2000 samples; n297 19.1,
         # real-data floor 29.4); the teacher is at 4.1 (n297 17.1) with 35 NFE, the step-0 student at 483.
@@ -192,11 +196,12 @@ class SiD(EMAGenerator, ScoreDistillMethod):
         return ["critic", "generator"]
 
     # ---------------------------------------------------------------- pieces
-    def generate(self, with_grad: bool):
-        """(x_g, labels): a fresh batch x_g = G(σ_init·z; σ_init) with random one-hot labels when conditional.
-        Without grad G runs in eval mode (as the official fake-score step does), with grad in train mode."""
+    def generate(self, with_grad: bool, batch=None):
+        """(x_g, labels): a fresh batch x_g = G(σ_init·z; σ_init) with random one-hot labels when conditional (the
+        real batch's labels when a supplement made the trainer load data). Without grad G runs in eval mode (as the
+        official fake-score step does), with grad in train mode."""
         n = self.ctx.batch_size
-        labels = self.labels_for(None, n)
+        labels = self.labels_for(batch, n)
         z = self.randn(n)
         self.G.train(with_grad)
         with torch.set_grad_enabled(with_grad):
@@ -236,7 +241,7 @@ class SiD(EMAGenerator, ScoreDistillMethod):
             l_fake = sid_fake_score_loss(self.fake, x, sigma, self.randn_like(x), labels)
             return l_fake, {"sid/fake_score": float(l_fake.detach())}
         if phase == "generator":
-            x, labels = self.generate(with_grad=True)
+            x, labels = self.generate(with_grad=True, batch=batch)
             self.generated, self.generated_labels = x, labels
             sigma = self.sample_sigma(len(x))
             x_t = x + self.bview(sigma, x) * self.randn_like(x)

@@ -1,0 +1,322 @@
+"""EL — Embedding Loss (Ying, Chen, Li, Xu & Xiao, "Efficient Diffusion Distillation via Embedding Loss", arXiv
+2604.22379, 2026), a supplement that composes with every method that trains a generator from noise.
+
+**What is from the paper** (its abstract; no further details or code are public): EL is a Maximum Mean Discrepancy
+between generator samples and *real data*, computed in the feature embeddings of *a diverse set of randomly
+initialised networks*, added to the loss of an existing distillation method (DMD, Diff-Instruct, consistency
+models); the paper reports CIFAR-10 FID 1.475 (unconditional) / 1.380 (conditional) and up to 80 % fewer iterations.
+
+**What is this project's proposal** (formula sheet shared/design/sid_el_cd.md §3; every choice is an option):
+
+    L_G = L_base + λ_EL · (1/|S|)·Σ_{(k,l)∈S} MMD²_u(φ_{k,l}(x_g), φ_{k,l}(x_r)),
+
+* φ_{k,l}: layer l of random network k; K = 4 frozen networks seeded once (``seed``), no BatchNorm, activations
+  ReLU / LeakyReLU(0.2) / GELU / tanh (points: ReLU / tanh / sin / LeakyReLU), Kaiming (or orthogonal) weights.
+  Images: blocks of [conv3×3 → activation → avg-pool 2] (2 blocks of width 64 for 8×8 images, 3 blocks of widths
+  64/128/128 from 16 px up), features = the global average pool of every block's output. Points: MLPs 2→64→64,
+  features = both hidden layers. Option ``resample_every`` R redraws the networks every R steps (DM style).
+* MMD²_u is the unbiased estimator (``unbiased=False``: the biased one) with the 5-bandwidth RBF mixture
+  k(a, b) = Σ_{s∈{¼,½,1,2,4}} exp(−‖a − b‖²/(2·s·h)), h = sg(median pairwise squared distance of the pooled
+  real ∪ generated features of that layer); kernels 'linear' (aᵀb) and 'poly' ((aᵀb/d + 1)³) are options.
+* Real features are computed without grad; the real batch is the trainer's batch (m = n); conditional generators
+  get the real batch's labels. x_g is the generator phase's sample (CD: an extra one-step sample f_θ(T·z, T)).
+* EL runs only in the method's ``generator_phase``. **It makes data-free methods (SiD, DMD, Diff-Instruct) read
+  real data**: the trainer then builds a data loader (``needs_data``).
+* Weight: ``mode='fixed'`` uses λ_EL = ``weight``; ``mode='relative'`` uses λ_eff = weight·‖∇L_base‖/‖∇L_EL‖ (so
+  the EL gradient is ``weight`` times the base gradient in norm), refreshed every ``ratio_every`` steps. The
+  gradient-norm ratio ‖∇λL_EL‖/‖∇L_base‖ is logged as ``el/grad_ratio`` in both modes. Deviation from the sheet,
+  which measures the ratio on x_g: it is measured on the generator's parameters, where it is defined for every
+  method (CD's base loss does not pass through its one-step sample x_g).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..train import distributed as dist
+
+SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
+IMAGE_ACTIVATIONS = ("relu", "leaky_relu", "gelu", "tanh")
+POINT_ACTIVATIONS = ("relu", "tanh", "sin", "leaky_relu")
+KERNELS = ("rbf", "linear", "poly")
+MODES = ("fixed", "relative")
+
+
+# ------------------------------------------------------------------------------------------------ MMD
+def pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """‖a_i − b_j‖² for a [n, d] and b [m, d] (the Gram expansion, clamped at 0), shape [n, m]."""
+    d = a.square().sum(1, keepdim=True) + b.square().sum(1)[None, :] - 2 * a @ b.T
+    return d.clamp_min(0)
+
+
+def kernel_matrix(z: torch.Tensor, kernel: str = "rbf", scales=SCALES, bandwidth: float | None = None) -> torch.Tensor:
+    """k(z_i, z_j) for all pairs of the pooled set z [N, d]:
+
+    * 'rbf': Σ_s exp(−‖a − b‖²/(2·s·h)) with h = ``bandwidth`` or sg(median of the off-diagonal squared distances)
+      (the diagonal is set to exactly Σ_s 1);
+    * 'linear': aᵀb;  * 'poly': (aᵀb/d + 1)³ (KID's kernel)."""
+    if kernel == "linear":
+        return z @ z.T
+    if kernel == "poly":
+        return (z @ z.T / z.shape[1] + 1) ** 3
+    if kernel != "rbf":
+        raise UserError(f"unknown EL kernel {kernel!r}; choose one of: {', '.join(KERNELS)}")
+    n = z.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool, device=z.device)
+    d2 = pairwise_sq_dists(z, z).masked_fill(~off, 0.0)
+    if bandwidth is None:
+        h = d2.detach()[off].median().clamp_min(1e-12) if n > 1 else torch.ones((), device=z.device)
+    else:
+        h = torch.as_tensor(float(bandwidth), device=z.device)
+    return sum(torch.exp(-d2 / (2 * s * h)) for s in scales)
+
+
+def mmd2(x: torch.Tensor, y: torch.Tensor, kernel: str = "rbf", scales=SCALES, unbiased: bool = True,
+         bandwidth: float | None = None) -> torch.Tensor:
+    """Squared MMD between samples x [n, d] and y [m, d] (Gretton et al. 2012):
+
+        unbiased: Σ_{i≠i'} k(x_i, x_i')/(n(n−1)) + Σ_{j≠j'} k(y_j, y_j')/(m(m−1)) − 2·Σ_{i,j} k(x_i, y_j)/(nm)
+        biased:   the same with the diagonals kept and divided by n², m², nm.
+
+    The unbiased value can be negative (it is ≈ 0 on average for samples of one distribution). The kernel's
+    bandwidth comes from the pooled x ∪ y."""
+    n, m = x.shape[0], y.shape[0]
+    K = kernel_matrix(torch.cat([x, y]), kernel, scales, bandwidth)
+    kxx, kyy, kxy = K[:n, :n], K[n:, n:], K[:n, n:]
+    if unbiased:
+        if n < 2 or m < 2:
+            raise UserError("the unbiased MMD estimator needs at least 2 samples per set")
+        xx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+        yy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    else:
+        xx, yy = kxx.mean(), kyy.mean()
+    return xx + yy - 2 * kxy.mean()
+
+
+# ------------------------------------------------------------------------------------------------ random nets
+class Sin(nn.Module):
+    def forward(self, x):
+        return torch.sin(x)
+
+
+_ACT = {"relu": (nn.ReLU, "relu", 0.0), "leaky_relu": (lambda: nn.LeakyReLU(0.2), "leaky_relu", 0.2),
+        "gelu": (nn.GELU, "relu", 0.0), "tanh": (nn.Tanh, "tanh", 0.0), "sin": (Sin, "linear", 0.0)}
+
+
+def _init_layer(layer: nn.Module, activation: str, init: str, generator: torch.Generator) -> None:
+    """Kaiming-normal (fan-in, the activation's gain) or orthogonal weights; biases U(±1/√fan_in) (PyTorch's
+    default range). All draws come from ``generator``, never from the global RNG."""
+    _, nonlin, slope = _ACT[activation]
+    w = layer.weight
+    fan_in = w[0].numel()
+    if init == "kaiming":
+        nn.init.kaiming_normal_(w, a=slope, mode="fan_in", nonlinearity=nonlin, generator=generator)
+    elif init == "orthogonal":
+        nn.init.orthogonal_(w, gain=nn.init.calculate_gain(nonlin, slope if nonlin == "leaky_relu" else None),
+                            generator=generator)
+    else:
+        raise UserError(f"unknown EL init {init!r}; choose 'kaiming' or 'orthogonal'")
+    nn.init.uniform_(layer.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in), generator=generator)
+
+
+class RandomConvNet(nn.Module):
+    """[conv3×3 → activation → avg-pool 2] blocks, no normalisation; returns the global-average-pooled output of
+    every block, a list of [B, width_l]."""
+
+    def __init__(self, in_channels: int, widths, activation: str, init: str, generator: torch.Generator):
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        c = in_channels
+        for w in widths:
+            conv = nn.Conv2d(c, int(w), 3, padding=1)
+            _init_layer(conv, activation, init, generator)
+            self.blocks.append(nn.Sequential(conv, _ACT[activation][0](), nn.AvgPool2d(2)))
+            c = int(w)
+
+    def forward(self, x):
+        feats = []
+        for block in self.blocks:
+            x = block(x)
+            feats.append(x.mean(dim=(2, 3)))
+        return feats
+
+
+class RandomMLP(nn.Module):
+    """Linear → activation layers, no normalisation; returns every hidden layer, a list of [B, width_l]."""
+
+    def __init__(self, in_features: int, widths, activation: str, init: str, generator: torch.Generator):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        c = in_features
+        for w in widths:
+            fc = nn.Linear(c, int(w))
+            _init_layer(fc, activation, init, generator)
+            self.layers.append(nn.Sequential(fc, _ACT[activation][0]()))
+            c = int(w)
+
+    def forward(self, x):
+        feats = []
+        for layer in self.layers:
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+
+def default_widths(sample_shape: tuple) -> list[int]:
+    """Images: 2 blocks of 64 below 16 px (8×8: 8 → 4 → 2), else 64/128/128; points: 64, 64."""
+    if len(sample_shape) == 3:
+        return [64, 64] if sample_shape[-1] < 16 else [64, 128, 128]
+    return [64, 64]
+
+
+def build_feature_nets(sample_shape: tuple, count: int = 4, seed: int = 0, widths=None, activations=None,
+                       init: str = "kaiming") -> list[nn.Module]:
+    """``count`` frozen random feature networks for samples of ``sample_shape`` ((C, H, W): ConvNets, (d,): MLPs).
+    Network k uses activation k mod len(activations) and a generator seeded with (seed, k), so the set is a pure
+    function of its arguments. Returned in eval mode with requires_grad off."""
+    if int(count) < 1:
+        raise UserError(f"EL needs at least one feature network (el.count), got {count}")
+    images = len(sample_shape) == 3
+    widths = list(widths) if widths is not None else default_widths(sample_shape)
+    acts = list(activations) if activations is not None else list(IMAGE_ACTIVATIONS if images else POINT_ACTIVATIONS)
+    bad = [a for a in acts if a not in _ACT]
+    if bad or not acts:
+        raise UserError(f"unknown EL activation(s) {bad}; choose from: {', '.join(_ACT)}")
+    if images and sample_shape[-1] < 2 ** len(widths):
+        raise UserError(f"{len(widths)} pooling blocks need images of at least {2 ** len(widths)} px; "
+                        f"set el.widths to a shorter list")
+    nets = []
+    for k in range(int(count)):
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + k)
+        act = acts[k % len(acts)]
+        net = (RandomConvNet(sample_shape[0], widths, act, init, g) if images
+               else RandomMLP(int(sample_shape[0]), widths, act, init, g))
+        nets.append(net.eval().requires_grad_(False))
+    return nets
+
+
+def embed(nets, x: torch.Tensor) -> list[torch.Tensor]:
+    """All feature maps φ_{k,l}(x), flattened into one list over (network, layer)."""
+    return [f for net in nets for f in net(x)]
+
+
+def embedding_mmd(nets, x_fake: torch.Tensor, x_real: torch.Tensor, kernel: str = "rbf", scales=SCALES,
+                  unbiased: bool = True) -> torch.Tensor:
+    """EL's distance: the mean over (network k, layer l) of MMD²(φ_{k,l}(x_fake), φ_{k,l}(x_real)); the real
+    features carry no graph, the generated ones keep it."""
+    with torch.no_grad():
+        real = embed(nets, x_real)
+    fake = embed(nets, x_fake)
+    return torch.stack([mmd2(f, r, kernel, scales, unbiased) for f, r in zip(fake, real)]).mean()
+
+
+# ------------------------------------------------------------------------------------------------ supplement
+class EmbeddingLoss:
+    """The EL supplement for the trainer's ``supplements`` hook: ``applies_to(method, phase)`` is true in the
+    method's generator phase (when the weight is not 0), ``loss(method, batch, step, base_loss)`` returns
+    (λ·L_EL, logs). Needs real data (``needs_data``). Its state (the relative-mode scale) is checkpointed."""
+
+    name = "el"
+    needs_data = True
+
+    def __init__(self, weight: float = 1.0, mode: str = "fixed", count: int = 4, seed: int = 0, widths=None,
+                 activations=None, init: str = "kaiming", kernel: str = "rbf", scales=SCALES, unbiased: bool = True,
+                 resample_every: int = 0, ratio_every: int = 100):
+        self.weight = float(weight)
+        if self.weight < 0:
+            raise UserError(f"--el-weight must be >= 0, got {weight}")
+        if mode not in MODES:
+            raise UserError(f"el.mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if kernel not in KERNELS:
+            raise UserError(f"unknown EL kernel {kernel!r}; choose one of: {', '.join(KERNELS)}")
+        self.mode, self.count, self.seed = mode, int(count), int(seed)
+        self.widths = None if widths is None else [int(w) for w in widths]
+        self.activations = None if activations is None else list(activations)
+        self.init, self.kernel, self.scales, self.unbiased = init, kernel, tuple(float(s) for s in scales), bool(unbiased)
+        self.resample_every, self.ratio_every = int(resample_every or 0), int(ratio_every or 0)
+        self._nets, self._nets_key = None, None
+        self.scale = None           # relative mode: λ_eff / weight = ‖∇L_base‖/‖∇L_EL‖ at the last refresh
+        self.last_refresh = None
+        self.last_ratio = None
+
+    # -------------------------------------------------------------------------------------------- pieces
+    def feature_nets(self, sample_shape: tuple, step: int = 0, device="cpu") -> list[nn.Module]:
+        """The random networks in use at ``step`` (a pure function of seed, shape and, with ``resample_every``,
+        the step), cached."""
+        epoch = step // self.resample_every if self.resample_every else 0
+        key = (tuple(sample_shape), epoch, str(device))
+        if self._nets_key != key:
+            self._nets = [n.to(device) for n in build_feature_nets(
+                tuple(sample_shape), self.count, self.seed * 7919 + epoch, self.widths, self.activations, self.init)]
+            self._nets_key = key
+        return self._nets
+
+    def applies_to(self, method, phase) -> bool:
+        return self.weight != 0 and phase is not None and phase == getattr(method, "generator_phase", None)
+
+    def _grad_norm(self, loss, params) -> float:
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        sq = sum(float(g.detach().double().square().sum()) for g in grads if g is not None)
+        return dist.all_reduce_mean(math.sqrt(sq))
+
+    def loss(self, method, batch, step, base_loss=None):
+        if batch is None:
+            raise UserError("the embedding loss compares with real data, but the trainer has none: give --data")
+        x_g, _ = method.generated_batch(batch, step)
+        x_r = batch[0][: len(x_g)].to(x_g.device)
+        nets = self.feature_nets(tuple(x_g.shape[1:]), step, x_g.device)
+        l_el = embedding_mmd(nets, x_g, x_r, self.kernel, self.scales, self.unbiased)
+        logs = {"el/mmd2": float(l_el.detach())}
+        due = self.ratio_every and (self.last_refresh is None or step - self.last_refresh >= self.ratio_every)
+        if self.mode == "relative" and self.scale is None:
+            due = True
+        if due and base_loss is not None and base_loss.requires_grad:
+            params = [p for p in method.trainable_params(method.generator_phase) if p.requires_grad]
+            g_el, g_base = self._grad_norm(l_el, params), self._grad_norm(base_loss, params)
+            if g_el > 0 and g_base > 0 and math.isfinite(g_el) and math.isfinite(g_base):
+                self.last_ratio = g_el / g_base
+                if self.mode == "relative":
+                    self.scale = 1.0 / self.last_ratio
+            self.last_refresh = step
+        lam = self.weight * (self.scale if self.mode == "relative" and self.scale is not None else 1.0)
+        logs["el/weight"] = lam
+        if self.last_ratio is not None:
+            logs["el/grad_ratio"] = lam * self.last_ratio   # ‖∇ λ·L_EL‖ / ‖∇ L_base‖ at the last measurement
+        return lam * l_el, logs
+
+    # -------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "last_refresh": self.last_refresh, "last_ratio": self.last_ratio}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.last_refresh = state.get("scale"), state.get("last_refresh")
+        self.last_ratio = state.get("last_ratio")
+
+
+# ------------------------------------------------------------------------------------------------ wiring
+def methods_taking_el() -> list[str]:
+    """Registered methods that train a generator from noise (the ones EL can attach to)."""
+    from .registry import METHODS, _load_all
+    _load_all()
+    return sorted(k for k, v in METHODS.items() if getattr(v, "generator_phase", None))
+
+
+def embedding_loss_from_config(el_cfg: dict | None, method_cls) -> list[EmbeddingLoss]:
+    """[EmbeddingLoss] from a config's ``el`` section (``weight`` plus any constructor option), or [] when it is
+    absent or its weight is 0; a method without a generator phase is refused, naming the ones that take EL."""
+    el_cfg = dict(el_cfg or {})
+    if not el_cfg or float(el_cfg.get("weight", 0) or 0) == 0:
+        return []
+    if not getattr(method_cls, "generator_phase", None):
+        raise UserError(f"--el-weight: method {method_cls.name!r} trains no generator from noise, so the embedding "
+                        f"loss cannot attach to it; it works with: {', '.join(methods_taking_el())}")
+    valid = [k for k in inspect.signature(EmbeddingLoss.__init__).parameters if k != "self"]
+    unknown = [k for k in el_cfg if k not in valid]
+    if unknown:
+        raise UserError(f"the embedding loss has no option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return [EmbeddingLoss(**el_cfg)]
