@@ -214,6 +214,7 @@ def test_halving_bookkeeping():
         seen.append((m.stage, m.teacher_steps, m.student_steps))
         spec = m.sampling_spec()
         assert spec["sampler"] == "ddim" and spec["sigmas"] == pd_student_sigmas(m.student_steps)
+        assert m.sampling_variants() == {m.student_steps: spec}
         before = [p.detach().clone() for p in m.teacher.parameters()]
         loss, _ = m.loss(phase, batch, step)
         m.optimizers[phase].zero_grad()
@@ -336,6 +337,9 @@ def test_cli_distill_pd_end_to_end(tmp_path, capsys):
     final = sorted((tmp_path / "s" / "checkpoints").glob("*.pt"))[-1]
     m = evaluate_checkpoint(final, num_samples=200)
     assert m["nfe"] == 1 and m["method"] == "pd" and m["sigmas"][0] == pytest.approx(80.0)
+    assert evaluate_checkpoint(final, steps=1, num_samples=50)["nfe"] == 1      # its own step count is accepted
+    with pytest.raises(UserError, match="trained for 1 step"):
+        evaluate_checkpoint(final, steps=2, num_samples=50)
 
 
 # ------------------------------------------------------------------------------------------------ ring8 end to end

@@ -343,6 +343,9 @@ class ProgressiveDistillation(Method):
         return {"sampler": "ddim", "sigmas": pd_student_sigmas(self.student_steps, self.sigma_min, self.sigma_max,
                                                                self.rho, self.grid)}
 
+    def sampling_variants(self):
+        return {self.student_steps: self.sampling_spec()}
+
     def extra_state(self):
         return {"stage": self.stage}
 
