@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="metrics JSON file (default: print only)")
     e.add_argument("--device", default="cpu")
-    e.add_argument("--inception", help="local inception-2015-12-05.pt (TorchScript of StyleGAN2-ADA / clean-fid); default "
+    e.add_argument("--inception", help="local inception-2015-12-05.pt (TorchScript of StyleGAN2-ADA / clean-fid) or "
+                                       "weights-inception-2015-12-05-6726825d.pth (torch-fidelity state dict); default "
                                        "$DIFFDISTILL_INCEPTION. With --ref: Inception FID/KID/precision-recall")
     e.add_argument("--ref", help="reference: EDM-style .npz (mu, sigma; from 'diffdistill ref-stats' also features) "
                                  "or a folder / zip / image .npz")
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("ref-stats", help="Inception reference statistics (EDM-style .npz) of a folder / zip / .npz")
     r.add_argument("data", help="folder of images (recursive), EDM zip, or image .npz")
-    r.add_argument("--inception", help="local inception-2015-12-05.pt (default $DIFFDISTILL_INCEPTION)")
+    r.add_argument("--inception", help="local inception-2015-12-05.pt (TorchScript) or torch-fidelity's "
+                                       "weights-inception-2015-12-05-6726825d.pth (default $DIFFDISTILL_INCEPTION)")
     r.add_argument("--out", required=True, help="OUT.npz (mu, sigma, num_images, recipe[, features])")
     r.add_argument("--max-images", type=int, help="use the first N images (sorted names)")
     r.add_argument("--no-features", action="store_true",
@@ -293,7 +295,7 @@ def _init_ranks(device: str) -> bool:
 
 def _inception_setup(a) -> dict | None:
     """--inception/--ref → the extractor and reference of eval (None when no --ref is given)."""
-    from .eval.inception import TorchScriptExtractor, load_reference, resolve_inception_path
+    from .eval.inception import load_extractor, load_reference, resolve_inception_path
     if not a.ref:
         if a.inception:
             raise UserError("--inception needs a reference: add --ref REF.npz (diffdistill ref-stats) or an image folder")
@@ -302,7 +304,7 @@ def _inception_setup(a) -> dict | None:
     if path is None:
         raise UserError("--ref needs the Inception network: --inception PATH/inception-2015-12-05.pt or "
                         "$DIFFDISTILL_INCEPTION")
-    ext = TorchScriptExtractor(path, a.device)
+    ext = load_extractor(path, a.device)
     return {"extractor": ext, "reference": load_reference(a.ref, ext, a.batch_size), "kid": not a.no_kid,
             "pr": not a.no_pr, "batch_size": a.batch_size}
 
@@ -327,7 +329,7 @@ def cmd_eval(a) -> int:
 
 
 def cmd_ref_stats(a) -> int:
-    from .eval.inception import TorchScriptExtractor, compute_reference, resolve_inception_path, save_reference
+    from .eval.inception import compute_reference, load_extractor, resolve_inception_path, save_reference
     path = resolve_inception_path(a.inception)
     if path is None:
         raise UserError("ref-stats needs the Inception network: --inception PATH/inception-2015-12-05.pt or "
@@ -335,7 +337,7 @@ def cmd_ref_stats(a) -> int:
     if not a.out.endswith(".npz"):
         raise UserError(f"ref-stats writes an .npz: give --out ending in .npz, not {a.out!r}")
     rank0 = _init_ranks(a.device)
-    ref = compute_reference(a.data, TorchScriptExtractor(path, a.device), a.batch_size, a.max_images,
+    ref = compute_reference(a.data, load_extractor(path, a.device), a.batch_size, a.max_images,
                             keep_features=not a.no_features)
     if rank0:
         sha = save_reference(ref, a.out, keep_features=not a.no_features)

@@ -1,9 +1,13 @@
 """Inception FID / KID / precision-recall the way papers report them, with the recipe attached to every number.
 
-Extractor: the ``inception-2015-12-05`` network as the TorchScript file that StyleGAN2-ADA-pytorch and clean-fid load
-(``inception-2015-12-05.pt``), from a local path given by ``--inception PATH`` or ``$DIFFDISTILL_INCEPTION``; nothing
-is downloaded. (StyleGAN3/EDM fetch the network as a ``.pkl`` that ``fid.py`` opens with ``pickle.load``; a pickle
-can run code, so it is not accepted here.) It is called as EDM's ``fid.py`` calls its detector:
+Extractor: the ``inception-2015-12-05`` network from a local file given by ``--inception PATH`` or
+``$DIFFDISTILL_INCEPTION`` (nothing is downloaded), in either form, told apart by the file's contents
+(`inception_file_format`): the TorchScript file that StyleGAN2-ADA-pytorch and clean-fid load
+(``inception-2015-12-05.pt``, `TorchScriptExtractor`), or torch-fidelity's state dict
+(``weights-inception-2015-12-05-6726825d.pth``, `FidelityExtractor`: our `nets.inception_fidelity` network,
+strictly loaded, TF1 bilinear resize to 299×299, 2048-d pool features; the recipe's ``extractor_format`` says
+which). StyleGAN3/EDM fetch the network as a ``.pkl`` that ``fid.py`` opens with ``pickle.load``; a pickle can run
+code, so it is not accepted here. The TorchScript is called as EDM's ``fid.py`` calls its detector:
 ``net(images, return_features=True)`` on uint8 RGB images (greyscale tiled to 3 channels), which the network resizes
 to 299×299 itself, giving 2048-d pool features. That is the convention of the numbers distillation papers quote
 (EDM's fid.py, StyleGAN2-ADA); clean-fid's default "clean" mode resizes with PIL outside the network and gives
@@ -64,8 +68,9 @@ def resolve_inception_path(path=None) -> Path | None:
         return None
     p = Path(p).expanduser()
     if not p.is_file():
-        raise UserError(f"Inception weights not found: {p}; give the local inception-2015-12-05.pt (the TorchScript "
-                        f"of StyleGAN2-ADA-pytorch / clean-fid) with --inception PATH or ${ENV_VAR}")
+        raise UserError(f"Inception weights not found: {p}; give the local inception-2015-12-05.pt (TorchScript of "
+                        f"StyleGAN2-ADA / clean-fid) or weights-inception-2015-12-05-6726825d.pth (torch-fidelity) "
+                        f"with --inception PATH or ${ENV_VAR}")
     return p
 
 
@@ -113,10 +118,89 @@ class TorchScriptExtractor:
         return f
 
     def recipe(self) -> dict:
-        return {"extractor": self.name, "extractor_file": self.path.name, "extractor_sha256": self.sha256,
-                "feature_dim": self.dim,
+        return {"extractor": self.name, "extractor_format": "TorchScript", "extractor_file": self.path.name,
+                "extractor_sha256": self.sha256, "feature_dim": self.dim,
                 "input": "uint8 RGB from uint8(clip(127.5·x + 128, 0, 255)) (EDM PNG quantisation); grey tiled ×3",
                 "resize": "inside the network (to 299×299, as StyleGAN/EDM call it on uint8 images)"}
+
+
+class FidelityExtractor:
+    """torch-fidelity's Inception weights (``weights-inception-2015-12-05-6726825d.pth``, a plain state dict of its
+    ``FeatureExtractorInceptionV3``) in our `InceptionV3Fidelity`: every key and shape must match (one-line
+    UserError naming the file and the first differences otherwise). Features: the 2048-d pool layer on uint8 RGB,
+    resized inside the network with TF1's bilinear resize. The file is read with ``torch.load(weights_only=True)``,
+    which rebuilds tensors only and runs no code from the file."""
+
+    def __init__(self, path, device="cpu", name: str = "inception-2015-12-05/torch-fidelity"):
+        from ..nets.inception_fidelity import InceptionV3Fidelity, fidelity_state_dict_problems, load_fidelity_weights
+        self.path, self.device, self.name = Path(path), torch.device(device), name
+        if not self.path.is_file():
+            raise UserError(f"feature extractor not found: {self.path}")
+        try:
+            state = torch.load(str(self.path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{self.path} is not a readable torch.save state dict ({type(e).__name__}); give "
+                            f"torch-fidelity's weights-inception-2015-12-05-6726825d.pth or the TorchScript "
+                            f"inception-2015-12-05.pt") from None
+        if not isinstance(state, dict):
+            raise UserError(f"{self.path} holds a {type(state).__name__}, not a state dict; give torch-fidelity's "
+                            f"weights-inception-2015-12-05-6726825d.pth")
+        self.net = InceptionV3Fidelity()
+        problems = fidelity_state_dict_problems(self.net, state)
+        if problems:
+            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise UserError(f"{self.path.name} does not match torch-fidelity's InceptionV3: {'; '.join(problems[:3])}"
+                            f"{more}; give the unmodified weights-inception-2015-12-05-6726825d.pth")
+        load_fidelity_weights(self.net, state)
+        self.net.to(self.device)
+        self.sha256 = file_sha256(self.path)
+        self.dim = None
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        f = self.net.features(images_to_uint8(images).to(self.device)).to(torch.float64)
+        self.dim = f.shape[1]
+        return f
+
+    def recipe(self) -> dict:
+        return {"extractor": self.name, "extractor_format": "torch-fidelity state dict (FeatureExtractorInceptionV3)",
+                "extractor_file": self.path.name, "extractor_sha256": self.sha256, "feature_dim": self.dim,
+                "feature_layer": "2048 (global average pool after Mixed_7c), float32",
+                "input": "uint8 RGB from uint8(clip(127.5·x + 128, 0, 255)) (EDM PNG quantisation); grey tiled ×3",
+                "resize": "inside the extractor: TF1 bilinear (align_corners=False, no antialias) to 299×299 in "
+                          "float32, as torch-fidelity; then (x − 128)/128"}
+
+
+Extractor = TorchScriptExtractor | FidelityExtractor
+
+
+def inception_file_format(path) -> str:
+    """'torchscript' or 'state_dict', from the file's contents (not its name). Both TorchScript archives and
+    ``torch.save`` files are zips; only TorchScript has a ``code/`` folder and ``constants.pkl``. A non-zip file
+    may be a legacy (pre-1.6) ``torch.save`` pickle: 'state_dict' (``torch.load(weights_only=True)`` judges it)."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return "state_dict"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"cannot read {path} as a TorchScript or torch.save archive ({e})") from None
+    parts = [n.split("/") for n in names]
+    if any(len(q) > 2 and q[1] == "code" for q in parts) or any(q[-1] == "constants.pkl" for q in parts):
+        return "torchscript"
+    if any(q[-1] == "data.pkl" for q in parts):
+        return "state_dict"
+    raise UserError(f"{path} is a zip but neither a TorchScript archive nor a torch.save file; give inception-"
+                    f"2015-12-05.pt (TorchScript) or weights-inception-2015-12-05-6726825d.pth (torch-fidelity)")
+
+
+def load_extractor(path, device="cpu"):
+    """The Inception extractor for a local file of either accepted form (see `inception_file_format`)."""
+    if Path(path).suffix == ".pkl":
+        return TorchScriptExtractor(path, device)  # its error explains why pickles are refused
+    return TorchScriptExtractor(path, device) if inception_file_format(path) == "torchscript" else \
+        FidelityExtractor(path, device)
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -224,11 +308,14 @@ class Reference:
         self.source, self.sha256, self.recipe = source, sha256, recipe or {}
 
     def describe(self) -> dict:
-        return {"reference": self.source, "reference_sha256": self.sha256, "reference_num_images": self.num_images,
-                "reference_features": None if self.features is None else int(self.features.shape[0])}
+        out = {"reference": self.source, "reference_sha256": self.sha256, "reference_num_images": self.num_images,
+               "reference_features": None if self.features is None else int(self.features.shape[0])}
+        if self.recipe.get("extractor_sha256"):  # a ref-stats file: which network made it
+            out["reference_extractor_sha256"] = self.recipe["extractor_sha256"]
+        return out
 
 
-def compute_reference(path, extractor: TorchScriptExtractor, batch_size: int = 250, max_images: int | None = None,
+def compute_reference(path, extractor: Extractor, batch_size: int = 250, max_images: int | None = None,
                       keep_features: bool = True) -> Reference:
     """Statistics (and features, for KID / precision-recall) of reference images, sharded over ranks."""
     rank, world = _rank_world()
@@ -267,7 +354,7 @@ def save_reference(ref: Reference, out, keep_features: bool = False) -> str:
     return file_sha256(out)
 
 
-def load_reference(path, extractor: TorchScriptExtractor | None = None, batch_size: int = 250,
+def load_reference(path, extractor: Extractor | None = None, batch_size: int = 250,
                    max_images: int | None = None) -> Reference:
     """A `Reference` from a statistics ``.npz`` (``mu``, ``sigma``) or from images (folder / zip / image ``.npz``,
     needs ``extractor``)."""
@@ -313,7 +400,7 @@ def inception_scores(gen_stats: FeatureStats, gen_feats: torch.Tensor | None, re
     return out
 
 
-def evaluate_inception(net, spec: dict, extractor: TorchScriptExtractor, ref: Reference, num_samples: int,
+def evaluate_inception(net, spec: dict, extractor: Extractor, ref: Reference, num_samples: int,
                        seed: int = 0, device="cpu", batch_size: int = 250, kid: bool = True, pr: bool = True,
                        pr_max: int = 10_000) -> dict:
     """Generate ``num_samples`` images (sample i from seed ``seed + i``; under torchrun rank r makes i ≡ r mod world)
