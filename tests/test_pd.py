@@ -306,6 +306,11 @@ def test_distill_config_plans_the_schedule_and_cli_flags(tmp_path, capsys):
     assert cfg["run"]["steps"] == 75 and cfg["method"]["final_stage_iters"] == 25   # the last halving runs longer
     cfg = distill_config("pd", tstate, flags={"run": {"steps": 1000}})
     assert cfg["method"]["iters_per_halving"] == 166 and cfg["run"]["steps"] == 996   # --iters alone: spread evenly
+    assert cfg["run"]["ckpt_every"] == 166                    # every halving boundary gets a checkpoint
+    cfg = distill_config("pd", tstate, overrides=["method.iters_per_halving=1000"])
+    assert cfg["run"]["ckpt_every"] == 250                    # the largest divisor of K within the preset's 300
+    cfg = distill_config("pd", tstate, overrides=["method.iters_per_halving=1000", "run.ckpt_every=7"])
+    assert cfg["run"]["ckpt_every"] == 7                      # an explicit value is kept
     cfg = distill_config("pd", tstate, flags={"run": {"steps": 10 ** 7, "max_minutes": 2}})
     assert cfg["run"]["steps"] == 1800                        # a time budget keeps the preset's schedule as the cap
     with pytest.raises(UserError, match="one iteration per halving"):

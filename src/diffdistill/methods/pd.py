@@ -180,8 +180,8 @@ class ProgressiveDistillation(Method):
         },
         # 2-D mixtures (MLP teacher): 64 → 1 (6 halvings × 300 updates), lr 1e-3, batch 512 (formula sheet §4).
         "points": {
-            "run": {"steps": 1800, "batch_size": 512, "grad_clip": 1.0, "log_every": 100, "ckpt_every": 900,
-                    "sample_every": 0},
+            "run": {"steps": 1800, "batch_size": 512, "grad_clip": 1.0, "log_every": 100, "ckpt_every": 300,
+                    "keep_ckpts": 6, "sample_every": 0},
             "method": {"start_steps": 64, "iters_per_halving": 300, "lr": 1e-3},
         },
         # CIFAR-10 (google-research diffusion_distillation): the constructor defaults, batch 128, clip 1.
@@ -247,10 +247,15 @@ class ProgressiveDistillation(Method):
           more extend the last halving (final_stage_iters, so its LR schedule spans them);
         * --iters only: the iterations are spread evenly, iters_per_halving = ⌊iters / halvings⌋ (run.steps
           rounded down to a multiple) — except under a time budget (run.max_minutes), where run.steps is only a cap
-          and the preset's schedule is kept (the budget may end it early)."""
+          and the preset's schedule is kept (the budget may end it early).
+
+        Unless run.ckpt_every is given, it becomes the largest divisor of iters_per_halving not above its configured
+        value, so every halving boundary (the finished student of each stage) is checkpointed."""
         opts = cls._options(method)
         halvings = len(halving_stages(opts["start_steps"], opts["student_steps"]))
         planned = cls.planned_steps(method)
+        if "run.ckpt_every" not in given and run.get("ckpt_every"):
+            cls._align_checkpoints(run, method, given, halvings)
         if "run.steps" not in given:
             run["steps"] = planned
             return
@@ -268,6 +273,14 @@ class ProgressiveDistillation(Method):
                                 f"got --iters {steps}")
             method["iters_per_halving"] = steps // halvings
             run["steps"] = halvings * method["iters_per_halving"]
+            if "run.ckpt_every" not in given and run.get("ckpt_every"):
+                cls._align_checkpoints(run, method, given, halvings)
+
+    @classmethod
+    def _align_checkpoints(cls, run: dict, method: dict, given: set, halvings: int) -> None:
+        K = int(cls._options(method)["iters_per_halving"])
+        c = int(run["ckpt_every"])
+        run["ckpt_every"] = max(d for d in range(1, min(c, K) + 1) if K % d == 0)
 
     @property
     def teacher_steps(self) -> int:
