@@ -46,6 +46,7 @@ from ..train import distributed as dist
 from .cfd import CFD
 from .feature_classifiers import classifier_outputs
 from .registry import register
+from .score_distill import shared_randint
 
 
 # ------------------------------------------------------------------------------------------------ pixels
@@ -68,6 +69,16 @@ def gather_batch(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.world_size())]
     tdist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+def shared_randperm(n: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
+    """A random permutation of range(n) from ``generator``; with several ranks rank 0's is broadcast, so every rank
+    queues the same pixels of the all-gathered map and the queues stay identical."""
+    perm = torch.randperm(n, generator=generator).to(device)
+    if dist.is_distributed():
+        import torch.distributed as tdist
+        tdist.broadcast(perm, src=0)
+    return perm
 
 
 class PixelMemoryBank:
@@ -95,7 +106,7 @@ class PixelMemoryBank:
         ``compat_view_bug``); returns K."""
         rows = pixel_rows(fmap.detach(), compat_view_bug)
         K = min(rows.shape[0], self.adds)
-        pick = torch.randperm(rows.shape[0], generator=generator)[:K].to(rows.device)
+        pick = shared_randperm(rows.shape[0], generator, rows.device)[:K]
         feats = F.normalize(rows[pick], dim=1).to(self.queue.dtype)
         if self.ptr + K >= self.size:
             self.queue[self.size - K:] = feats
@@ -231,11 +242,11 @@ class RDD(CFD):
 
     def fresh_memory(self) -> None:
         """A new queue (random unit vectors, pointer 0), projection head and head optimizer — at the start and at
-        every halving, as each official stage is a separate run. Drawn from the method's generator (the global RNG
-        is left alone), so resuming reproduces them."""
+        every halving, as each official stage is a separate run. Seeded by one draw of the method's generator
+        (rank 0's, broadcast; the global RNG is left alone), so all ranks agree and resuming reproduces them."""
+        seed = shared_randint(2 ** 62, self.ctx.generator)
         self.bank = PixelMemoryBank(*self.queue_args[:1], self.channels, *self.queue_args[1:],
-                                    generator=self.ctx.generator, device=self.ctx.device)
-        seed = int(torch.randint(2 ** 62, (1,), generator=self.ctx.generator))
+                                    generator=torch.Generator().manual_seed(seed), device=self.ctx.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.head = ProjectionHead(self.channels).to(self.ctx.device).train()
