@@ -17,13 +17,15 @@ models); the paper reports CIFAR-10 FID 1.475 (unconditional) / 1.380 (condition
   features = both hidden layers. Option ``resample_every`` R redraws the networks every R steps (DM style).
 * MMD²_u is the unbiased estimator (``unbiased=False``: the biased one) with the 5-bandwidth RBF mixture
   k(a, b) = Σ_{s∈{¼,½,1,2,4}} exp(−‖a − b‖²/(2·s·h)), h = sg(median pairwise squared distance of the pooled
-  real ∪ generated features of that layer); kernels 'linear' (aᵀb) and 'poly' ((aᵀb/d + 1)³) are options.
+  real ∪ generated features of that layer; above 128 + 128 samples, the median of 128 of each); kernels 'linear'
+  (aᵀb) and 'poly' ((aᵀb/d + 1)³) are options.
 * Real features are computed without grad; the real batch is the trainer's batch (m = n); conditional generators
   get the real batch's labels. x_g is the generator phase's sample (CD: an extra one-step sample f_θ(T·z, T)).
 * EL runs only in the method's ``generator_phase``. **It makes data-free methods (SiD, DMD, Diff-Instruct) read
   real data**: the trainer then builds a data loader (``needs_data``).
 * Weight: ``mode='fixed'`` uses λ_EL = ``weight``; ``mode='relative'`` uses λ_eff = weight·‖∇L_base‖/‖∇L_EL‖ (so
-  the EL gradient is ``weight`` times the base gradient in norm), refreshed every ``ratio_every`` steps. The
+  the EL gradient is ``weight`` times the base gradient in norm), refreshed every ``ratio_every`` steps (λ_eff = 0
+  until the base gradient is first non-zero: DMD2's first step has a fake score equal to the teacher). The
   gradient-norm ratio ‖∇λL_EL‖/‖∇L_base‖ is logged as ``el/grad_ratio`` in both modes. Deviation from the sheet,
   which measures the ratio on x_g: it is measured on the generator's parameters, where it is defined for every
   method (CD's base loss does not pass through its one-step sample x_g).
@@ -54,11 +56,37 @@ def pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d.clamp_min(0)
 
 
-def kernel_matrix(z: torch.Tensor, kernel: str = "rbf", scales=SCALES, bandwidth: float | None = None) -> torch.Tensor:
+def rbf_bandwidth(d2: torch.Tensor, max_points: int = 256) -> torch.Tensor:
+    """sg(median of the off-diagonal squared distances) of a pooled set, from its first ``max_points`` rows and
+    columns (exact when the pooled set is no larger; the pooled set is ordered [generated; real], so callers pass
+    interleaved halves — see ``kernel_matrix``). The lower median for an even count; ≥ 1e-12."""
+    n = min(d2.shape[0], max_points)
+    sub = d2.detach()[:n, :n]
+    off = ~torch.eye(n, dtype=torch.bool, device=d2.device)
+    return sub[off].median().clamp_min(1e-12) if n > 1 else torch.ones((), device=d2.device)
+
+
+def rbf_mixture(d2: torch.Tensor, h: torch.Tensor, scales=SCALES) -> torch.Tensor:
+    """Σ_s exp(−d²/(2·s·h)). When the scales are a doubling sequence (the default ¼ … 4) one exp at the largest scale
+    and repeated squaring give all terms: exp(−d²/(2·s/2·h)) = exp(−d²/(2·s·h))²."""
+    s = sorted((float(v) for v in scales), reverse=True)
+    if len(s) > 1 and all(a == 2 * b for a, b in zip(s, s[1:])):
+        u = torch.exp(-d2 / (2 * s[0] * h))
+        total = u
+        for _ in s[1:]:
+            u = u * u
+            total = total + u
+        return total
+    return sum(torch.exp(-d2 / (2 * v * h)) for v in s)
+
+
+def kernel_matrix(z: torch.Tensor, kernel: str = "rbf", scales=SCALES, bandwidth: float | None = None,
+                  n_first: int | None = None) -> torch.Tensor:
     """k(z_i, z_j) for all pairs of the pooled set z [N, d]:
 
     * 'rbf': Σ_s exp(−‖a − b‖²/(2·s·h)) with h = ``bandwidth`` or sg(median of the off-diagonal squared distances)
-      (the diagonal is set to exactly Σ_s 1);
+      (the diagonal is set to exactly Σ_s 1). With more than 256 points the median is taken over 128 points of
+      each set (``n_first`` = size of the first set), which keeps its cost flat in the batch size;
     * 'linear': aᵀb;  * 'poly': (aᵀb/d + 1)³ (KID's kernel)."""
     if kernel == "linear":
         return z @ z.T
@@ -67,13 +95,17 @@ def kernel_matrix(z: torch.Tensor, kernel: str = "rbf", scales=SCALES, bandwidth
     if kernel != "rbf":
         raise UserError(f"unknown EL kernel {kernel!r}; choose one of: {', '.join(KERNELS)}")
     n = z.shape[0]
-    off = ~torch.eye(n, dtype=torch.bool, device=z.device)
-    d2 = pairwise_sq_dists(z, z).masked_fill(~off, 0.0)
-    if bandwidth is None:
-        h = d2.detach()[off].median().clamp_min(1e-12) if n > 1 else torch.ones((), device=z.device)
-    else:
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    d2 = pairwise_sq_dists(z, z).masked_fill(eye, 0.0)
+    if bandwidth is not None:
         h = torch.as_tensor(float(bandwidth), device=z.device)
-    return sum(torch.exp(-d2 / (2 * s * h)) for s in scales)
+    elif n <= 256 or n_first is None:
+        h = rbf_bandwidth(d2, n)
+    else:
+        k1, k2 = min(n_first, 128), min(n - n_first, 128)
+        idx = torch.cat([torch.arange(k1), n_first + torch.arange(k2)]).to(z.device)
+        h = rbf_bandwidth(d2.detach()[idx][:, idx], len(idx))
+    return rbf_mixture(d2, h, scales)
 
 
 def mmd2(x: torch.Tensor, y: torch.Tensor, kernel: str = "rbf", scales=SCALES, unbiased: bool = True,
@@ -86,7 +118,7 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, kernel: str = "rbf", scales=SCALES, u
     The unbiased value can be negative (it is ≈ 0 on average for samples of one distribution). The kernel's
     bandwidth comes from the pooled x ∪ y."""
     n, m = x.shape[0], y.shape[0]
-    K = kernel_matrix(torch.cat([x, y]), kernel, scales, bandwidth)
+    K = kernel_matrix(torch.cat([x, y]), kernel, scales, bandwidth, n_first=n)
     kxx, kyy, kxy = K[:n, :n], K[n:, n:], K[:n, n:]
     if unbiased:
         if n < 2 or m < 2:
@@ -191,12 +223,13 @@ def build_feature_nets(sample_shape: tuple, count: int = 4, seed: int = 0, width
         raise UserError(f"{len(widths)} pooling blocks need images of at least {2 ** len(widths)} px; "
                         f"set el.widths to a shorter list")
     nets = []
-    for k in range(int(count)):
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + k)
-        act = acts[k % len(acts)]
-        net = (RandomConvNet(sample_shape[0], widths, act, init, g) if images
-               else RandomMLP(int(sample_shape[0]), widths, act, init, g))
-        nets.append(net.eval().requires_grad_(False))
+    with torch.random.fork_rng(devices=[]):   # the layers' default init draws from the global RNG: keep it intact
+        for k in range(int(count)):
+            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + k)
+            act = acts[k % len(acts)]
+            net = (RandomConvNet(sample_shape[0], widths, act, init, g) if images
+                   else RandomMLP(int(sample_shape[0]), widths, act, init, g))
+            nets.append(net.eval().requires_grad_(False))
     return nets
 
 
@@ -278,12 +311,17 @@ class EmbeddingLoss:
         if due and base_loss is not None and base_loss.requires_grad:
             params = [p for p in method.trainable_params(method.generator_phase) if p.requires_grad]
             g_el, g_base = self._grad_norm(l_el, params), self._grad_norm(base_loss, params)
+            # A zero base gradient (e.g. DMD2's first step, where the fake score still equals the teacher) gives no
+            # ratio: measure again at the next generator step.
             if g_el > 0 and g_base > 0 and math.isfinite(g_el) and math.isfinite(g_base):
                 self.last_ratio = g_el / g_base
                 if self.mode == "relative":
                     self.scale = 1.0 / self.last_ratio
-            self.last_refresh = step
-        lam = self.weight * (self.scale if self.mode == "relative" and self.scale is not None else 1.0)
+                self.last_refresh = step
+        if self.mode == "relative":   # no EL until the first ratio has been measured
+            lam = self.weight * self.scale if self.scale is not None else 0.0
+        else:
+            lam = self.weight
         logs["el/weight"] = lam
         if self.last_ratio is not None:
             logs["el/grad_ratio"] = lam * self.last_ratio   # ‖∇ λ·L_EL‖ / ‖∇ L_base‖ at the last measurement
