@@ -422,3 +422,16 @@ def test_health_scalars_are_logged(tmp_path):
                 "dmd2/d_real_logit", "dmd2/d_fake_logit", "dmd2/d_real_acc", "dmd2/d_fake_acc", "dmd2/g_gan"):
         assert key in rec and math.isfinite(rec[key]), key
     assert rec["dmd2/dm_grad_norm"] > 0 and 0 <= rec["dmd2/d_real_acc"] <= 1
+
+
+def test_explicit_student_sigmas(tmp_path):
+    """``sigmas`` replaces the grid-index schedule (stored in the checkpoint's sampling spec); bad lists are refused."""
+    from diffdistill.errors import UserError
+    m = _trainer(tmp_path, "dmd2", 1, sigmas=[2.5]).method
+    assert m.sampling_spec() == {"sampler": "multistep", "sigmas": [2.5]}
+    x, _, k = m.generate(None, with_grad=False)
+    assert k == 0 and x.shape == (32, 2)
+    assert _trainer(tmp_path, "dmd2", 1, student_steps=2, sigmas=[10.0, 1.0]).method.sigmas == [10.0, 1.0]
+    for bad in ([1.0, 10.0], [2.5, 1.0], [-1.0]):
+        with pytest.raises(UserError, match="sigmas"):
+            _trainer(tmp_path, "dmd2", 1, sigmas=bad)

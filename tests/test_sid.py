@@ -331,7 +331,7 @@ def test_ema_rule_and_sampling_from_ema():
 
 def test_options_are_checked():
     from diffdistill.errors import UserError
-    for bad in ({"student_steps": 2}, {"sigma_init": 0.0}, {"sida": True}, {"tmax": 1200}):
+    for bad in ({"student_steps": 2}, {"sigma_init": 0.0}, {"tmax": 1200}):
         with pytest.raises(UserError):
             _sid(**bad)
 

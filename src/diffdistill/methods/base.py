@@ -42,6 +42,12 @@ class Method(ABC):
     # loss attach to this phase and read its samples through ``generated_batch``.
     generator_phase: ClassVar[Optional[str]] = None
 
+    @classmethod
+    def uses_data(cls, options: dict) -> bool:
+        """Whether a run with these options reads real data (the trainer then builds a data loader). Default: the
+        class's ``needs_data``; methods whose data use depends on an option (DMD2's GAN, SiDA) override it."""
+        return cls.needs_data
+
     def __init__(self, ctx: MethodContext, **options: Any):
         self.ctx = ctx
         self.nets: dict[str, nn.Module] = {}

@@ -119,8 +119,11 @@ def build_gan_head(fake, sample_shape: tuple, label_dim: int) -> nn.Module:
 class DMD2(ScoreDistillMethod):
     name = "dmd2"
     summary = "DMD2: distribution matching + two-time-scale critic + diffusion-GAN; 1 or K steps (Yin et al. 2024)"
-    # The GAN term reads real data. needs_data is a class attribute, so it stays True even with gan_weight = 0.
-    needs_data = True
+    needs_data = True  # the GAN term reads real data; without it (gan_weight = 0) DMD2 is data-free
+
+    @classmethod
+    def uses_data(cls, options):
+        return float(options.get("gan_weight", 3e-3)) > 0
 
     presets: ClassVar[dict] = {
         # The paper's ImageNet-64 run (official config; batch 40 × 7 GPUs); `--config configs/dmd2/official.yaml`.
@@ -149,14 +152,22 @@ class DMD2(ScoreDistillMethod):
                  weight_decay: float = 0.01, warmup_steps: int = 500, student_steps: int = 1,
                  dfake_gen_update_ratio: int = 5, gan_weight: float = 3e-3, gan_critic_weight: float = 1e-2,
                  critic_reduction: str = "mean", ema_halflife_kimg: float | None = None,
-                 ema_rampup: float | None = 0.05):
+                 ema_rampup: float | None = 0.05, sigmas: list | None = None):
         super().__init__(ctx)
         if int(dfake_gen_update_ratio) < 1:
             raise UserError(f"dfake_gen_update_ratio must be >= 1, got {dfake_gen_update_ratio}")
         self.ratio = int(dfake_gen_update_ratio)
         self.gan_weight, self.gan_critic_weight = float(gan_weight), float(gan_critic_weight)
         self.critic_reduction = critic_reduction
+        # The student's σ's: DMD2's grid indices by default; ``sigmas`` sets them explicitly (decreasing, one per
+        # step) — e.g. a 1-step generator fed σ = 2.5·z as SiD does, instead of σ_max·z.
         self.sigmas = student_sigmas(int(student_steps), self.grid)
+        if sigmas is not None:
+            sig = [float(v) for v in (sigmas if isinstance(sigmas, (list, tuple)) else [sigmas])]
+            if len(sig) != int(student_steps) or any(v <= 0 for v in sig) or sig != sorted(sig, reverse=True):
+                raise UserError(f"sigmas must list {student_steps} positive, decreasing noise levels (one per student "
+                                f"step), got {sigmas!r}")
+            self.sigmas = sig
         self.head = None
         if self.gan_weight > 0:
             self.head = build_gan_head(self.fake, self.shape, self.label_dim)

@@ -23,6 +23,15 @@ project's nets use whatever the teacher has and no augmentation (the toy scale-d
 EMA update uses n_img *before* the step (β = 0 at step 0); the project's trainer passes n_img after it, so the
 first β is 0.5^20 ≈ 1e-6 instead of 0 — the same to six digits.
 
+SiDA (``sida=True``; Zhou et al., "Adversarial Score identity Distillation", arXiv 2410.14919, official ``sida``
+branch) adds a GAN on real data with the fake-score network as the discriminator: its logits are the channel mean
+of f_ψ's encoder bottleneck map (a patch map for a UNet, one logit for the MLP). The critic adds
+λ(σ)·½[BCE(D(x_real + σn), 1) + BCE(D(x_g + σn), 0)] at the fake-score loss's σ (weight 1) and its gradients are
+value-clipped at 1; the generator adds 0.01·(100/B)·Σ_b BCE(clamp(D(x_t), ±10), 1)·CHW / w_b at the SiD loss's
+x_t, and L_G = ½L_SiD + ½L_adv once ``sida_gan_start_kimg`` images are seen (200 k officially); there is no
+generator step before ``sida_g_start_kimg`` (100 k). Official SiDA uses α = 1.0. Per sample the BCE is the mean over
+the logit map (our reading; the sheet does not say). SiDA reads real data, so the trainer then builds a loader.
+
 The formulas follow the project's formula sheet (shared/design/sid_el_cd.md §1); no code is copied from the official
 repository.
 """
@@ -32,6 +41,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from ..diffusion.schedules import sample_lognormal_sigma
 from ..errors import UserError
@@ -121,6 +131,39 @@ def sid_fake_score_loss(fake, x: torch.Tensor, sigma: torch.Tensor, noise: torch
     return per_sample.sum() / x.shape[0]
 
 
+def sida_logits(fake, x_t: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
+    """SiDA discriminator: the channel mean of the fake-score network's encoder bottleneck, [B, r, r] for a UNet
+    ([B, C, r, r] features), [B] for an MLP ([B, H] features)."""
+    return fake(x_t, sigma, labels, bottleneck_only=True).mean(1)
+
+
+def sida_critic_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, sigma: torch.Tensor,
+                     sigma_data: float = 0.5) -> torch.Tensor:
+    """SiDA discriminator loss (Zhou et al. 2024b, "Adversarial Score identity Distillation"; official weight 1,
+    added to L_ψ): (1/B)·Σ_b λ(σ_b)·½[BCE(l_real,b, 1) + BCE(l_fake,b, 0)], λ(σ) = (σ² + σ_d²)/(σσ_d)², BCE
+    averaged over a sample's logit map. Real and fake samples share σ_b."""
+    lam = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    real = F.binary_cross_entropy_with_logits(logits_real, torch.ones_like(logits_real), reduction="none")
+    fake = F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake), reduction="none")
+    per_sample = 0.5 * (real.reshape(len(lam), -1).mean(1) + fake.reshape(len(lam), -1).mean(1))
+    return (lam * per_sample).sum() / len(lam)
+
+
+def sida_generator_loss(logits: torch.Tensor, weight: torch.Tensor, num_pixels: int, adv_weight: float = 0.01,
+                        scale: float = LOSS_SCALE_G) -> torch.Tensor:
+    """SiDA generator adversarial term (official weight 0.01, the SiD loss's 100/B scale and normaliser w):
+    adv_weight·(scale/B)·Σ_b BCE(clamp(l_b, −10, 10), 1)·CHW / w_b, BCE averaged over a sample's logit map."""
+    B = len(weight)
+    bce = F.binary_cross_entropy_with_logits(logits.clamp(-10, 10), torch.ones_like(logits), reduction="none")
+    per_sample = bce.reshape(B, -1).mean(1) * num_pixels / weight.detach()
+    return adv_weight * per_sample.sum() * (scale / B)
+
+
+def clip_grad_value_1(grad: torch.Tensor) -> torch.Tensor:
+    """SiDA's fake-score gradient guard: each gradient entry clipped to [−1, 1]."""
+    return grad.clamp(-1.0, 1.0)
+
+
 def nan_to_num_grad(grad: torch.Tensor) -> torch.Tensor:
     """Official SiD's gradient guard: nan → 0, +inf → 1e5, −inf → −1e5 (a tensor hook on each parameter)."""
     return torch.nan_to_num(grad, nan=0.0, posinf=1e5, neginf=-1e5)
@@ -163,12 +206,15 @@ class SiD(EMAGenerator, ScoreDistillMethod):
                  eps: float = 1e-8, alpha: float = 1.2, sigma_init: float = SIGMA_INIT, tmax: float = T_MAX,
                  p_mean: float = -1.2, p_std: float = 1.2, loss_scale_g: float = LOSS_SCALE_G,
                  ema_halflife_kimg: float = 500.0, ema_rampup: float | None = 0.05, ema_beta_const=None,
-                 grad_nan_to_num: bool = True, student_steps: int = 1, sida: bool = False):
+                 grad_nan_to_num: bool = True, student_steps: int = 1, sida: bool = False,
+                 sida_adv_weight: float = 0.01, sida_g_start_kimg: float = 100.0,
+                 sida_gan_start_kimg: float = 200.0):
         super().__init__(ctx)
         if int(student_steps) != 1:
             raise UserError(f"sid trains one-step generators only (got student_steps={student_steps})")
-        if sida:
-            raise UserError("the SiDA adversarial term (sida=True) is not implemented; use sida=False")
+        self.sida = bool(sida)
+        self.sida_adv_weight = float(sida_adv_weight)
+        self.sida_g_start, self.sida_gan_start = 1000.0 * float(sida_g_start_kimg), 1000.0 * float(sida_gan_start_kimg)
         self.alpha = float(alpha)
         self.sigma_init = float(sigma_init)
         if self.sigma_init <= 0:
@@ -190,10 +236,27 @@ class SiD(EMAGenerator, ScoreDistillMethod):
         if self.grad_nan_to_num:   # after the EMA copy, so the EMA's parameters carry no hooks
             for p in list(self.G.parameters()) + list(self.fake.parameters()):
                 p.register_hook(nan_to_num_grad)
+        if self.sida:  # registered after nan_to_num, so it clips the cleaned gradient
+            for p in self.fake.parameters():
+                p.register_hook(clip_grad_value_1)
         self.last_beta = None
 
+    @classmethod
+    def uses_data(cls, options):
+        return bool(options.get("sida", False))  # SiD is data-free; SiDA's GAN reads real images
+
+    def images_seen(self, step: int) -> int:
+        return step * self.ctx.batch_size * self.ctx.world_size
+
     def phases(self, step):
+        if self.sida and self.images_seen(step) < self.sida_g_start:
+            return ["critic"]  # SiDA: the discriminator / fake score warms up before the first generator step
         return ["critic", "generator"]
+
+    def real_batch(self, batch):
+        if batch is None:
+            raise UserError("SiDA (sida=true) needs real data: give --data (or the teacher's data), or set sida=false")
+        return batch[0].to(self.ctx.device)
 
     # ---------------------------------------------------------------- pieces
     def generate(self, with_grad: bool, batch=None):
@@ -238,8 +301,21 @@ class SiD(EMAGenerator, ScoreDistillMethod):
             x, labels = self.generate(with_grad=False)
             self.fake.train()
             sigma = self.lognormal_sigma(len(x))
-            l_fake = sid_fake_score_loss(self.fake, x, sigma, self.randn_like(x), labels)
-            return l_fake, {"sid/fake_score": float(l_fake.detach())}
+            noise = self.randn_like(x)
+            l_fake = sid_fake_score_loss(self.fake, x, sigma, noise, labels)
+            logs = {"sid/fake_score": float(l_fake.detach())}
+            if self.sida:
+                real = self.real_batch(batch)[:len(x)]
+                real_labels = labels if labels is None else batch[1].to(x.device)[:len(x)]
+                s_ = sigma[:len(real)]
+                l_real = sida_logits(self.fake, real + self.bview(s_, real) * self.randn_like(real), s_, real_labels)
+                l_gen = sida_logits(self.fake, (x + self.bview(sigma, x) * noise)[:len(real)], s_,
+                                    None if labels is None else labels[:len(real)])
+                l_d = sida_critic_loss(l_real, l_gen, s_, getattr(self.fake, "sigma_data", 0.5))
+                l_fake = l_fake + l_d
+                logs.update({"sida/d": float(l_d.detach()), "sida/d_real_acc": float((l_real > 0).float().mean()),
+                             "sida/d_fake_acc": float((l_gen < 0).float().mean())})
+            return l_fake, logs
         if phase == "generator":
             x, labels = self.generate(with_grad=True, batch=batch)
             self.generated, self.generated_labels = x, labels
@@ -247,5 +323,13 @@ class SiD(EMAGenerator, ScoreDistillMethod):
             x_t = x + self.bview(sigma, x) * self.randn_like(x)
             d_real, d_fake = self.denoise_pair(x_t, sigma, labels)
             l_g = sid_generator_loss(x, d_real, d_fake, self.alpha, scale=self.loss_scale_g)
-            return l_g, {"sid/generator": float(l_g.detach())}
+            logs = {"sid/generator": float(l_g.detach())}
+            if self.sida and self.images_seen(step) >= self.sida_gan_start:
+                with frozen(self.fake):
+                    logits = sida_logits(self.fake, x_t, sigma, labels)
+                l_adv = sida_generator_loss(logits, sid_weight(x, d_real), x[0].numel(), self.sida_adv_weight,
+                                            self.loss_scale_g)
+                logs["sida/g_adv"] = float(l_adv.detach())
+                l_g = 0.5 * l_g + 0.5 * l_adv
+            return l_g, logs
         raise ValueError(f"unknown phase {phase!r}")

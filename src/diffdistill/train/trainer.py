@@ -130,7 +130,8 @@ class Trainer:
 
         self.dataset = dataset
         # Data is loaded when the method or a supplement reads it (e.g. the embedding loss on a data-free method).
-        if (method_cls.needs_data or any(getattr(s, "needs_data", False) for s in supplements)) and self.dataset is None:
+        if (method_cls.uses_data(method_cfg) or any(getattr(s, "needs_data", False) for s in supplements)) \
+                and self.dataset is None:
             from ..data import dataset_from_config as load_dataset
             self.dataset = load_dataset(cfg["data"])
         if self.dataset is not None and len(self.dataset) == 0:
