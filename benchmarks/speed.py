@@ -23,15 +23,19 @@ from diffdistill.methods.registry import get_method, list_methods
 from diffdistill.train.trainer import Trainer
 
 
-def sampling_table(teacher, batch, device):
-    print(f"\n## sampling, digits teacher, batch {batch}, {device}\n")
+def sampling_table(teacher, batch, device, rounds=3):
+    print(f"\n## sampling, digits teacher, batch {batch}, {device} (best of {rounds} interleaved rounds)\n")
     print("| NFE | images/s | speed-up vs 35 NFE | NFE ratio | speed-up / NFE ratio |\n|---|---|---|---|---|")
-    res = {n: sampling_throughput(teacher, teacher_spec(n), batch_size=batch, device=device, repeats=5,
-                                  min_seconds=1.0) for n in TEACHER_NFES}
-    base = res[35]["images_per_second"]
-    for n, r in res.items():
-        s = r["images_per_second"] / base
-        print(f"| {n} | {r['images_per_second']:.0f} | {s:.1f}× | {35 / n:.1f}× | {s / (35 / n):.2f} |")
+    best = {n: 0.0 for n in TEACHER_NFES}
+    for _ in range(rounds):  # round-robin, best of each: a load spike on a shared machine hits one round, not one NFE
+        for n in TEACHER_NFES:
+            r = sampling_throughput(teacher, teacher_spec(n), batch_size=batch, device=device, repeats=3,
+                                    min_seconds=0.5)
+            best[n] = max(best[n], r["images_per_second"])
+    base = best[35]
+    for n, ips in best.items():
+        s = ips / base
+        print(f"| {n} | {ips:.0f} | {s:.1f}× | {35 / n:.1f}× | {s / (35 / n):.2f} |")
 
 
 def bare_step(tr: Trainer, step: int) -> None:
