@@ -92,3 +92,14 @@ def test_time_budget_stops_training_and_checkpoints(ring8_teacher, tmp_path):
     assert list_checkpoints(tmp_path / "checkpoints")[-1].name == f"ckpt-{tr.step:08d}.pt"
     with pytest.raises(UserError, match="max_minutes"):
         distill("diff_instruct", ring8_teacher.path, flags={"run": {"out": str(tmp_path / "b"), "max_minutes": -1}})
+
+
+def test_compare_with_el_marks_the_methods_that_take_it(ring8_teacher, tmp_path):
+    from diffdistill.compare import compare
+    r = compare(ring8_teacher.path, ["sid", "pd"], out=tmp_path, iters=24, num_samples=200, curve_samples=100,
+                curve_points=2, progress=False, el_weight=0.5, overrides=["run.batch_size=64", "run.ckpt_every=0"])
+    names = [m["method"] for m in r["methods"]]
+    assert names == ["sid+EL", "pd"] and all("error" not in m for m in r["methods"])
+    md = (tmp_path / "report.md").read_text()
+    assert "| sid+EL | 1 |" in md and "rows marked +EL" in md
+    assert (tmp_path / "runs" / "sid+EL" / "config.json").exists()

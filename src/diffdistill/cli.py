@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budget-minutes", type=float, help="training wall-clock per method (evaluation excluded)")
     c.add_argument("--num-samples", type=int, default=2000, help="samples per table row")
     c.add_argument("--curve-points", type=int, default=8, help="evaluations along each training run")
+    c.add_argument("--el-weight", type=float, metavar="W",
+                   help="add the EL supplement at weight W to every method that trains a generator from noise "
+                        "(rows marked +EL; EL reads real data, also for data-free methods)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="runs/compare")
     c.add_argument("--device", default="cpu")
@@ -377,7 +380,7 @@ def cmd_compare(a) -> int:
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     compare(a.teacher, methods, out=a.out, iters=a.iters, budget_minutes=a.budget_minutes, seed=a.seed,
             num_samples=a.num_samples, curve_points=a.curve_points, device=a.device, progress=not a.no_progress,
-            overrides=a.set)
+            overrides=a.set, el_weight=a.el_weight)
     return 0
 
 

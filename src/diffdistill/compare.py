@@ -78,14 +78,16 @@ class _Curve:
 
 
 def run_method(method: str, teacher_path, out: Path, data_cfg, *, iters, budget_minutes, seed, device, progress,
-               num_samples, curve_samples, curve_points, batch, overrides) -> dict:
-    """Distil with one method and measure its student(s); a failing method is reported, not fatal."""
+               num_samples, curve_samples, curve_points, batch, overrides, el_weight=None) -> dict:
+    """Distil with one method (plus the EL supplement at ``el_weight`` when given) and measure its student(s); a
+    failing method is reported, not fatal."""
     from .distill import distill
     from .eval.generate import generate
     from .eval.plots import save_samples_png
     from .eval.resources import peak_memory_mb, reset_peak_memory
     from .train.trainer import DivergenceError
-    run_dir = out / "runs" / method
+    label = f"{method}+EL" if el_weight else method
+    run_dir = out / "runs" / label
     run_dir.mkdir(parents=True, exist_ok=True)
     run = {"out": str(run_dir), "seed": seed, "device": device, "progress": progress, "sample_every": 0,
            "resume": "auto"}
@@ -96,33 +98,35 @@ def run_method(method: str, teacher_path, out: Path, data_cfg, *, iters, budget_
         run["steps"] = iters
     from .distill import distill_config, load_teacher
     _, tstate = load_teacher(teacher_path, device)
+    flags = {"run": run, **({"el": {"weight": el_weight}} if el_weight else {})}
     steps = distill_config(method, tstate, {"run": dict(run)}, overrides=overrides)["run"]["steps"]
     curve = _Curve(data_cfg, curve_samples, seed, device, curve_points, None if budget_minutes else steps,
                    60.0 * budget_minutes if budget_minutes else None, run_dir / "curve.json")
     reset_peak_memory(device)
     t0 = time.perf_counter()
     try:
-        tr = distill(method, teacher_path, flags={"run": run}, overrides=overrides, on_step=curve)
+        tr = distill(method, teacher_path, flags=flags, overrides=overrides, on_step=curve)
     except (DivergenceError, UserError) as e:
-        return {"method": method, "error": str(e).splitlines()[0], "curve": curve.points}
+        return {"method": label, "error": str(e).splitlines()[0], "curve": curve.points}
     wall = time.perf_counter() - t0
     peak = peak_memory_mb(device)
     curve.add(tr)
-    res = {"method": method, "iterations": tr.step, "train_seconds": round(tr.train_seconds, 1),
+    res = {"method": label, "iterations": tr.step, "train_seconds": round(tr.train_seconds, 1),
            "wall_seconds": round(wall, 1), "peak_memory_mib": None if peak is None else round(peak, 1),
            "curve": curve.points, "students": []}
     net = tr.method.sampling_net()
     for steps_k, spec in sorted(tr.method.sampling_variants().items()):
         m = _measure(net, spec, data_cfg, num_samples, seed, device, batch)
-        grid = f"samples_{method}_{steps_k}step.png"
+        grid = f"samples_{label}_{steps_k}step.png"
         x, _, _ = generate(net, range(seed, seed + _grid_n(net)), spec, device=device)
-        save_samples_png(x, out / grid, title=f"{method}, {steps_k} step(s)")
+        save_samples_png(x, out / grid, title=f"{label}, {steps_k} step(s)")
         res["students"].append({"steps": steps_k, "spec": spec, "grid": grid, **m})
     return res
 
 
 def compare(teacher_path, methods, out="runs/compare", iters=None, budget_minutes=None, seed=0, num_samples=2000,
-            curve_samples=500, curve_points=8, batch=256, device="cpu", progress=True, overrides=()) -> dict:
+            curve_samples=500, curve_points=8, batch=256, device="cpu", progress=True, overrides=(),
+            el_weight=None) -> dict:
     from .distill import load_teacher
     from .eval.generate import generate
     from .eval.plots import save_samples_png
@@ -132,7 +136,8 @@ def compare(teacher_path, methods, out="runs/compare", iters=None, budget_minute
     for name in methods:
         if get_method(name).role != "student":
             raise UserError(f"{name!r} trains teachers, not students: leave it out of --methods")
-    for what, v in (("--iters", iters), ("--budget-minutes", budget_minutes), ("--num-samples", num_samples)):
+    for what, v in (("--iters", iters), ("--budget-minutes", budget_minutes), ("--num-samples", num_samples),
+                    ("--el-weight", el_weight)):
         if v is not None and v <= 0:
             raise UserError(f"{what} must be positive, got {v}")
     out = Path(out)
@@ -157,16 +162,19 @@ def compare(teacher_path, methods, out="runs/compare", iters=None, budget_minute
     results = []
     for name in methods:
         print(f"[diffdistill] compare: {name}", flush=True)
-        results.append(run_method(get_method(name).name, teacher_path, out, data_cfg, iters=iters,
+        cls = get_method(name)
+        takes_el = bool(el_weight) and getattr(cls, "generator_phase", None) is not None  # EL needs a generator
+        results.append(run_method(cls.name, teacher_path, out, data_cfg, iters=iters,
                                   budget_minutes=budget_minutes, seed=seed, device=device, progress=progress,
                                   num_samples=num_samples, curve_samples=curve_samples, curve_points=curve_points,
-                                  batch=batch, overrides=list(overrides)))
+                                  batch=batch, overrides=list(overrides), el_weight=el_weight if takes_el else None))
     for r in results:
         r["seconds_to_teacher_quality"] = next((p["train_seconds"] for p in r["curve"]
                                                 if p.get(key) is not None and p[key] <= teacher_curve_ref), None)
     report = {"teacher": str(teacher_path), "data": data_cfg, "quality_key": key, "seed": seed,
               "num_samples": num_samples, "curve_samples": curve_samples, "batch_for_throughput": batch,
-              "budget_minutes": budget_minutes, "iters": iters, "device": device, "teacher_rows": teacher_rows,
+              "budget_minutes": budget_minutes, "iters": iters, "device": device, "el_weight": el_weight,
+              "teacher_rows": teacher_rows,
               "teacher_curve_reference": teacher_curve_ref, "teacher_eval_seconds": round(teacher_seconds, 1),
               "methods": results}
     _plots(out, report)
@@ -257,6 +265,8 @@ def _notes(report) -> list[str]:
              f"row, seeds {report['seed']}…; budget: {budget}; device {report['device']}.",
              f"images/s: sampling alone at batch {report['batch_for_throughput']}, measured in this run; the "
              "speed-up column divides by the teacher's images/s at 35 NFE (the limit is the NFE ratio).",
+             *([f"EL (embedding loss) at weight {report['el_weight']} on the methods that train a generator from "
+                "noise (rows marked +EL); the others ran without it."] if report.get("el_weight") else []),
              "Time to reach the teacher's 35-NFE quality (curve samples, same n): " + ", ".join(
                  f"{r['method']} {'%.0f s' % r['seconds_to_teacher_quality'] if r.get('seconds_to_teacher_quality') is not None else 'not reached'}"
                  for r in report["methods"]) + "."]
