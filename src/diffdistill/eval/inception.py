@@ -29,7 +29,6 @@ Naming: a score is "FID-50k" only when it uses exactly 50,000 generated samples;
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -53,12 +52,10 @@ def fid_label(n: int) -> str:
     return "FID-50k" if n == STANDARD_N else f"FID (n={n:,})"
 
 
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def file_sha256(path) -> str:
+    """The sha256 hex digest of a file (extractor and reference hashes in the recipe)."""
+    from ..train.checkpoint import file_sha256 as digest_and_size
+    return digest_and_size(path)[0]
 
 
 def resolve_inception_path(path=None) -> Path | None:

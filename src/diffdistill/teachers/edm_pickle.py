@@ -359,9 +359,6 @@ def load_state_dict_strict(net: torch.nn.Module, tensors: dict, where: str) -> N
     net.load_state_dict({k: tensors[k].to(own[k].dtype) for k in own}, strict=True)
 
 
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def file_sha256(path) -> str:
+    from ..train.checkpoint import file_sha256 as digest_and_size
+    return digest_and_size(path)[0]
