@@ -172,7 +172,7 @@ def _method(name, cfg=MLP_CFG, batch_size=16, **opts):
                                        ("cd", {})])
 def test_el_gradient_flows_only_into_the_generator(name, opts):
     m = _method(name, **opts)
-    el = EmbeddingLoss(weight=1.0)
+    el = EmbeddingLoss(weight=1.0, mode="fixed")
     batch = (torch.randn(16, 2) * 0.5, None)
     phase = m.generator_phase
     assert el.applies_to(m, phase) and not el.applies_to(m, "critic")
@@ -220,8 +220,10 @@ def test_config_wiring_and_refusals():
     from diffdistill.methods.registry import get_method
     assert embedding_loss_from_config(None, get_method("sid")) == []
     assert embedding_loss_from_config({"weight": 0}, get_method("sid")) == []
-    (el,) = embedding_loss_from_config({"weight": 0.5, "mode": "relative", "count": 2}, get_method("cd"))
-    assert el.weight == 0.5 and el.mode == "relative" and el.count == 2
+    (el,) = embedding_loss_from_config({"weight": 0.5, "mode": "fixed", "count": 2}, get_method("cd"))
+    assert el.weight == 0.5 and el.mode == "fixed" and el.count == 2
+    default = EmbeddingLoss()
+    assert default.weight == 3.0 and default.mode == "relative"       # the calibrated default (README, benchmark)
     takers = methods_taking_el()
     assert {"cd", "dmd", "dmd2", "diff_instruct", "sid"} <= set(takers) and "edm" not in takers
     for method in ("edm", "pd"):
@@ -232,6 +234,15 @@ def test_config_wiring_and_refusals():
     for bad in ({"weight": -1}, {"mode": "auto"}, {"kernel": "cosine"}):
         with pytest.raises(UserError):
             EmbeddingLoss(**bad)
+
+
+def test_cli_el_weight_flag():
+    from diffdistill.cli import build_parser
+    parse = lambda *extra: build_parser().parse_args(["distill", "--method", "sid", "--teacher", "T", *extra])  # noqa
+    assert parse("--el-weight").el_weight == 3.0 and parse("--el-weight", "0.5").el_weight == 0.5
+    assert parse().el_weight is None
+    help_text = build_parser()._subparsers._group_actions[0].choices["distill"].format_help()
+    assert "--el-weight" in help_text and "data-free" in help_text
 
 
 def test_cli_refuses_el_for_teacher_free_methods(tmp_path, capsys):
@@ -287,7 +298,7 @@ def test_resume_is_exact_with_relative_el(tmp_path):
 
 def test_images_el_on_dmd2():
     m = _method("dmd2", UNET_CFG, batch_size=8, gan_weight=0.0, dfake_gen_update_ratio=1)
-    el = EmbeddingLoss(weight=1.0)
+    el = EmbeddingLoss(weight=1.0, mode="fixed")
     batch = (torch.randn(8, 1, 8, 8) * 0.5, None)
     base, _ = m.loss("generator", batch, 0)
     sup, _ = el.loss(m, batch, 0, base_loss=base)

@@ -119,11 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step-halving methods: training iterations per halving (the run is K x log2(N/steps) "
                         "iterations unless --iters is given)")
     m.add_argument("--data", help="real data for methods that use it (default: the teacher's training data)")
-    m.add_argument("--el-weight", type=float, metavar="W",
-                   help="add the embedding loss (EL: MMD to real data in random-network features) with weight W to "
-                        "the generator loss of dmd2, dmd, diff_instruct, sid or cd; other options via --set "
-                        "el.KEY=VALUE (mode, count, seed, kernel, ...). EL reads real data, so data-free methods "
-                        "(sid, dmd, diff_instruct) then use data too")
+    m.add_argument("--el-weight", type=float, metavar="W", nargs="?", const=3.0,
+                   help="add the embedding loss (EL: MMD to real data in random-network features) to the generator "
+                        "loss of dmd2, dmd, diff_instruct, sid or cd, its gradient W times the base loss's in norm "
+                        "(W alone: 3, the calibrated default; --set el.mode=fixed makes W a plain multiplier; other "
+                        "options via --set el.KEY=VALUE: count, seed, widths, kernel, unbiased, ...). EL reads real "
+                        "data, so the data-free methods (sid, dmd, diff_instruct) then use data too")
     m.add_argument("--config", help="YAML/JSON file with sections run/data/method")
     m.add_argument("--out", help="run directory (default runs/<method>)")
     m.add_argument("--batch-size", type=int)
