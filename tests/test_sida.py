@@ -100,6 +100,7 @@ def test_plain_sid_still_builds_no_loader_and_sida_does(tmp_path):
     assert math.isfinite(logs["sida/g_adv"]) and math.isfinite(logs["sida/d"])
 
 
+@pytest.mark.slow  # ≈ 60 s alone; SiD's own ring8 run stays in the default suite
 def test_sida_ring8_end_to_end(ring8_teacher, tmp_path):
     """SiDA on the ring8 teacher (points preset, α 1.0 as official SiDA, schedule scaled to the run) still
     converges: measured 1.56× the teacher's sliced W2 at 35 NFE (α 1.2: 1.96×; plain SiD 0.93–1.21×). On 2-D data
