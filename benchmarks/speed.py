@@ -3,7 +3,8 @@
 1. sampling: images/s of the digits teacher at 1, 2, 4, 8 and 35 NFE at one batch size, i.e. what a k-step
    student of the same network gains: speed-up vs the NFE ratio (the limit);
 2. trainer overhead: seconds per training step through the one Trainer vs the same method's phases run in a bare
-   loop (loss → backward → optimizer step, nothing else), per method, on the same batches and seeds.
+   loop (loss → backward → optimizer step, nothing else), per method, on the same batches and seeds;
+3. on a CUDA device only: the training step with fp32, bf16 autocast, channels-last and bf16 + torch.compile.
 
     python benchmarks/speed.py [--methods edm,dmd2,sid] [--steps 30] [--batch 256] [--device cuda]
 """
@@ -85,6 +86,30 @@ def overhead_table(methods, teacher, tstate, steps, device):
         print(f"| {method} | {t_tr / n:.4f} | {t_bare / n:.4f} | {100 * (t_tr / t_bare - 1):+.1f} % |")
 
 
+def precision_table(steps, device):
+    """Teacher (EDM) training step and 35-NFE sampling per throughput option: fp32, bf16 autocast, channels-last,
+    torch.compile. Printed only on a CUDA device (where these options are meant to pay off)."""
+    from diffdistill.config import resolve
+    print(f"\n## throughput options on {device} (digits teacher training step, batch 128)\n")
+    print("| option | s/step | vs fp32 |\n|---|---|---|")
+    base = None
+    for name, run in (("fp32", {}), ("bf16", {"precision": "bf16"}), ("channels_last", {"channels_last": True}),
+                      ("bf16 + compile", {"precision": "bf16", "compile": True})):
+        cfg = resolve("digits", flags={"run": {"out": f"/tmp/diffdistill-speed/opt-{name}", "device": device,
+                                               "progress": False, **run}})
+        tr = Trainer(cfg)
+        for _ in range(3):  # warm-up (and compilation)
+            tr.train_step(); tr.step += 1
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tr.train_step(); tr.step += 1
+        torch.cuda.synchronize()
+        sec = (time.perf_counter() - t0) / steps
+        base = base or sec
+        print(f"| {name} | {sec:.4f} | {base / sec:.2f}× |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default="edm,dmd2,sid", help="comma-separated, or 'all'")
@@ -96,6 +121,8 @@ def main() -> None:
     sampling_table(teacher, a.batch, a.device)
     methods = list(list_methods()) if a.methods == "all" else a.methods.split(",")
     overhead_table(methods, teacher, tstate, a.steps, a.device)
+    if a.device.startswith("cuda"):
+        precision_table(max(a.steps, 20), a.device)
 
 
 if __name__ == "__main__":
