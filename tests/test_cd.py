@@ -3,14 +3,13 @@ Karras discretisation, the teacher's Heun step, the loss against a direct transc
 (shared/design/sid_el_cd.md §2) and its oracles, the consistency sampler, exact resume, and a ring8 end-to-end run
 against the teacher's sliced W2."""
 
-import json
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from helpers.dm_helpers import MLP_CFG, UNET_CFG, GaussianDenoiser, make_ctx, tiny_teacher
+from helpers.dm_helpers import MLP_CFG, UNET_CFG, GaussianDenoiser, make_ctx, run_full_and_resumed, tiny_teacher
 from diffdistill.diffusion.consistency import consistency_coefficients, consistency_function
 from diffdistill.diffusion.samplers import consistency_sampler, consistency_sigmas, multistep_sampler, sample
 from diffdistill.errors import UserError
@@ -315,13 +314,7 @@ def _trainer(out, steps, resume=None):
 
 
 def test_resume_is_exact_including_target_and_ema(tmp_path):
-    full = _trainer(tmp_path / "full", 10)
-    full.run()
-    _trainer(tmp_path / "split", 5).run()
-    resumed = _trainer(tmp_path / "split", 10, resume="auto")
-    resumed.run()
-    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
-    assert steps == [5, 10]
+    full, resumed = run_full_and_resumed(_trainer, tmp_path)
     a, b = full.method.state_dict(), resumed.method.state_dict()
     for part in ("target", "ema"):
         assert all(torch.equal(v, b["extra"][part][k]) for k, v in a["extra"][part].items()), part

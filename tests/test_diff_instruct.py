@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from helpers.dm_helpers import assert_same_ema_method_state, MLP_CFG, GaussianDenoiser, Recorder, all_none, any_nonzero, make_ctx, tiny_teacher
+from helpers.dm_helpers import assert_same_ema_method_state, MLP_CFG, GaussianDenoiser, Recorder, all_none, any_nonzero, make_ctx, run_full_and_resumed, tiny_teacher
 from diffdistill.methods.diff_instruct import DiffInstruct, ikl_loss
 
 
@@ -129,14 +129,7 @@ def test_resume_is_exact_including_ema(tmp_path):
         return Trainer({"run": run, "data": {}, "net": cfg, "method": {"name": "diff_instruct", "lr": 1e-3,
                                                                       "ema_halflife_kimg": 0.5}},
                        teacher=teacher, teacher_path="mem")
-    full = trainer(tmp_path / "full", 10)
-    full.run()
-    trainer(tmp_path / "split", 5).run()
-    resumed = trainer(tmp_path / "split", 10, resume="auto")
-    resumed.run()
-    import json
-    steps = [json.loads(l)["step"] for l in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
-    assert steps == [5, 10]                 # one log line per 5 steps: resumed at 5, not retrained from 0
+    full, resumed = run_full_and_resumed(trainer, tmp_path)
     assert resumed.dataset is None          # data-free: no loader was built
     a, b = full.method.state_dict(), resumed.method.state_dict()
     assert_same_ema_method_state(a, b)

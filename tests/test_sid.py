@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers.dm_helpers import assert_same_ema_method_state, MLP_CFG, UNET_CFG, Recorder, all_none, any_nonzero, make_ctx, tiny_teacher
+from helpers.dm_helpers import assert_same_ema_method_state, MLP_CFG, UNET_CFG, Recorder, all_none, any_nonzero, make_ctx, run_full_and_resumed, tiny_teacher
 from diffdistill.methods.score_distill import fake_score_loss
 from diffdistill.methods.sid import (SiD, nan_to_num_grad, sample_sid_sigma, sid_fake_score_loss,
                                      sid_generator_loss, sid_sigma, sid_weight)
@@ -396,14 +396,8 @@ def _trainer(out, steps, resume=None):
 
 
 def test_data_free_and_resume_is_exact_including_ema(tmp_path):
-    full = _trainer(tmp_path / "full", 10)
-    assert full.dataset is None                          # data-free: no dataset, no loader
-    full.run()
-    _trainer(tmp_path / "split", 5).run()
-    resumed = _trainer(tmp_path / "split", 10, resume="auto")
-    resumed.run()
-    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
-    assert steps == [5, 10]
+    full, resumed = run_full_and_resumed(_trainer, tmp_path)
+    assert full.dataset is None and resumed.dataset is None      # data-free: no dataset, no loader
     a, b = full.method.state_dict(), resumed.method.state_dict()
     assert_same_ema_method_state(a, b)
     for phase in ("critic", "generator"):

@@ -91,3 +91,18 @@ def assert_same_ema_method_state(a: dict, b: dict) -> None:
     for net in ("generator", "fake_score"):
         for k, v in a["nets"][net].items():
             assert torch.equal(v, b["nets"][net][k]), (net, k)
+
+
+def run_full_and_resumed(make_trainer, tmp_path, steps: int = 10, split: int = 5):
+    """Train ``steps`` in one go, and ``split`` then resume (``resume='auto'``) to ``steps`` in another run
+    directory; asserts the resumed run really continued (one log line per 5 steps: [split, steps]). Returns
+    (full, resumed) trainers. ``make_trainer(out, steps, resume=None)`` builds a Trainer logging every 5 steps."""
+    import json
+    full = make_trainer(tmp_path / "full", steps)
+    full.run()
+    make_trainer(tmp_path / "split", split).run()
+    resumed = make_trainer(tmp_path / "split", steps, resume="auto")
+    resumed.run()
+    logged = [json.loads(line)["step"] for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert logged == [split, steps], logged
+    return full, resumed
