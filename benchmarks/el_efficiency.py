@@ -2,8 +2,8 @@
 proxy-FID, with and without the embedding loss, same seeds; also at half and quarter batch size.
 
     OMP_NUM_THREADS=1 python benchmarks/el_efficiency.py                                # all methods, preset lengths
-    OMP_NUM_THREADS=1 python benchmarks/el_efficiency.py --methods dmd2 --iters 1000 --weights 0.1,0.3,1 \\
-        --seeds 0,1,2 --set method.gan_weight=0
+    OMP_NUM_THREADS=1 python benchmarks/el_efficiency.py --methods dmd2 --iters 1000 --weights 0.3,1,3,10 \\
+        --seeds 0,1,2 --set dmd2:method.gan_weight=0
     OMP_NUM_THREADS=1 python benchmarks/el_efficiency.py --iters 150 --eval-every 25 --num-samples 500 \\
         --batch-fractions 1,0.5,0.25 --budget-minutes 10                               # reduced run (≈ 10 min)
 
@@ -67,7 +67,8 @@ def run_one(a, method: str, seed: int, batch: int, el: dict | None, iters: int, 
         flags["method"] = {"pairs_path": str(Path(a.out) / f"{method}_pairs")}
     if el:
         flags["el"] = el
-    overrides = [o for o in a.set if not o.startswith("el.")] + ([o for o in a.set if o.startswith("el.")] if el else [])
+    mine = [o.split(":", 1)[1] for o in a.set if o.split(":", 1)[0] == method] + [o for o in a.set if ":" not in o]
+    overrides = [o for o in mine if not o.startswith("el.")] + ([o for o in mine if o.startswith("el.")] if el else [])
     t0 = time.perf_counter()
     tr = distill(method, a.teacher, flags=flags, overrides=overrides, on_step=on_step)
     if not curve or curve[-1]["iter"] != tr.step:
@@ -95,7 +96,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--num-samples", type=int, default=1000, help="samples per proxy-FID evaluation")
     p.add_argument("--seeds", default="0")
-    p.add_argument("--weights", default="0.3", help="EL weights to run (comma-separated; the first is also used "
+    p.add_argument("--weights", default="3", help="EL weights to run (comma-separated; the first is also used "
                                                     "for the batch-size rows)")
     p.add_argument("--mode", default="relative", choices=["fixed", "relative"], help="EL weight mode")
     p.add_argument("--batch-size", type=int, help="full batch B (default: the preset's)")
@@ -104,8 +105,9 @@ def main() -> None:
                                                                "evaluations")
     p.add_argument("--out", default="runs/bench-el-efficiency")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--set", action="append", default=[], help="override for every run, e.g. method.gan_weight=0; "
-                                                              "el.KEY=VALUE only for the EL runs")
+    p.add_argument("--set", action="append", default=[], help="override for every run, e.g. run.grad_clip=1, or for "
+                                                              "one method: dmd2:method.gan_weight=0; el.KEY=VALUE "
+                                                              "only for the EL runs")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
