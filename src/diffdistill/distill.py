@@ -61,7 +61,10 @@ def distill(method: str, teacher_path, flags=None, config_file=None, overrides=N
     cfg["teacher"] = {"path": str(teacher_path), "step": tstate["step"], "sampling": tstate["sampling"]}
     # Supplements named in the config (the ``el`` section: --el-weight / --set el.KEY=...) join the given ones.
     from .methods.embedding_loss import embedding_loss_from_config
-    supplements = list(supplements) + embedding_loss_from_config(cfg.get("el"), get_method(method))
+    el = embedding_loss_from_config(cfg.get("el"), get_method(method))
+    if el:
+        cfg["el"] = el[0].options()   # the run's config records every EL option, defaults included
+    supplements = list(supplements) + el
     trainer = Trainer(cfg, teacher=teacher, teacher_path=str(teacher_path), supplements=supplements)
     if dry_run:
         return trainer

@@ -332,6 +332,13 @@ class EmbeddingLoss:
             logs["el/grad_ratio"] = lam * self.last_ratio   # ‖∇ λ·L_EL‖ / ‖∇ L_base‖ at the last measurement
         return lam * l_el, logs
 
+    def options(self) -> dict:
+        """Every constructor option with its value (what a run's config records, defaults included)."""
+        return {"weight": self.weight, "mode": self.mode, "count": self.count, "seed": self.seed,
+                "widths": self.widths, "activations": self.activations, "init": self.init, "kernel": self.kernel,
+                "scales": list(self.scales), "unbiased": self.unbiased, "resample_every": self.resample_every,
+                "ratio_every": self.ratio_every}
+
     # -------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"scale": self.scale, "last_refresh": self.last_refresh, "last_ratio": self.last_ratio}
