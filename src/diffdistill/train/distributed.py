@@ -59,11 +59,7 @@ def all_true(flag: bool) -> bool:
 
 def any_true(flag: bool) -> bool:
     """True when ``flag`` is true on any rank."""
-    if not is_distributed():
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=_reduce_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return not all_true(not flag)
 
 
 def all_gather_object(obj) -> list:

@@ -462,8 +462,7 @@ class Trainer:
     def _over_budget(self, max_minutes) -> bool:
         if not max_minutes:
             return False
-        over = float(self.train_seconds >= 60.0 * max_minutes)
-        return dist.all_reduce_mean(over) > 0  # every rank stops at the same step
+        return dist.any_true(self.train_seconds >= 60.0 * max_minutes)  # every rank stops at the same step
 
     def save_sample_grid(self) -> None:
         from ..eval.generate import generate
