@@ -138,10 +138,11 @@ def test_resume_is_exact_including_ema(tmp_path):
 
 
 def test_diff_instruct_ring8_end_to_end(ring8_teacher, tmp_path):
-    """1-step Diff-Instruct (points preset, 400 iterations, sampled from the EMA) within 2× the teacher's sliced W2
-    at 35 NFE and far below the untrained 1-step student. Measured: teacher 0.036, untrained 0.494, student 0.042."""
+    """1-step Diff-Instruct (points preset, 400 iterations, sampled from the EMA) within 1.5× the teacher's sliced
+    W2 at 35 NFE and ≥ 4× better than the teacher's own 1-step sample. Measured: teacher 0.036, untrained 0.494,
+    student 0.042."""
     res = ring8_teacher.distill_and_eval("diff_instruct", tmp_path, steps=400)
     print("diff_instruct ring8", {k: v for k, v in res.items() if k != "trainer"})
     assert res["modes_covered"] == 1.0
-    assert res["student"] < 2 * res["teacher"]
+    assert res["student"] < 1.5 * res["teacher"]
     assert res["student"] < 0.25 * res["untrained"]

@@ -125,10 +125,11 @@ def test_distill_run_dir_default_and_resume_reuses_pairs(tmp_path, capsys):
 
 
 def test_dmd_ring8_end_to_end(ring8_teacher, tmp_path):
-    """1-step DMD (points preset, 400 iterations) within 2.5× the teacher's sliced W2 at 35 NFE and far below the
-    untrained 1-step student. Measured: teacher 0.036, untrained 0.494, student 0.062."""
-    res = ring8_teacher.distill_and_eval("dmd", tmp_path, steps=400)
+    """1-step DMD (points preset, 1,500 iterations) within 1.5× the teacher's sliced W2 at 35 NFE and ≥ 4× better
+    than the teacher's own 1-step sample. Measured (seeds 0–2): teacher 0.036, untrained 0.494, student
+    0.044–0.052."""
+    res = ring8_teacher.distill_and_eval("dmd", tmp_path, steps=1500)
     print("dmd ring8", {k: v for k, v in res.items() if k != "trainer"})
     assert res["modes_covered"] == 1.0
-    assert res["student"] < 2.5 * res["teacher"]
+    assert res["student"] < 1.5 * res["teacher"]
     assert res["student"] < 0.25 * res["untrained"]
