@@ -343,5 +343,6 @@ def test_el_ring8_still_converges(ring8_teacher, tmp_path):
 @pytest.mark.parametrize("method", ["cd", "dmd2", "sid"])
 def test_el_ring8_still_converges_slow(ring8_teacher, tmp_path, method):
     """Measured (student vs teacher 0.036; the base method alone in brackets): CD 0.048 [0.043] (800 it., ≈ 80 s),
-    DMD2 0.058 [0.076] (1,000 it., TTUR 5, ≈ 30 s), SiD 0.041 (800 it. at batch 256, ≈ 85 s)."""
+    DMD2 0.046 (1,000 it. of the points preset: TTUR 5, GAN, input σ = 1; ≈ 80 s) [0.047 at 2,000 it.], SiD 0.041
+    (800 it. at batch 256, ≈ 85 s)."""
     _el_ring8(ring8_teacher, tmp_path, method)
