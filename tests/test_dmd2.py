@@ -462,3 +462,62 @@ def test_student_sigma_max_lowers_the_students_schedule_only(tmp_path):
     for bad in (0.0, 100.0):
         with pytest.raises(UserError, match="student_sigma_max"):
             _trainer(tmp_path, "dmd2", 1, student_sigma_max=bad)
+
+
+def test_gan_t_max_caps_only_the_gan_noise_levels():
+    """With gan_t_max = j the GAN's σ's (the bottleneck-only calls) lie in [grid[0], grid[j]], and the fake-score
+    loss still uses the whole grid; out-of-range indices are refused."""
+    from diffdistill.errors import UserError
+    m = _dmd2(batch_size=256, gan_t_max=300)
+    grid = dmd_sigma_grid()
+    m.fake = Recorder(m.fake)
+    real = (_real(m, 256), None)
+    for step in range(1, 4):
+        m.loss("critic", real, step)
+    gan = torch.cat([c["sigma"] for c in m.fake.calls if c["kw"].get("bottleneck_only")])
+    den = torch.cat([c["sigma"] for c in m.fake.calls if not c["kw"]])
+    assert len(gan) == 3 * 512 and float(gan.max()) <= float(grid[300]) * (1 + 1e-6)
+    assert float(gan.max()) > float(grid[290])          # the cap is reached, not undershot
+    assert float(den.max()) > float(grid[900])          # the fake-score loss keeps the whole grid
+    for bad in (-1, 1000):
+        with pytest.raises(UserError, match="gan_t_max"):
+            _dmd2(gan_t_max=bad)
+    m = _dmd2(batch_size=256, gan_t_min=200, gan_t_max=400)   # a floor as well
+    m.fake = Recorder(m.fake)
+    m.loss("critic", (_real(m, 256), None), 1)
+    gan = torch.cat([c["sigma"] for c in m.fake.calls if c["kw"].get("bottleneck_only")])
+    assert float(gan.min()) >= float(grid[200]) * (1 - 1e-6) and float(gan.max()) <= float(grid[400]) * (1 + 1e-6)
+    with pytest.raises(UserError, match="gan_t_min"):
+        _dmd2(gan_t_min=500, gan_t_max=400)
+
+
+def test_dm_t_range_narrows_only_the_dm_noise_levels():
+    """With dm_t_min/dm_t_max = 250/600 the DM gradient's σ's lie in [grid[250], grid[600]] and both ends are
+    reached; the critic's denoising loss keeps the whole grid unless critic_t_min/critic_t_max narrow it; a reversed
+    or out-of-grid range is refused."""
+    from diffdistill.errors import UserError
+    m = _dmd2(batch_size=256, gan_weight=0.0, dm_t_min=250, dm_t_max=600)
+    grid = dmd_sigma_grid()
+    m.fake = Recorder(m.fake)
+    dm = []
+    for step in range(0, 20, 5):
+        m.fake.calls.clear()
+        m.loss("generator", None, step)
+        dm += [c["sigma"] for c in m.fake.calls]
+    s = torch.cat(dm)
+    assert float(s.min()) >= float(grid[250]) * (1 - 1e-6) and float(s.max()) <= float(grid[600]) * (1 + 1e-6)
+    assert float(s.min()) < float(grid[255]) and float(s.max()) > float(grid[595])
+    m.fake.calls.clear()
+    m.loss("critic", None, 1)
+    crit = torch.cat([c["sigma"] for c in m.fake.calls])
+    assert float(crit.min()) < float(grid[250]) and float(crit.max()) > float(grid[600])
+    for lo, hi in ((600, 250), (-1, 500), (20, 1000)):
+        with pytest.raises(UserError, match="dm_t_min"):
+            _dmd2(dm_t_min=lo, dm_t_max=hi)
+        with pytest.raises(UserError, match="critic_t_min"):
+            _dmd2(critic_t_min=lo, critic_t_max=hi)
+    m = _dmd2(batch_size=256, gan_weight=0.0, critic_t_min=100, critic_t_max=700)   # the critic's own range
+    m.fake = Recorder(m.fake)
+    m.loss("critic", None, 1)
+    crit = torch.cat([c["sigma"] for c in m.fake.calls])
+    assert float(crit.min()) >= float(grid[100]) * (1 - 1e-6) and float(crit.max()) <= float(grid[700]) * (1 + 1e-6)

@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import UserError
 from ..train.ema import EMA, ema_beta
 from .registry import register
-from .score_distill import (CRITIC_T_MAX, CRITIC_T_MIN, GRID_SIZE, ScoreDistillMethod, dmd_sigma_grid, frozen,
+from .score_distill import (CRITIC_T_MAX, CRITIC_T_MIN, DM_T_MAX, DM_T_MIN, GRID_SIZE, ScoreDistillMethod, dmd_sigma_grid, frozen,
                             shared_randint)
 from .teacher import warmup_lambda
 
@@ -61,6 +61,14 @@ def backward_simulation_input(G, z: torch.Tensor, sigmas: list[float], k: int, g
             x_hat = G(x, torch.full((x.shape[0],), sigmas[j], device=x.device), labels)
             x = x_hat + sigmas[j + 1] * torch.randn(x.shape, generator=generator).to(x.device)
     return x
+
+
+def grid_index_range(name: str, lo, hi) -> tuple[int, int]:
+    """(lo, hi) checked as an inclusive range of indices into the 1000-point σ grid."""
+    if not CRITIC_T_MIN <= int(lo) <= int(hi) <= CRITIC_T_MAX:
+        raise UserError(f"{name}_min/{name}_max must be grid indices with {CRITIC_T_MIN} <= {name}_min <= {name}_max "
+                        f"<= {CRITIC_T_MAX}, got {lo}/{hi}")
+    return int(lo), int(hi)
 
 
 # ------------------------------------------------------------------------------------------------ GAN
@@ -176,7 +184,9 @@ class DMD2(ScoreDistillMethod):
                  dfake_gen_update_ratio: int = 5, gan_weight: float = 3e-3, gan_critic_weight: float = 1e-2,
                  critic_reduction: str = "mean", ema_halflife_kimg: float | None = None,
                  ema_rampup: float | None = 0.05, sigmas: list | None = None,
-                 student_sigma_max: float | None = None):
+                 student_sigma_max: float | None = None, gan_t_min: int = CRITIC_T_MIN, gan_t_max: int = CRITIC_T_MAX,
+                 dm_t_min: int = DM_T_MIN, dm_t_max: int = DM_T_MAX,
+                 critic_t_min: int = CRITIC_T_MIN, critic_t_max: int = CRITIC_T_MAX):
         super().__init__(ctx)
         if int(dfake_gen_update_ratio) < 1:
             raise UserError(f"dfake_gen_update_ratio must be >= 1, got {dfake_gen_update_ratio}")
@@ -202,6 +212,12 @@ class DMD2(ScoreDistillMethod):
                 raise UserError(f"sigmas must list {student_steps} positive, decreasing noise levels (one per student "
                                 f"step), got {sigmas!r}")
             self.sigmas = sig
+        # The GAN's noise levels: grid[U{gan_t_min..gan_t_max}] (official: the whole grid). A lower cap keeps the
+        # discriminator on noise levels where a small image still carries evidence.
+        self.gan_t_range = grid_index_range("gan_t", gan_t_min, gan_t_max)
+        # The DM gradient's and the fake-score loss's noise levels: grid[U{lo..hi}] (official 20..980 and 0..999).
+        self.dm_t_range = grid_index_range("dm_t", dm_t_min, dm_t_max)
+        self.critic_t_range = grid_index_range("critic_t", critic_t_min, critic_t_max)
         self.head = None
         if self.gan_weight > 0:
             self.head = build_gan_head(self.fake, self.shape, self.label_dim)
@@ -243,9 +259,9 @@ class DMD2(ScoreDistillMethod):
         return x, labels, k
 
     def gan_logits(self, x: torch.Tensor, labels=None) -> torch.Tensor:
-        """Diffusion-GAN logits: noise x at σ = grid[U{0..999}] (fresh per sample), run the fake-score network
-        and the head on its bottleneck features. Gradients reach x when x has them."""
-        _, sigma = self.grid_sigma(x.shape[0], CRITIC_T_MIN, CRITIC_T_MAX, self.grid)
+        """Diffusion-GAN logits: noise x at σ = grid[U{gan_t_min..gan_t_max}] (fresh per sample; official 0..999),
+        run the fake-score network and the head on its bottleneck features. Gradients reach x when x has them."""
+        _, sigma = self.grid_sigma(x.shape[0], *self.gan_t_range, self.grid)
         x_t = x + self.bview(sigma, x) * self.randn_like(x)
         return self.head(self.fake(x_t, sigma, labels, bottleneck_only=True))
 

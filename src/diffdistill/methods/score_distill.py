@@ -157,6 +157,8 @@ class ScoreDistillMethod(Method):
         self.shape = tuple(self.teacher.sample_shape)
         self.label_dim = int(getattr(self.teacher, "label_dim", 0) or 0)
         self.grid = dmd_sigma_grid(self.teacher.sigma_min, self.teacher.sigma_max)
+        # Grid-index ranges of the DM gradient and of the fake-score loss (official; a method may narrow them).
+        self.dm_t_range, self.critic_t_range = (DM_T_MIN, DM_T_MAX), (CRITIC_T_MIN, CRITIC_T_MAX)
         # The generator phase's samples, with grad (set by each method's generator loss; see ``generated_batch``).
         self.generated = None
         self.generated_labels = None
@@ -189,18 +191,19 @@ class ScoreDistillMethod(Method):
         return t, grid[t].to(self.ctx.device)
 
     def distribution_matching_loss(self, x: torch.Tensor, labels=None):
-        """DMD's generator loss on samples ``x`` (with grad): t ~ U{20..980}, x_t = sg(x) + σ_t·ε, the DM gradient
-        g from the fake and real denoisers at x_t, and the pseudo-loss ½·mean (x − sg(x − g))².
+        """DMD's generator loss on samples ``x`` (with grad): t ~ U{20..980} (``self.dm_t_range``), x_t = sg(x) +
+        σ_t·ε, the DM gradient g from the fake and real denoisers at x_t, and the pseudo-loss ½·mean (x − sg(x − g))².
         Returns (L_DM, g, t)."""
-        t, sigma = self.grid_sigma(x.shape[0], DM_T_MIN, DM_T_MAX, self.grid)
+        t, sigma = self.grid_sigma(x.shape[0], *self.dm_t_range, self.grid)
         x_t = x.detach() + self.bview(sigma, x) * self.randn_like(x)
         d_fake, d_real = paired_denoise(self.fake, self.teacher, x_t, sigma, labels)
         g = dm_gradient(x, d_real, d_fake)
         return dm_pseudo_loss(x, g), g, t
 
     def critic_denoising_loss(self, x: torch.Tensor, labels=None, reduction: str = "mean"):
-        """Fake-score loss on detached samples at σ = grid[U{0..999}] (DMD2's EDM code path)."""
-        _, sigma = self.grid_sigma(x.shape[0], CRITIC_T_MIN, CRITIC_T_MAX, self.grid)
+        """Fake-score loss on detached samples at σ = grid[U{0..999}] (DMD2's EDM code path;
+        ``self.critic_t_range``)."""
+        _, sigma = self.grid_sigma(x.shape[0], *self.critic_t_range, self.grid)
         return fake_score_loss(self.fake, x.detach(), sigma, self.randn_like(x), labels, reduction)
 
     @staticmethod
