@@ -521,3 +521,32 @@ def test_dm_t_range_narrows_only_the_dm_noise_levels():
     m.loss("critic", None, 1)
     crit = torch.cat([c["sigma"] for c in m.fake.calls])
     assert float(crit.min()) >= float(grid[100]) * (1 - 1e-6) and float(crit.max()) <= float(grid[700]) * (1 + 1e-6)
+
+
+def test_lr_decay_steps_cosine_to_zero_per_phase():
+    """lr_decay_steps = D: warm-up, then the cosine ½(1 + cos(π·s/D)) on both learning rates, reaching 0 at
+    iteration D — the critic counted in iterations, the generator in its own updates (D / ratio); without it the
+    learning rates stay constant after the warm-up (official)."""
+    import math as _m
+    from diffdistill.errors import UserError
+    m = _dmd2(lr=1e-3, warmup_steps=0, dfake_gen_update_ratio=5, lr_decay_steps=100)
+    crit, gen = m.schedulers["critic"], m.schedulers["generator"]
+    lrs = []
+    for s in range(101):
+        lrs.append(m.optimizers["critic"].param_groups[0]["lr"])
+        m.optimizers["critic"].step()
+        crit.step()
+    assert lrs[0] == pytest.approx(1e-3) and lrs[100] == pytest.approx(0.0, abs=1e-12)
+    assert lrs[50] == pytest.approx(1e-3 * 0.5 * (1 + _m.cos(_m.pi * 0.5)))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    for _ in range(10):
+        m.optimizers["generator"].step()
+        gen.step()
+    assert m.optimizers["generator"].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + _m.cos(_m.pi * 0.5)))
+    flat = _dmd2(lr=1e-3, warmup_steps=0)
+    for _ in range(200):
+        flat.optimizers["critic"].step()
+        flat.schedulers["critic"].step()
+    assert flat.optimizers["critic"].param_groups[0]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(UserError, match="lr_decay_steps"):
+        _dmd2(lr_decay_steps=0)

@@ -115,8 +115,14 @@ def digits_reference(device="cpu") -> dict:
         train, held = digits_split()
         with torch.no_grad():
             _DIGITS_REF_CACHE["ref"] = {"classifier": clf, "train": clf.features(train.x), "heldout": clf.features(held.x),
-                                        "n_train": len(train), "n_heldout": len(held)}
+                                        "n_train": len(train), "n_heldout": len(held),
+                                        "train_classes": class_histogram(clf.head(clf.features(train.x)))}
     return _DIGITS_REF_CACHE["ref"]
+
+
+def class_histogram(logits: torch.Tensor) -> torch.Tensor:
+    """Fraction of samples per predicted class (argmax of the logits), float64 [num_classes]."""
+    return torch.bincount(logits.argmax(1), minlength=logits.shape[1]).double() / len(logits)
 
 
 def digits_quality(samples: torch.Tensor, seed: int = 0) -> dict:
@@ -124,6 +130,7 @@ def digits_quality(samples: torch.Tensor, seed: int = 0) -> dict:
     ref = digits_reference()
     with torch.no_grad():
         feats = ref["classifier"].features(samples.clamp(-1, 1))
+        hist = class_histogram(ref["classifier"].head(feats))
     # KID's cubic kernel (xᵀy/d + 1)³ explodes on raw classifier features (norms ≫ √d, unlike Inception's), so KID
     # is taken on features divided by one fixed scale: the RMS per-dimension value of the training features.
     scale = ref["train"].square().mean().sqrt()
@@ -134,6 +141,11 @@ def digits_quality(samples: torch.Tensor, seed: int = 0) -> dict:
     subsets = [proxy_fid(feats[i:i + k], ref["train"]) for i in range(0, len(feats) - k + 1, k)]
     return {"proxy_fid": float(proxy_fid(feats, ref["train"])), "kid": float(kid_mean), "kid_std": float(kid_std),
             f"proxy_fid_n{k}": float(sum(subsets) / len(subsets)) if subsets else None,
+            # Mode weights: the classifier's class histogram of the samples and its total-variation distance to the
+            # training digits' (0 = the same class proportions). A proxy-FID that stalls with a large class_tv is
+            # a mode-weight problem, not a sample-quality one.
+            "class_hist": [round(float(v), 4) for v in hist],
+            "class_tv": float(0.5 * (hist - ref["train_classes"]).abs().sum()),
             "feature_space": "digits-classifier-64d", "reference": f"digits train split ({ref['n_train']} images)"}
 
 

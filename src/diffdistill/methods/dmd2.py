@@ -186,7 +186,8 @@ class DMD2(ScoreDistillMethod):
                  ema_rampup: float | None = 0.05, sigmas: list | None = None,
                  student_sigma_max: float | None = None, gan_t_min: int = CRITIC_T_MIN, gan_t_max: int = CRITIC_T_MAX,
                  dm_t_min: int = DM_T_MIN, dm_t_max: int = DM_T_MAX,
-                 critic_t_min: int = CRITIC_T_MIN, critic_t_max: int = CRITIC_T_MAX):
+                 critic_t_min: int = CRITIC_T_MIN, critic_t_max: int = CRITIC_T_MAX,
+                 lr_decay_steps: int | None = None):
         super().__init__(ctx)
         if int(dfake_gen_update_ratio) < 1:
             raise UserError(f"dfake_gen_update_ratio must be >= 1, got {dfake_gen_update_ratio}")
@@ -227,12 +228,18 @@ class DMD2(ScoreDistillMethod):
         self.optimizers["generator"] = torch.optim.AdamW(self.G.parameters(), lr=float(lr), **adamw)
         lr_critic = float(lr if lr_critic is None else lr_critic)
         self.optimizers["critic"] = torch.optim.AdamW(critic_params, lr=lr_critic, **adamw)
-        # DMD2 warms both learning rates up over `warmup_steps` iterations; the trainer steps a phase's scheduler
-        # only when the phase runs, so the generator's warm-up is counted in generator updates (÷ ratio).
+        # DMD2 warms both learning rates up over `warmup_steps` iterations, then keeps them constant; the trainer
+        # steps a phase's scheduler only when the phase runs, so the generator's schedule is counted in generator
+        # updates (÷ ratio). ``lr_decay_steps`` (not in the official code) adds a cosine decay of both to 0 at that
+        # iteration, so a short run ends on a settled generator instead of wherever the oscillation stops.
+        if lr_decay_steps is not None and int(lr_decay_steps) < 1:
+            raise UserError(f"lr_decay_steps must be a positive number of iterations, got {lr_decay_steps}")
+        decay = int(lr_decay_steps) if lr_decay_steps else None
         self.schedulers["generator"] = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizers["generator"], warmup_lambda(math.ceil(warmup_steps / self.ratio)))
+            self.optimizers["generator"], warmup_lambda(math.ceil(warmup_steps / self.ratio),
+                                                        decay and math.ceil(decay / self.ratio)))
         self.schedulers["critic"] = torch.optim.lr_scheduler.LambdaLR(self.optimizers["critic"],
-                                                                      warmup_lambda(warmup_steps))
+                                                                      warmup_lambda(warmup_steps, decay))
         self._cache = None  # (step, detached x, labels) of this step's generator phase, for the critic phase
         # Optional generator EMA (not in the official DMD2 code; FastGen's reproduction samples from one). Off by
         # default; on a small problem it smooths the generator's step-to-step oscillation under the TTUR.

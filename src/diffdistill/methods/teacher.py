@@ -9,6 +9,8 @@ sum over pixels; the batch loss is its mean (EDM reduces the same way).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..diffusion.schedules import sample_lognormal_sigma
@@ -31,8 +33,15 @@ def edm_loss(denoiser, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor
     return edm_loss_weight(sigma, sigma_data) * (D - x).square().flatten(1).sum(1)
 
 
-def warmup_lambda(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / max(warmup_steps, 1))
+def warmup_lambda(warmup_steps: int, decay_steps: int | None = None):
+    """LR factor at scheduler step s: linear warm-up min(1, (s+1)/warmup_steps), then constant, or, with
+    ``decay_steps`` D, times the cosine ½(1 + cos(π·min(s, D)/D)), which reaches 0 at s = D."""
+    def factor(step):
+        f = min(1.0, (step + 1) / max(warmup_steps, 1))
+        if decay_steps:
+            f *= 0.5 * (1.0 + math.cos(math.pi * min(step, decay_steps) / decay_steps))
+        return f
+    return factor
 
 
 @register
