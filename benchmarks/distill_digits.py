@@ -5,8 +5,9 @@ student's images/s against the teacher's, all measured in one run (a thin wrappe
     python benchmarks/distill_digits.py --methods dmd2,sid --budget-minutes 10
     python benchmarks/distill_digits.py --methods dmd2 --iters 3000 --set method.gan_weight=0
 
-Prints three tables (curves, final quality vs the teacher, speed) and leaves the full report (report.md/.html,
-plots, sample grids) in --out. Run with OMP_NUM_THREADS set to the cores you give it; nothing else should run.
+Prints three tables (curves, final quality and class-histogram distance vs the teacher, speed) and leaves the full
+report (report.md/.html, plots, sample grids) in --out. Run with OMP_NUM_THREADS set to the cores you give it;
+nothing else should run.
 """
 
 from __future__ import annotations
@@ -45,17 +46,20 @@ def main() -> None:
         for pt in m["curve"]:
             print(f"| {m['method']} | {pt['step']} | {pt['train_seconds']:.0f} | {pt[key]:.3f} |")
 
-    print(f"\n## final students ({r['num_samples']} samples) vs the teacher at 35 NFE ({t35[key]:.3f})\n")
-    print(f"| method | steps | {key} | ratio to teacher | iterations | train s | peak MiB | s to teacher quality |")
-    print("|---|---|---|---|---|---|---|---|")
+    tv = (lambda m: "–" if m.get("class_tv") is None else f"{m['class_tv']:.3f}")  # mode weights (digits)
+    print(f"\n## final students ({r['num_samples']} samples) vs the teacher at 35 NFE ({t35[key]:.3f}, class TV "
+          f"{tv(t35)})\n")
+    print(f"| method | steps | {key} | ratio to teacher | class TV | iterations | train s | peak MiB | "
+          "s to teacher quality |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for m in r["methods"]:
         if "error" in m:
-            print(f"| {m['method']} | – | failed: {m['error']} | | | | | |")
+            print(f"| {m['method']} | – | failed: {m['error']} | | | | | | |")
             continue
         for s in m["students"]:
             reach = m["seconds_to_teacher_quality"]
-            print(f"| {m['method']} | {s['steps']} | {s[key]:.3f} | {s[key] / t35[key]:.2f}× | {m['iterations']} | "
-                  f"{m['train_seconds']:.0f} | {m['peak_memory_mib']:.0f} | {'–' if reach is None else f'{reach:.0f}'} |")
+            print(f"| {m['method']} | {s['steps']} | {s[key]:.3f} | {s[key] / t35[key]:.2f}× | {tv(s)} | "
+                  f"{m['iterations']} | {m['train_seconds']:.0f} | {m['peak_memory_mib']:.0f} | {'–' if reach is None else f'{reach:.0f}'} |")
 
     print(f"\n## sampling speed at batch {r['batch_for_throughput']} (images/s, measured in this run)\n")
     print("| model | NFE | images/s | speed-up vs teacher 35 NFE | NFE ratio | speed-up / NFE ratio |")
