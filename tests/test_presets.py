@@ -60,3 +60,14 @@ def test_a_config_file_gives_the_same_run_as_the_builtin_preset(ring8_teacher):
     assert from_file == builtin
     official = distill_config("dmd2", state, config_file=str(ROOT / "configs" / "dmd2" / "official.yaml"))
     assert official["run"]["batch_size"] == 280 and official["method"]["lr"] == 2e-6
+
+
+def test_dmd2_lr_decay_over_the_run_follows_iters(ring8_teacher):
+    """method.lr_decay_steps=run becomes the run's length, after --iters; a number stays as given."""
+    import torch
+    from diffdistill.distill import distill_config
+    state = torch.load(ring8_teacher.path, weights_only=True)
+    cfg = distill_config("dmd2", state, flags={"run": {"steps": 1234}}, overrides=["method.lr_decay_steps=run"])
+    assert cfg["method"]["lr_decay_steps"] == 1234
+    cfg = distill_config("dmd2", state, overrides=["method.lr_decay_steps=500", "run.steps=900"])
+    assert cfg["method"]["lr_decay_steps"] == 500

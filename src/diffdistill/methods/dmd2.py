@@ -131,6 +131,13 @@ class DMD2(ScoreDistillMethod):
     needs_data = True  # the GAN term reads real data; without it (gan_weight = 0) DMD2 is data-free
 
     @classmethod
+    def resolve_schedule(cls, run: dict, method: dict, given: set) -> None:
+        """``lr_decay_steps: run`` decays the learning rates over the run's own length (run.steps, after --iters;
+        under a time budget run.steps is only a cap, so the decay then ends at the cap)."""
+        if method.get("lr_decay_steps") == "run":
+            method["lr_decay_steps"] = run.get("steps")
+
+    @classmethod
     def uses_data(cls, options):
         return float(options.get("gan_weight", 3e-3)) > 0
 
@@ -232,8 +239,10 @@ class DMD2(ScoreDistillMethod):
         # steps a phase's scheduler only when the phase runs, so the generator's schedule is counted in generator
         # updates (÷ ratio). ``lr_decay_steps`` (not in the official code) adds a cosine decay of both to 0 at that
         # iteration, so a short run ends on a settled generator instead of wherever the oscillation stops.
-        if lr_decay_steps is not None and int(lr_decay_steps) < 1:
-            raise UserError(f"lr_decay_steps must be a positive number of iterations, got {lr_decay_steps}")
+        if lr_decay_steps is not None and (not isinstance(lr_decay_steps, int) or isinstance(lr_decay_steps, bool)
+                                           or lr_decay_steps < 1):
+            raise UserError(f"lr_decay_steps must be a positive number of iterations, or 'run' for the run's length; "
+                            f"got {lr_decay_steps!r}")
         decay = int(lr_decay_steps) if lr_decay_steps else None
         self.schedulers["generator"] = torch.optim.lr_scheduler.LambdaLR(
             self.optimizers["generator"], warmup_lambda(math.ceil(warmup_steps / self.ratio),
