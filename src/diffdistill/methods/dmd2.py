@@ -31,8 +31,8 @@ from torch import nn
 from ..errors import UserError
 from ..train.ema import EMA, ema_beta
 from .registry import register
-from .score_distill import (CRITIC_T_MAX, CRITIC_T_MIN, DM_T_MAX, DM_T_MIN, GRID_SIZE, ScoreDistillMethod, dmd_sigma_grid, frozen,
-                            shared_randint)
+from .score_distill import (CRITIC_T_MAX, CRITIC_T_MIN, DM_T_MAX, DM_T_MIN, GRID_SIZE, ScoreDistillMethod,
+                            dmd_sigma_grid, frozen, shared_randint)
 from .teacher import warmup_lambda
 
 
@@ -246,7 +246,7 @@ class DMD2(ScoreDistillMethod):
         # DMD2 warms both learning rates up over `warmup_steps` iterations, then keeps them constant; the trainer
         # steps a phase's scheduler only when the phase runs, so the generator's schedule is counted in generator
         # updates (÷ ratio). ``lr_decay_steps`` (not in the official code) adds a cosine decay of both to 0 at that
-        # iteration, so a short run ends on a settled generator instead of wherever the oscillation stops.
+        # iteration, so a long run ends on a settled generator instead of wherever the oscillation stops.
         if lr_decay_steps is not None and (not isinstance(lr_decay_steps, int) or isinstance(lr_decay_steps, bool)
                                            or lr_decay_steps < 1):
             raise UserError(f"lr_decay_steps must be a positive number of iterations, or 'run' for the run's length; "
