@@ -114,9 +114,10 @@ def digits_reference(device="cpu") -> dict:
         clf = load_or_train_digits_classifier().eval()
         train, held = digits_split()
         with torch.no_grad():
-            _DIGITS_REF_CACHE["ref"] = {"classifier": clf, "train": clf.features(train.x), "heldout": clf.features(held.x),
+            f_train = clf.features(train.x)
+            _DIGITS_REF_CACHE["ref"] = {"classifier": clf, "train": f_train, "heldout": clf.features(held.x),
                                         "n_train": len(train), "n_heldout": len(held),
-                                        "train_classes": class_histogram(clf.head(clf.features(train.x)))}
+                                        "train_classes": class_histogram(clf.head(f_train))}
     return _DIGITS_REF_CACHE["ref"]
 
 
