@@ -14,7 +14,7 @@ from helpers.dm_helpers import assert_same_ema_method_state, MLP_CFG, UNET_CFG, 
 from diffdistill.methods.score_distill import fake_score_loss
 from diffdistill.methods.sid import (SiD, nan_to_num_grad, sample_sid_sigma, sid_fake_score_loss,
                                      sid_generator_loss, sid_sigma, sid_weight)
-from diffdistill.methods.teacher import edm_loss
+from diffdistill.diffusion.losses import edm_loss
 
 ALPHAS = (0.0, 1.0, 1.2)
 

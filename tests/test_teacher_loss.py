@@ -5,7 +5,7 @@ import math
 import torch
 
 from diffdistill.diffusion.precond import EDMPrecond
-from diffdistill.methods.teacher import edm_loss, edm_loss_weight
+from diffdistill.diffusion.losses import edm_loss, edm_loss_weight
 from diffdistill.nets.mlp import MLPDenoiserNet
 from diffdistill.train.ema import ema_beta
 

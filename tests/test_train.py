@@ -18,7 +18,7 @@ from diffdistill.train.trainer import DivergenceError, Trainer
 def _params(trainer):
     sd = trainer.method.state_dict()
     flat = {f"net.{k}": v for k, v in sd["nets"]["net"].items()}
-    flat.update({f"ema.{k}": v for k, v in sd["extra"]["ema"].items()})
+    flat.update({f"ema.{k}": v for k, v in sd["emas"]["net"].items()})
     for i, st in sd["optimizers"]["net"]["state"].items():
         flat.update({f"opt.{i}.{k}": v for k, v in st.items() if torch.is_tensor(v)})
     return flat

@@ -23,10 +23,23 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see '{self.prog} --help')")
 
 
-def _add_run_flags(p, steps_default_help="preset's"):
+class _Deprecated(argparse.Action):
+    """An old spelling of a flag: works for this release, with one line naming the new one."""
+
+    def __init__(self, option_strings, dest, new_flag=None, **kw):
+        self.new_flag = new_flag
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"diffdistill: warning: {option_string} is deprecated here, use {self.new_flag}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_run_flags(p):
     p.add_argument("--config", help="YAML/JSON file with sections run/data/net/method")
     p.add_argument("--out", help="run directory (default: the preset's, under runs/)")
-    p.add_argument("--steps", type=int, help=f"training iterations (default: the {steps_default_help})")
+    p.add_argument("--iters", dest="iters", type=int, help="training iterations (default: the preset's)")
+    p.add_argument("--steps", dest="iters", type=int, action=_Deprecated, new_flag="--iters", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, help="batch size per process")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda or cuda:N")
@@ -39,7 +52,7 @@ def _add_run_flags(p, steps_default_help="preset's"):
 
 
 def _run_flags(a) -> dict:
-    run = {k: v for k, v in {"out": a.out, "steps": a.steps, "batch_size": a.batch_size, "seed": a.seed,
+    run = {k: v for k, v in {"out": a.out, "steps": a.iters, "batch_size": a.batch_size, "seed": a.seed,
                              "device": a.device, "resume": a.resume}.items() if v is not None}
     if a.no_progress:
         run["progress"] = False
@@ -47,12 +60,13 @@ def _run_flags(a) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PRESETS
+    from .config import TEACHER_PRESETS
     p = _Parser(prog="diffdistill", description="Distill diffusion teachers into one-step / few-step students.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("train-teacher", help="train a teacher denoiser with the EDM loss")
-    t.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="built-in recipe (default digits)")
+    t.add_argument("--preset", choices=sorted(TEACHER_PRESETS),
+                   help="built-in recipe, configs/edm/NAME.yaml (default digits, or the config file's preset:)")
     t.add_argument("--data", help="dataset: digits | ring8 | checkerboard | two_moons | a folder, .zip or .npz")
     _add_run_flags(t)
 
@@ -109,8 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one of: " + ", ".join(sorted(methods)))
     m.add_argument("--teacher", required=True, help="teacher: checkpoint (.pt), exported .safetensors, NVlabs/edm .pkl "
                                                     "or diffusers UNet2DModel folder")
-    m.add_argument("--student-steps", "--steps", dest="student_steps", type=int,
+    m.add_argument("--student-steps", dest="student_steps", type=int,
                    help="sampling steps of the student (default: the method's, usually 1)")
+    m.add_argument("--steps", dest="student_steps", type=int, action=_Deprecated, new_flag="--student-steps",
+                   help=argparse.SUPPRESS)
+    m.add_argument("--preset", help="configs/METHOD/NAME.yaml: 'official' (the paper's recipe: the method's "
+                                    "defaults + official run settings), 'images' or 'points' (default: the "
+                                    "teacher's kind, or the config file's preset:); 'diffdistill options METHOD' "
+                                    "lists them")
     m.add_argument("--iters", type=int, help="training iterations (default: the method's preset)")
     m.add_argument("--start-steps", type=int, metavar="N",
                    help="step-halving methods (pd, cfd, rdd): the teacher's steps at the start, N -> N/2 -> ... -> "
@@ -179,7 +199,7 @@ def cmd_train_teacher(a) -> int:
     flags = _run_flags(a)
     if a.data:
         flags["data"] = _data_spec(a.data)
-    cfg = resolve(a.preset, a.config, flags, a.set)
+    cfg = resolve(a.preset, a.config, flags, a.set, default_preset="digits")
     trainer = Trainer(cfg)
     if a.dry_run:
         from .train.memory import dry_run_report
@@ -210,38 +230,26 @@ def cmd_distill(a) -> int:
         flags["run"]["progress"] = False
     if a.student_steps is not None:
         if a.student_steps <= 0:
-            raise UserError(f"--steps (student steps) must be positive, got {a.student_steps}")
+            raise UserError(f"--student-steps must be positive, got {a.student_steps}")
         flags["method"] = {"student_steps": a.student_steps}
     halving = {k: v for k, v in {"start_steps": a.start_steps, "iters_per_halving": a.iters_per_halving}.items()
                if v is not None}
-    if halving:
-        import inspect
-        from .methods.registry import get_method, list_methods
-        accepts = lambda name: "start_steps" in inspect.signature(get_method(name).__init__).parameters  # noqa: E731
-        if not accepts(a.method):
-            names = ", ".join(n for n in list_methods(role="student") if accepts(n))
-            raise UserError(f"--start-steps/--iters-per-halving set a step-halving schedule; method {a.method!r} "
-                            f"has none (methods with one: {names})")
-        for k, v in halving.items():
-            if v <= 0:
-                raise UserError(f"--{k.replace('_', '-')} must be positive, got {v}")
+    if halving:  # the method's schema refuses them if it has no step-halving schedule
         flags.setdefault("method", {}).update(halving)
     if a.data:
         flags["data"] = _data_spec(a.data)
     if a.el_weight is not None:
         flags["el"] = {"weight": a.el_weight}
     if a.dry_run:
-        import inspect
         import tempfile
-        from .methods.registry import get_method
         from .train.memory import dry_run_report
         with tempfile.TemporaryDirectory(prefix="diffdistill-dry-run-") as tmp:
-            if "run_dir" in inspect.signature(get_method(a.method).__init__).parameters:
-                flags.setdefault("method", {})["run_dir"] = tmp  # files a method precomputes go to a temp folder
-            trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set, dry_run=True)
+            flags["run"]["out"] = tmp  # files a method precomputes (DMD's pairs) go to a temp folder
+            trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set, dry_run=True,
+                              preset=a.preset)
             print(dry_run_report(trainer))
         return 0
-    trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set)
+    trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set, preset=a.preset)
     if trainer.stopped_by_signal:
         return _stopped(trainer)
     print(f"student checkpoint: {trainer.ckpt_dir}/ (newest ckpt-*.pt)")
@@ -249,11 +257,9 @@ def cmd_distill(a) -> int:
 
 
 def _data_spec(s: str) -> dict:
-    from .config import PRESETS
-    if s == "digits":
-        return {"name": "digits", "split": "train"}
-    if s in PRESETS and PRESETS[s]["data"].get("name") == s:
-        return dict(PRESETS[s]["data"])
+    from .config import TEACHER_PRESETS, load_preset
+    if s in TEACHER_PRESETS:  # a built-in data set: as its teacher preset loads it
+        return dict(load_preset("edm", s)["data"])
     return {"path": s}
 
 

@@ -8,58 +8,75 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
 from .errors import UserError
+from .options import Options, nearest, option
 
-RUN_DEFAULTS = {
-    "out": "runs/run",
-    "seed": 0,
-    "device": "cpu",
-    "steps": 1000,
-    "batch_size": 128,          # per rank
-    "log_every": 50,
-    "ckpt_every": 500,
-    "sample_every": 500,
-    "keep_ckpts": 3,
-    "nan_policy": "stop",       # 'stop' or 'skip'
-    "spike_factor": 10.0,       # a loss / grad norm above this × its running median is logged as a spike (0: off)
-    "global_batch_size": None,  # if set: batch_size = global_batch_size / number of processes (must divide)
-    "grad_clip": None,          # max grad norm, None = off
-    "progress": True,
-    "resume": None,             # None, 'auto' or a checkpoint path
-    "max_minutes": None,        # wall-clock budget of the training loop (evaluation excluded); None = steps only
-    "precision": "fp32",        # 'fp32' or 'bf16' (autocast around the losses; weights and optimizer stay fp32)
-    "compile": False,           # torch.compile every trained network and the teacher (in place; same weights)
-    "channels_last": False,     # NHWC memory format for image networks (faster convolutions on GPUs)
-    "num_sample_grid": 64,
-}
+@dataclass
+class RunOptions(Options):
+    """The ``run`` section: where and how long a run trains, and how it logs, checkpoints and guards itself."""
 
-PRESETS = {
-    # 413 k-parameter SongUNet on the 1,500 training digits (297 held out for the real-data floor).
-    "digits": {
-        "run": {"steps": 3000, "batch_size": 128, "ckpt_every": 1000, "sample_every": 1000, "out": "runs/teacher-digits"},
-        "data": {"name": "digits", "split": "train"},
-        "net": {"arch": "songunet", "img_channels": 1, "img_resolution": 8, "label_dim": 0, "sigma_data": 0.5,
-                "kwargs": {"model_channels": 32, "channel_mult": [1, 1], "num_blocks": 2,
-                           "attn_resolutions": [4], "dropout": 0.0}},
-        "method": {"name": "edm", "lr": 2e-3, "warmup_steps": 200, "ema_halflife_kimg": 50.0, "ema_rampup": 0.1},
-    },
-    # MLP teacher on 2-D mixtures (data std ≈ 0.5 per coordinate, σ_d = 0.5).
-    "ring8": {
-        "run": {"steps": 3000, "batch_size": 512, "ckpt_every": 1000, "sample_every": 1000, "out": "runs/teacher-ring8"},
-        "data": {"name": "ring8", "n": 20000, "seed": 0},
-        "net": {"arch": "mlp", "img_channels": 2, "img_resolution": 0, "label_dim": 0, "sigma_data": 0.5,
-                "kwargs": {"hidden": 256, "depth": 4}},
-        "method": {"name": "edm", "lr": 1e-3, "warmup_steps": 100, "ema_halflife_kimg": 100.0, "ema_rampup": 0.1},
-    },
-}
-for _toy in ("checkerboard", "two_moons"):
-    PRESETS[_toy] = copy.deepcopy(PRESETS["ring8"])
-    PRESETS[_toy]["data"]["name"] = _toy
-    PRESETS[_toy]["run"]["out"] = f"runs/teacher-{_toy}"
+    section = "run"
+    out: str = option("runs/run", "run directory")
+    seed: int = option(0, "seed of noise draws, batch order and initialisation", ge=0)
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+    steps: int = option(1000, "training iterations (--iters)", ge=1)
+    batch_size: int = option(128, "batch per process (--batch-size)", ge=1)
+    global_batch_size: Optional[int] = option(None, "if set: batch_size = global_batch_size / processes", ge=1)
+    log_every: int = option(50, "iterations between log.jsonl records", ge=1)
+    ckpt_every: int = option(500, "iterations between checkpoints (0: only at the end)", ge=0)
+    sample_every: int = option(500, "iterations between sample grids (0: only at the end)", ge=0)
+    keep_ckpts: int = option(3, "checkpoints kept (0: all)", ge=0)
+    nan_policy: str = option("stop", "non-finite loss or gradient: stop (exit 3) or skip the step",
+                             choices=("stop", "skip"))
+    spike_factor: float = option(10.0, "log a spike when a loss / grad norm exceeds this × its running median "
+                                       "(0: off)", ge=0)
+    grad_clip: Optional[float] = option(None, "max gradient norm per phase (null: off)", gt=0)
+    progress: bool = option(True, "progress bar")
+    resume: Optional[str] = option(None, "'auto' (newest valid checkpoint) or a checkpoint path")
+    max_minutes: Optional[float] = option(None, "wall-clock budget of the training loop (--budget-minutes)", gt=0)
+    precision: str = option("fp32", "fp32, or bf16 autocast around the losses (weights stay fp32)",
+                            choices=("fp32", "bf16"))
+    compile: bool = option(False, "torch.compile every trained network and the teacher")
+    channels_last: bool = option(False, "NHWC memory format for image networks")
+    num_sample_grid: int = option(64, "images in each sample grid", ge=1)
+
+    def validate(self):
+        check_device(self.device)
+
+
+# Top-level sections of a config; anything else is a typo.
+SECTIONS = ("run", "data", "net", "method", "el", "teacher", "preset")
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def preset_path(owner: str, name: str) -> Path:
+    """``configs/<owner>/<name>.yaml`` inside the package (installed with it; a checkout's ``configs/`` links here)."""
+    return PRESET_DIR / owner / f"{name}.yaml"
+
+
+def list_presets(owner: str) -> list[str]:
+    d = PRESET_DIR / owner
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def load_preset(owner: str, name: str) -> dict:
+    """A preset file's sections (its own ``preset:`` key removed)."""
+    p = preset_path(owner, name)
+    if not p.is_file():
+        raise UserError(f"unknown preset {name!r} for {owner}; choose one of: {', '.join(list_presets(owner))}"
+                        + nearest(name, list_presets(owner)))
+    cfg = load_config_file(p)
+    cfg.pop("preset", None)
+    return cfg
+
+
+TEACHER_PRESETS = ("digits", "ring8", "checkerboard", "two_moons")
 
 
 def deep_update(base: dict, new: dict) -> dict:
@@ -77,9 +94,22 @@ def load_config_file(path) -> dict:
         cfg = yaml.safe_load(p.read_text()) if p.suffix in (".yaml", ".yml") else json.loads(p.read_text())
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise UserError(f"cannot parse config file {p}: {str(e).splitlines()[0]}; fix its YAML/JSON syntax") from None
+    if cfg is None:
+        return {}
     if not isinstance(cfg, dict):
-        raise UserError(f"config file {p} must hold a mapping (sections run/data/net/method)")
-    return cfg
+        raise UserError(f"config file {p} must hold a mapping (sections {', '.join(SECTIONS)})")
+    check_sections(cfg, f"config file {p}")
+    # An empty section (every key commented out) means "nothing to change", not "erase the preset's values".
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def check_sections(cfg: dict, where: str) -> None:
+    """Unknown top-level sections are typos: refuse them, naming the nearest valid one."""
+    for k, v in cfg.items():
+        if k not in SECTIONS:
+            raise UserError(f"{where}: unknown section {k!r}{nearest(k, SECTIONS)}; valid: {', '.join(SECTIONS)}")
+        if k != "preset" and v is not None and not isinstance(v, dict):
+            raise UserError(f"{where}: section {k!r} must be a mapping of key: value, got {v!r}")
 
 
 def _parse_value(val: str):
@@ -100,8 +130,12 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise UserError(f"--set expects key=value (e.g. run.steps=200), got {item!r}")
         key, val = item.split("=", 1)
-        node = cfg
+        key = key.strip()
         parts = key.split(".")
+        if len(parts) < 2 or not all(parts):
+            raise UserError(f"--set {key}: name a section and a key, e.g. run.steps=200 or method.lr=1e-4")
+        check_sections({parts[0]: {}}, f"--set {key}")
+        node = cfg
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -110,49 +144,36 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     return cfg
 
 
-def resolve(preset: str | None, config_file=None, flags: dict | None = None, overrides=None) -> dict:
+def given_keys(*layers, overrides=()) -> set:
+    """Dotted keys (``run.steps``, ``method.lr``) set explicitly by config files, flags and --set."""
+    keys = {f"{sec}.{k}" for c in layers for sec, v in (c or {}).items() if isinstance(v, dict) for k in v}
+    return keys | {str(o).split("=", 1)[0].strip() for o in overrides or []}
+
+
+def resolve(preset: str | None, config_file=None, flags: dict | None = None, overrides=None,
+            default_preset: str | None = None) -> dict:
+    """Teacher training: run defaults ← ``configs/edm/<preset>.yaml`` ← config file ← flags ← --set; the method
+    section is completed with every option of the EDM loss (its schema's defaults)."""
+    file_cfg = load_config_file(config_file) if config_file else {}
+    preset = preset or file_cfg.get("preset") or default_preset
     cfg = {"run": dict(RUN_DEFAULTS)}
     if preset:
-        if preset not in PRESETS:
-            raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-        cfg = deep_update(cfg, PRESETS[preset])
-    if config_file:
-        cfg = deep_update(cfg, load_config_file(config_file))
+        if preset not in TEACHER_PRESETS:
+            raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(TEACHER_PRESETS)}"
+                            + nearest(preset, TEACHER_PRESETS))
+        cfg = deep_update(cfg, load_preset("edm", preset))
+    cfg = deep_update(cfg, {k: v for k, v in file_cfg.items() if k != "preset"})
     cfg = deep_update(cfg, flags or {})
     cfg = apply_overrides(cfg, overrides)
-    validate_run(cfg["run"])
+    cfg.setdefault("method", {}).setdefault("name", "edm")
+    cfg["preset"] = {"name": preset, "file": str(preset_path("edm", preset)) if preset else None}
+    cfg["run"] = validate_run(cfg["run"])
     return cfg
 
 
-def validate_run(run: dict) -> None:
-    for key in ("steps", "batch_size"):
-        v = run.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            flag = {"steps": "--steps (train-teacher) or --iters (distill)", "batch_size": "--batch-size"}[key]
-            raise UserError(f"run.{key} must be a positive integer, got {v!r}: set it with {flag} N, N >= 1")
-    mm = run.get("max_minutes")
-    if mm is not None and (isinstance(mm, bool) or not isinstance(mm, (int, float)) or mm <= 0):
-        raise UserError(f"run.max_minutes must be a positive number of minutes, got {mm!r}")
-    if run.get("precision", "fp32") not in ("fp32", "bf16"):
-        raise UserError(f"run.precision must be 'fp32' or 'bf16', got {run.get('precision')!r}")
-    for key in ("compile", "channels_last"):
-        if not isinstance(run.get(key, False), bool):
-            raise UserError(f"run.{key} must be true or false, got {run.get(key)!r}")
-    if run.get("nan_policy") not in ("stop", "skip"):
-        raise UserError(f"run.nan_policy must be 'stop' or 'skip', got {run.get('nan_policy')!r}")
-    for key in ("ckpt_every", "log_every", "sample_every", "keep_ckpts"):
-        v = run.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-            raise UserError(f"run.{key} must be a non-negative integer, got {v!r}")
-    if not run.get("log_every"):
-        raise UserError("run.log_every must be at least 1")
-    g = run.get("global_batch_size")
-    if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g <= 0):
-        raise UserError(f"run.global_batch_size must be a positive integer (or null), got {g!r}")
-    sf = run.get("spike_factor")
-    if sf is not None and (isinstance(sf, bool) or not isinstance(sf, (int, float)) or sf < 0):
-        raise UserError(f"run.spike_factor must be a number >= 0 (0 turns spike warnings off), got {sf!r}")
-    check_device(run.get("device", "cpu"))
+def validate_run(run: dict) -> dict:
+    """The run section checked against its schema (unknown keys, types, ranges); returns it complete."""
+    return RunOptions.from_dict(run, owner="the run").to_dict()
 
 
 def check_device(device) -> None:
@@ -184,3 +205,6 @@ def per_process_batch(run: dict, world: int) -> int:
         raise UserError(f"run.global_batch_size={g} is not divisible by the {world} processes: use a multiple of "
                         f"{world} (e.g. {lo or hi} or {hi}), or give the per-process --batch-size instead")
     return g // world
+
+
+RUN_DEFAULTS = RunOptions.defaults()

@@ -3,9 +3,8 @@ method's preset for the data kind, and hand everything to the one Trainer."""
 
 from __future__ import annotations
 
-import inspect
-
-from .config import RUN_DEFAULTS, apply_overrides, deep_update, load_config_file, validate_run
+from .config import (RUN_DEFAULTS, apply_overrides, deep_update, given_keys, load_config_file, load_preset,
+                     preset_path, validate_run)
 from .errors import UserError
 from .methods.registry import get_method
 
@@ -20,44 +19,46 @@ def load_teacher(path, device="cpu"):
     return net, state
 
 
-def distill_config(method: str, teacher_state: dict, flags=None, config_file=None, overrides=None) -> dict:
+def teacher_kind(teacher_state: dict) -> str:
+    """'images' or 'points': which default preset a method uses for this teacher."""
+    return "points" if not teacher_state["net_config"].get("img_resolution") else "images"
+
+
+def distill_config(method: str, teacher_state: dict, flags=None, config_file=None, overrides=None,
+                   preset: str | None = None) -> dict:
+    """Resolve a distillation run's config: run defaults ← the teacher's data and network ← the preset file
+    ``configs/<method>/<preset>.yaml`` ← config file ← flags ← --set; then the method's schedule hook and the run
+    schema. The preset is ``--preset``, else the config file's ``preset:`` key, else the teacher's kind
+    (``images`` / ``points``); ``official`` is the method's dataclass defaults plus the official run settings."""
     cls = get_method(method)
     tcfg = teacher_state["config"]
-    kind = "points" if not teacher_state["net_config"].get("img_resolution") else "images"
-    cfg = {"run": deep_update(RUN_DEFAULTS, {"out": f"runs/{method}"}), "data": dict(tcfg.get("data") or {}),
-           "net": teacher_state["net_config"], "method": {"name": method}}
-    cfg = deep_update(cfg, getattr(cls, "presets", {}).get(kind, {}))
     file_cfg = load_config_file(config_file) if config_file else {}
-    cfg = deep_update(cfg, file_cfg)
+    preset = preset or file_cfg.get("preset") or teacher_kind(teacher_state)
+    cfg = {"run": deep_update(RUN_DEFAULTS, {"out": f"runs/{cls.name}"}), "data": dict(tcfg.get("data") or {}),
+           "net": teacher_state["net_config"], "method": {}}
+    cfg = deep_update(cfg, load_preset(cls.name, preset))
+    cfg = deep_update(cfg, {k: v for k, v in file_cfg.items() if k != "preset"})
     cfg = deep_update(cfg, flags or {})
     cfg = apply_overrides(cfg, overrides)
-    cfg["method"]["name"] = method
-    # Methods whose length follows from a schedule of their own (PD: halvings × iterations per halving) define
-    # ``resolve_schedule(run, method, given)``; ``given`` holds the dotted keys set explicitly (file, flags, --set).
-    resolve_schedule = getattr(cls, "resolve_schedule", None)
-    if resolve_schedule is not None:
-        given = {f"{sec}.{k}" for c in (file_cfg, flags or {}) for sec in ("run", "method") for k in (c.get(sec) or {})}
-        given |= {str(o).split("=", 1)[0].strip() for o in overrides or []}
-        resolve_schedule(cfg["run"], cfg["method"], given)
-    validate_run(cfg["run"])
-    # Methods that keep files of their own in the run directory (e.g. DMD's teacher pairs) take ``run_dir``.
-    if "run_dir" in inspect.signature(cls.__init__).parameters:
-        cfg["method"].setdefault("run_dir", str(cfg["run"]["out"]))
-    # Methods whose defaults depend on the data set (CFD/RDD pick a classifier for it) take ``data_name``.
-    if "data_name" in inspect.signature(cls.__init__).parameters:
-        cfg["method"].setdefault("data_name", (cfg.get("data") or {}).get("name"))
+    cfg["method"].pop("name", None)
+    cls.resolve_schedule(cfg["run"], cfg["method"], given_keys(file_cfg, flags, overrides=overrides))
+    cfg["run"] = validate_run(cfg["run"])
+    cfg["method"] = {"name": cls.name, **cls.Options.from_dict(cfg["method"], owner=cls.name).to_dict()}
+    cfg["preset"] = {"name": preset, "file": str(preset_path(cls.name, preset))}
     return cfg
 
 
 def distill(method: str, teacher_path, flags=None, config_file=None, overrides=None, supplements=(), on_sample=None,
-            on_step=None, dry_run: bool = False):
+            on_step=None, dry_run: bool = False, preset: str | None = None):
     """Build the trainer and train; with ``dry_run`` return the built trainer without training or writing."""
     from .train.trainer import Trainer
     from .config import check_device
     device = ((flags or {}).get("run") or {}).get("device", "cpu")
     check_device(device)  # before the teacher is moved there
     teacher, tstate = load_teacher(teacher_path, device)
-    cfg = distill_config(method, tstate, flags, config_file, overrides)
+    cfg = distill_config(method, tstate, flags, config_file, overrides, preset=preset)
+    print(f"[diffdistill] {get_method(method).name}: preset {cfg['preset']['name']!r} ({cfg['preset']['file']})"
+          + (f" + {config_file}" if config_file else ""), flush=True)
     cfg["teacher"] = {"path": str(teacher_path), "step": tstate["step"], "sampling": tstate["sampling"]}
     # Supplements named in the config (the ``el`` section: --el-weight / --set el.KEY=...) join the given ones.
     from .methods.embedding_loss import embedding_loss_from_config

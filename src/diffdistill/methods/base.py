@@ -15,6 +15,9 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
+from ..options import Options
+from ..train.ema import EMA, EMAOptions
+
 
 @dataclass
 class MethodContext:
@@ -29,6 +32,8 @@ class MethodContext:
     teacher_path: Optional[str] = None
     sample_shape: tuple = ()
     num_classes: int = 0
+    run_dir: Optional[str] = None        # the run directory (methods that precompute files, e.g. DMD's pairs)
+    data_name: Optional[str] = None      # the data set's name (CFD/RDD pick a classifier for it)
 
 
 class Method(ABC):
@@ -41,18 +46,40 @@ class Method(ABC):
     # The phase that trains a generator from noise (None: the method has none). Supplements such as the embedding
     # loss attach to this phase and read its samples through ``generated_batch``.
     generator_phase: ClassVar[Optional[str]] = None
+    # The option schema: a dataclass whose defaults are the official recipe (see ``options.py``).
+    Options: ClassVar[type] = Options
 
     @classmethod
-    def uses_data(cls, options: dict) -> bool:
+    def uses_data(cls, opts) -> bool:
         """Whether a run with these options reads real data (the trainer then builds a data loader). Default: the
         class's ``needs_data``; methods whose data use depends on an option (DMD2's GAN, SiDA) override it."""
         return cls.needs_data
 
-    def __init__(self, ctx: MethodContext, **options: Any):
+    @classmethod
+    def resolve_schedule(cls, run: dict, method: dict, given: set) -> None:
+        """Fill options that follow from the run (e.g. PD's length from its halvings) into the ``run`` and
+        ``method`` sections before validation; ``given`` holds the dotted keys set explicitly. Default: nothing."""
+
+    def __init__(self, ctx: MethodContext, opts=None, **overrides: Any):
+        """``opts``: an instance of ``self.Options`` (the trainer builds it from the config); keyword overrides
+        are validated against the schema (``Method(ctx, lr=1e-4)`` is ``Method(ctx, Options(lr=1e-4))``)."""
         self.ctx = ctx
+        if opts is None:
+            opts = self.Options.from_dict(overrides, owner=getattr(self, "name", None))
+        elif overrides:
+            opts = opts.replace(**overrides)
+        self.opts = opts
         self.nets: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, Any] = {}
+        self.emas: dict[str, EMA] = {}   # updated by the trainer after every iteration (``track_ema``)
+
+    def track_ema(self, net_name: str, rule: EMAOptions, key: str | None = None) -> EMA:
+        """Keep an EMA copy of ``self.nets[net_name]`` under ``key`` (default the net's name); the trainer updates
+        it once per iteration with β from ``rule`` and checkpoints it. Returns the copy."""
+        ema = EMA(self.nets[net_name], source=net_name, rule=rule)
+        self.emas[key or net_name] = ema
+        return ema
 
     @abstractmethod
     def phases(self, step: int) -> list[str]:
@@ -99,6 +126,7 @@ class Method(ABC):
             "nets": {k: v.state_dict() for k, v in self.nets.items()},
             "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
             "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()},
+            "emas": {k: v.net.state_dict() for k, v in self.emas.items()},
             "extra": self.extra_state(),
         }
 
@@ -109,6 +137,11 @@ class Method(ABC):
             opt.load_state_dict(state["optimizers"][k])
         for k, sch in self.schedulers.items():
             sch.load_state_dict(state["schedulers"][k])
+        emas = state.get("emas")
+        if emas is None and len(self.emas) == 1 and "ema" in state.get("extra", {}):
+            emas = {next(iter(self.emas)): state["extra"]["ema"]}   # a checkpoint from before trainer-owned EMAs
+        for k, ema in self.emas.items():
+            ema.net.load_state_dict(emas[k])
         self.load_extra_state(state.get("extra", {}))
 
     def trainable_params(self, phase: str):

@@ -42,7 +42,7 @@ from ..train.ema import EMA, ema_beta
 from .base import Method
 from .registry import register
 from .score_distill import trainable_copy
-from .teacher import warmup_lambda
+from ..train.lr import warmup_lambda
 
 DISTANCES = ("l2", "l1", "pseudo_huber")
 HUBER_C_PER_SQRT_DIM = 0.00054      # iCT (Song & Dhariwal 2023): c = 0.00054·√d

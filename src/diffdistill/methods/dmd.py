@@ -36,7 +36,7 @@ from ..train import distributed as dist
 from ..train.checkpoint import atomic_write
 from .registry import register
 from .score_distill import ScoreDistillMethod
-from .teacher import warmup_lambda
+from ..train.lr import warmup_lambda
 
 
 def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from ..train.ema import EMA, ema_beta
 from .registry import register
 from .score_distill import (CRITIC_T_MAX, CRITIC_T_MIN, DM_T_MAX, DM_T_MIN, GRID_SIZE, ScoreDistillMethod,
                             dmd_sigma_grid, frozen, shared_randint)
-from .teacher import warmup_lambda
+from ..train.lr import warmup_lambda
 
 
 # ------------------------------------------------------------------------------------------------ schedule

@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..train import distributed as dist
 from ..train.ema import ema_beta
 from .base import Method, MethodContext
-from .teacher import edm_loss
+from ..diffusion.losses import edm_loss
 
 # Grid-index ranges of DMD/DMD2 (in σ space, so they stay fixed when the model is scaled down).
 GRID_SIZE = 1000

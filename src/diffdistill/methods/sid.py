@@ -48,7 +48,7 @@ from ..errors import UserError
 from ..train.ema import EMA
 from .registry import register
 from .score_distill import EMAGenerator, ScoreDistillMethod, frozen
-from .teacher import edm_loss
+from ..diffusion.losses import edm_loss
 
 SIGMA_INIT = 2.5        # generator input noise level (official ``init_sigma``)
 T_MAX = 800             # generator-loss noise levels: t ~ U[0, T_MAX/1000]

@@ -2,46 +2,39 @@
 
     L = E_{σ, x, n} [ λ(σ) · ‖D(x + σn; σ) − x‖² ],  ln σ ~ N(P_mean, P_std²),  λ(σ) = (σ² + σ_d²) / (σ·σ_d)²
 
-Official defaults: P_mean = −1.2, P_std = 1.2, σ_d = 0.5; Adam β = (0.9, 0.999), ε = 1e-8, linear lr warm-up
-(10 Mimg on CIFAR-10; scaled down here), EMA half-life 500 kimg with ramp-up ratio 0.05. The per-sample loss is a
-sum over pixels; the batch loss is its mean (EDM reduces the same way).
+Official (NVlabs/edm ``train.py``, CIFAR-10): P_mean = −1.2, P_std = 1.2, σ_d = 0.5; Adam lr 1e-3, β = (0.9, 0.999),
+ε = 1e-8; EMA half-life 500 kimg with ramp-up 0.05; a linear lr ramp over 10 Mimg (here ``warmup_steps``
+iterations, 200 by default: small problems train for a few thousand iterations). The per-sample loss is a sum over
+pixels; the batch loss is its mean (EDM reduces the same way).
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
+from ..diffusion.losses import edm_loss
 from ..diffusion.schedules import sample_lognormal_sigma
 from ..nets.factory import build_denoiser
-from ..train.ema import EMA, ema_beta
-from .base import Method, MethodContext
+from ..options import option
+from ..train.ema import EMAOptions
+from ..train.lr import warmup_lambda
+from .base import Method
 from .registry import register
 
 
-def edm_loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
-    """λ(σ) = (σ² + σ_d²)/(σ·σ_d)² = 1/σ² + 1/σ_d²."""
-    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-
-
-def edm_loss(denoiser, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, labels=None,
-             sigma_data: float = 0.5) -> torch.Tensor:
-    """Per-sample EDM loss λ(σ)·Σ_pixels (D(x + σn; σ) − x)², shape [B]. Reused by fake-score critics."""
-    bshape = (-1,) + (1,) * (x.ndim - 1)
-    D = denoiser(x + sigma.reshape(bshape) * noise, sigma, labels)
-    return edm_loss_weight(sigma, sigma_data) * (D - x).square().flatten(1).sum(1)
-
-
-def warmup_lambda(warmup_steps: int, decay_steps: int | None = None):
-    """LR factor at scheduler step s: linear warm-up min(1, (s+1)/warmup_steps), then constant, or, with
-    ``decay_steps`` D, times the cosine ½(1 + cos(π·min(s, D)/D)), which reaches 0 at s = D."""
-    def factor(step):
-        f = min(1.0, (step + 1) / max(warmup_steps, 1))
-        if decay_steps:
-            f *= 0.5 * (1.0 + math.cos(math.pi * min(step, decay_steps) / decay_steps))
-        return f
-    return factor
+@dataclass
+class EDMOptions(EMAOptions):
+    lr: float = option(1e-3, "Adam learning rate (EDM CIFAR-10: 1e-3)", gt=0)
+    betas: tuple[float, float] = option((0.9, 0.999), "Adam β1, β2", ge=0, lt=1)
+    eps: float = option(1e-8, "Adam ε", gt=0)
+    warmup_steps: int = option(200, "linear lr warm-up in iterations (EDM: 10 Mimg)", ge=0)
+    p_mean: float = option(-1.2, "log-normal σ: mean of ln σ (EDM P_mean)")
+    p_std: float = option(1.2, "log-normal σ: std of ln σ (EDM P_std)", gt=0)
+    ema_halflife_kimg: float = option(500.0, "EMA half-life in kimg (EDM)", gt=0)
+    sampler: str = option("heun", "how the teacher is sampled by default", choices=("heun", "euler", "ddim"))
+    nfe: int = option(35, "network evaluations per sample by default (EDM: 35, Heun with 18 steps)", ge=1)
 
 
 @register
@@ -49,19 +42,17 @@ class EDMTeacher(Method):
     name = "edm"
     summary = "train a teacher denoiser with the EDM loss (log-normal σ, λ(σ) weighting, EMA)"
     role = "teacher"
+    Options = EDMOptions
 
-    def __init__(self, ctx: MethodContext, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 warmup_steps: int = 200, p_mean: float = -1.2, p_std: float = 1.2, ema_halflife_kimg: float = 50.0,
-                 ema_rampup: float = 0.05, ema_beta_const=None, sampler: str = "heun", nfe: int = 35):
-        super().__init__(ctx)
-        self.p_mean, self.p_std = p_mean, p_std
-        self.ema_halflife_kimg, self.ema_rampup, self.ema_beta_const = ema_halflife_kimg, ema_rampup, ema_beta_const
-        self.spec = {"sampler": sampler, "nfe": int(nfe)}
+    def __init__(self, ctx, opts=None, **overrides):
+        super().__init__(ctx, opts, **overrides)
+        o = self.opts
         net = build_denoiser(ctx.net_config).to(ctx.device).train()
         self.nets["net"] = net
-        self.ema = EMA(net)
-        self.optimizers["net"] = torch.optim.Adam(net.parameters(), lr=lr, betas=tuple(betas), eps=eps)
-        self.schedulers["net"] = torch.optim.lr_scheduler.LambdaLR(self.optimizers["net"], warmup_lambda(warmup_steps))
+        self.ema = self.track_ema("net", o)
+        self.optimizers["net"] = torch.optim.Adam(net.parameters(), lr=o.lr, betas=o.betas, eps=o.eps)
+        self.schedulers["net"] = torch.optim.lr_scheduler.LambdaLR(self.optimizers["net"],
+                                                                  warmup_lambda(o.warmup_steps))
 
     def phases(self, step):
         return ["net"]
@@ -69,25 +60,14 @@ class EDMTeacher(Method):
     def loss(self, phase, batch, step):
         x, labels = batch
         g = self.ctx.generator
-        sigma = sample_lognormal_sigma(x.shape[0], self.p_mean, self.p_std, generator=g).to(x.device)
+        sigma = sample_lognormal_sigma(x.shape[0], self.opts.p_mean, self.opts.p_std, generator=g).to(x.device)
         noise = torch.randn(x.shape, generator=g).to(x.device)
         net = self.nets["net"]
         loss = edm_loss(net, x, sigma, noise, labels if net.label_dim else None, net.sigma_data).mean()
         return loss, {}
 
-    def after_step(self, step, nimg):
-        beta = ema_beta(self.ctx.batch_size * self.ctx.world_size, nimg, self.ema_halflife_kimg, self.ema_rampup,
-                        self.ema_beta_const)
-        self.ema.update(self.nets["net"], beta)
-
     def sampling_net(self):
         return self.ema.net
 
     def sampling_spec(self):
-        return dict(self.spec)
-
-    def extra_state(self):
-        return {"ema": self.ema.net.state_dict()}
-
-    def load_extra_state(self, state):
-        self.ema.net.load_state_dict(state["ema"])
+        return {"sampler": self.opts.sampler, "nfe": self.opts.nfe}

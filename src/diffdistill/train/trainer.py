@@ -98,18 +98,6 @@ def check_data_matches_net(shape: tuple, num_classes: int, net_cfg: dict) -> Non
                         f"use --set net.label_dim=0 or give labelled data (class sub-folders / dataset.json)")
 
 
-def check_method_options(method_cls, options: dict) -> None:
-    """Unknown method options are a user error naming the valid ones, not a TypeError from deep inside."""
-    import inspect
-    params = inspect.signature(method_cls.__init__).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return
-    valid = [k for k in params if k not in ("self", "ctx")]
-    unknown = [k for k in options if k not in valid]
-    if unknown:
-        raise UserError(f"method {method_cls.name!r} has no option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-
-
 class Trainer:
     def __init__(self, cfg: dict, teacher=None, teacher_path: str | None = None, dataset=None, supplements=()):
         self.cfg = cfg
@@ -125,12 +113,16 @@ class Trainer:
         method_cfg = dict(cfg["method"])
         method_cls = get_method(method_cfg.pop("name"))
         self.method_cls = method_cls
+        # The method's options from its schema: unknown keys, wrong types and bad ranges stop here, and the saved
+        # config records every option (defaults included).
+        opts = method_cls.Options.from_dict(method_cfg, owner=method_cls.name)
+        cfg["method"] = {"name": method_cls.name, **opts.to_dict()}
         torch.manual_seed(run["seed"] + self.rank)  # dropout etc. use the global RNG
         self.gen = torch.Generator().manual_seed(run["seed"] * 7919 + self.rank)
 
         self.dataset = dataset
         # Data is loaded when the method or a supplement reads it (e.g. the embedding loss on a data-free method).
-        if (method_cls.uses_data(method_cfg) or any(getattr(s, "needs_data", False) for s in supplements)) \
+        if (method_cls.uses_data(opts) or any(getattr(s, "needs_data", False) for s in supplements)) \
                 and self.dataset is None:
             from ..data import dataset_from_config as load_dataset
             self.dataset = load_dataset(cfg["data"])
@@ -150,9 +142,9 @@ class Trainer:
             check_data_matches_net(shape, getattr(self.dataset, "num_classes", 0), net_cfg)
         ctx = MethodContext(device=self.device, generator=self.gen, batch_size=run["batch_size"],
                             world_size=self.world, net_config=net_cfg, teacher=teacher, teacher_path=teacher_path,
-                            sample_shape=shape, num_classes=getattr(self.dataset, "num_classes", 0))
-        check_method_options(method_cls, method_cfg)
-        self.method = method_cls(ctx, **method_cfg)
+                            sample_shape=shape, num_classes=getattr(self.dataset, "num_classes", 0),
+                            run_dir=str(self.out), data_name=(cfg.get("data") or {}).get("name"))
+        self.method = method_cls(ctx, opts)
         for net in self.method.nets.values():
             dist.broadcast_module(net)
         self._prepare_networks(teacher)
@@ -354,6 +346,12 @@ class Trainer:
             logs.update(extra)
         return logs
 
+    def update_emas(self, nimg_before: int) -> None:
+        """Every EMA copy the method tracks, with β from the images seen before this iteration (EDM's rule)."""
+        global_batch = self.cfg["run"]["batch_size"] * self.world
+        for ema in self.method.emas.values():
+            ema.update(self.method.nets[ema.source], ema.beta(global_batch, nimg_before))
+
     def _install_signal_handlers(self) -> dict:
         """SIGTERM/SIGINT only set a flag; the loop finishes the step, writes a checkpoint and returns. Returns the
         previous handlers, which run() restores."""
@@ -401,8 +399,9 @@ class Trainer:
                 t_step = time.perf_counter()
                 logs = self._train_step_guarded()
                 self.step += 1
-                self.nimg += run["batch_size"] * self.world
+                nimg_before, self.nimg = self.nimg, self.nimg + run["batch_size"] * self.world
                 if logs is not None:
+                    self.update_emas(nimg_before)
                     self.method.after_step(self.step, self.nimg)
                     last_logs.update(logs)  # latest value of every key (TTUR phases do not run every step)
                     self.health.observe(self.step, logs)
