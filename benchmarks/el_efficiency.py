@@ -34,7 +34,11 @@ from diffdistill.demo import SHIPPED_TEACHER
 from diffdistill.distill import distill
 from diffdistill.eval.evaluate import evaluate_net, load_for_sampling
 from diffdistill.eval.plots import line_plot
+from diffdistill.config import load_preset
 from diffdistill.methods.registry import get_method
+
+# Method options pointing at files the runs of one benchmark share (DMD's teacher pairs are computed once).
+SHARED_FILES = {"dmd": {"pairs_path": "dmd_pairs"}}
 
 
 def _floats(s: str) -> list[float]:
@@ -62,9 +66,8 @@ def run_one(a, method: str, seed: int, batch: int, el: dict | None, iters: int, 
     if minutes:
         run["max_minutes"] = minutes
     flags = {"run": run}
-    import inspect
-    if "pairs_path" in inspect.signature(get_method(method).__init__).parameters:   # DMD: one set of teacher pairs
-        flags["method"] = {"pairs_path": str(Path(a.out) / f"{method}_pairs")}
+    # Files a method can share between runs of one benchmark (DMD's teacher pairs: computed once).
+    flags["method"] = {k: str(Path(a.out) / v) for k, v in SHARED_FILES.get(get_method(method).name, {}).items()}
     if el:
         flags["el"] = el
     mine = [o.split(":", 1)[1] for o in a.set if o.split(":", 1)[0] == method] + [o for o in a.set if ":" not in o]
@@ -129,7 +132,7 @@ def main() -> None:
                     plan += [(method, seed, f, None), (method, seed, f, weights[0])]
     t_start, spent, runs = time.perf_counter(), 0.0, []
     for i, (method, seed, frac, w) in enumerate(plan):
-        preset = get_method(method).presets["images"]["run"]
+        preset = load_preset(get_method(method).name, "images")["run"]
         B = a.batch_size or preset["batch_size"]
         batch = max(2, int(round(B * frac)))
         iters = a.iters or preset["steps"]

@@ -231,7 +231,7 @@ def test_config_wiring_and_refusals():
     for method in ("edm", "pd"):
         with pytest.raises(UserError, match="works with: .*cd.*dmd2"):
             embedding_loss_from_config({"weight": 1.0}, get_method(method))
-    with pytest.raises(UserError, match="no option"):
+    with pytest.raises(UserError, match="el.bandwith is not an option"):
         embedding_loss_from_config({"weight": 1.0, "bandwith": 2}, get_method("sid"))
     for bad in ({"weight": -1}, {"mode": "auto"}, {"kernel": "cosine"}):
         with pytest.raises(UserError):

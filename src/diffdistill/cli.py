@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "estimate peak memory for the batch, then exit without training or writing anything")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
+    o = sub.add_parser("options", help="list a method's options (type, range, official default, source) and presets")
+    o.add_argument("name", help="a method (e.g. dmd2), 'run' or 'el'")
+
     x = sub.add_parser("export", help="write a checkpoint's sampling weights as .safetensors with JSON metadata")
     x.add_argument("checkpoint")
     x.add_argument("out", help="OUT.safetensors, or a folder with --format diffusers")
@@ -382,6 +385,28 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_options(a) -> int:
+    from .config import RunOptions, list_presets, preset_path
+    from .methods.embedding_loss import ELOptions
+    from .methods.registry import get_method
+    if a.name in ("run", "el"):
+        schema, title, presets = {"run": RunOptions, "el": ELOptions}[a.name], f"{a.name} options", []
+    else:
+        cls = get_method(a.name)
+        schema, title, presets = cls.Options, f"{cls.name}: {cls.summary}", list_presets(cls.name)
+    section = schema.section
+    print(title)
+    if presets:
+        print("\npresets (--preset NAME; files under " + str(preset_path(a.name, "x").parent) + "):")
+        for name in presets:
+            first = next((ln[1:].strip() for ln in preset_path(a.name, name).read_text().splitlines()
+                          if ln.startswith("#")), "")
+            print(f"  {name:10s} {first}")
+    print(f"\noptions (--set {section}.KEY=VALUE" + ("; the defaults are the official recipe" if presets else "") + "):")
+    print(schema.describe())
+    return 0
+
+
 def cmd_compare(a) -> int:
     from .compare import compare
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
@@ -400,7 +425,7 @@ def cmd_demo(a) -> int:
 
 
 COMMANDS = {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export,
-            "ref-stats": cmd_ref_stats, "convert-teacher": cmd_convert_teacher,
+            "ref-stats": cmd_ref_stats, "options": cmd_options, "convert-teacher": cmd_convert_teacher,
             "compare": cmd_compare, "demo": cmd_demo}
 
 

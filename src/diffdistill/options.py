@@ -197,6 +197,8 @@ class Options:
         for f in fields(cls):
             default = f.default if f.default is not MISSING else f.default_factory()
             rng = _range_text(f.metadata)
+            if f.metadata.get("choices"):
+                rng = "one of " + ", ".join(repr(c) for c in f.metadata["choices"])
             rows.append((f.name, _type_name(hints[f.name]) + (f" {rng}" if rng else ""), repr(_plain(default)),
                          f.metadata.get("doc", "")))
         w = [max(len(r[i]) for r in rows) for i in range(3)] if rows else [0, 0, 0]

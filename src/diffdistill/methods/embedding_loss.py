@@ -6,7 +6,7 @@ between generator samples and *real data*, computed in the feature embeddings of
 initialised networks*, added to the loss of an existing distillation method (DMD, Diff-Instruct, consistency
 models); the paper reports CIFAR-10 FID 1.475 (unconditional) / 1.380 (conditional) and up to 80 % fewer iterations.
 
-**What is this project's proposal** (formula sheet shared/design/sid_el_cd.md §3; every choice is an option):
+**What is this project's proposal** (every choice is an option of ``ELOptions``):
 
     L_G = L_base + λ_EL · (1/|S|)·Σ_{(k,l)∈S} MMD²_u(φ_{k,l}(x_g), φ_{k,l}(x_r)),
 
@@ -23,24 +23,26 @@ models); the paper reports CIFAR-10 FID 1.475 (unconditional) / 1.380 (condition
   get the real batch's labels. x_g is the generator phase's sample (CD: an extra one-step sample f_θ(T·z, T)).
 * EL runs only in the method's ``generator_phase``. **It makes data-free methods (SiD, DMD, Diff-Instruct) read
   real data**: the trainer then builds a data loader (``needs_data``).
-* Weight (the default, ``mode='relative'`` with weight 3, is this project's calibration; the sheet proposed a
+* Weight (the default, ``mode='relative'`` with weight 3, is this project's calibration; the design proposal was a
   fixed 1.0): ``mode='fixed'`` uses λ_EL = ``weight``; ``mode='relative'`` uses λ_eff = weight·‖∇L_base‖/‖∇L_EL‖ (so
   the EL gradient is ``weight`` times the base gradient in norm), refreshed every ``ratio_every`` steps (λ_eff = 0
   until the base gradient is first non-zero: DMD2's first step has a fake score equal to the teacher). The
-  gradient-norm ratio ‖∇λL_EL‖/‖∇L_base‖ is logged as ``el/grad_ratio`` in both modes. Deviation from the sheet,
+  gradient-norm ratio ‖∇λL_EL‖/‖∇L_base‖ is logged as ``el/grad_ratio`` in both modes. Deviation from that proposal,
   which measures the ratio on x_g: it is measured on the generator's parameters, where it is defined for every
   method (CD's base loss does not pass through its one-step sample x_g).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+from ..options import Options, option
 from ..train import distributed as dist
 
 SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -49,7 +51,7 @@ POINT_ACTIVATIONS = ("relu", "tanh", "sin", "leaky_relu")
 KERNELS = ("rbf", "linear", "poly")
 MODES = ("fixed", "relative")
 # Calibrated on the digits teacher (benchmarks/el_efficiency.py, README "Embedding loss"): in relative mode an EL
-# gradient 3× the base gradient's norm helped DMD2 (no GAN) and Diff-Instruct most; 10 was worse for DMD2. The sheet's
+# gradient 3× the base gradient's norm helped DMD2 (no GAN) and Diff-Instruct most; 10 was worse for DMD2. The proposal's
 # fixed weight 1.0 is ≈ 100× the base gradient for DMD2 on digits (the issue's reference trial: worse).
 DEFAULT_WEIGHT = 3.0
 
@@ -254,6 +256,26 @@ def embedding_mmd(nets, x_fake: torch.Tensor, x_real: torch.Tensor, kernel: str 
 
 
 # ------------------------------------------------------------------------------------------------ supplement
+@dataclass
+class ELOptions(Options):
+    """The ``el`` section (this project's proposal; the paper publishes no code or settings beyond its abstract)."""
+
+    section = "el"
+    weight: float = option(DEFAULT_WEIGHT, "EL weight (relative mode: EL gradient = weight × base gradient in norm)",
+                           ge=0)
+    mode: str = option("relative", "fixed: λ = weight; relative: λ = weight·‖∇L_base‖/‖∇L_EL‖", choices=MODES)
+    count: int = option(4, "number of random feature networks", ge=1)
+    seed: int = option(0, "seed of the random feature networks", ge=0)
+    widths: Optional[list[int]] = option(None, "channel widths per block (null: by data shape)", ge=1)
+    activations: Optional[list[str]] = option(None, "one activation per network, cycled (null: by data kind)")
+    init: str = option("kaiming", "weight initialisation of the feature networks", choices=("kaiming", "orthogonal"))
+    kernel: str = option("rbf", "MMD kernel", choices=KERNELS)
+    scales: list[float] = option(list(SCALES), "RBF bandwidth multipliers of the median heuristic", gt=0)
+    unbiased: bool = option(True, "unbiased MMD² estimator (false: biased)")
+    resample_every: int = option(0, "redraw the feature networks every R steps (0: never)", ge=0)
+    ratio_every: int = option(100, "steps between gradient-norm ratio refreshes (0: only the first)", ge=0)
+
+
 class EmbeddingLoss:
     """The EL supplement for the trainer's ``supplements`` hook: ``applies_to(method, phase)`` is true in the
     method's generator phase (when the weight is not 0), ``loss(method, batch, step, base_loss)`` returns
@@ -262,21 +284,12 @@ class EmbeddingLoss:
     name = "el"
     needs_data = True
 
-    def __init__(self, weight: float = DEFAULT_WEIGHT, mode: str = "relative", count: int = 4, seed: int = 0, widths=None,
-                 activations=None, init: str = "kaiming", kernel: str = "rbf", scales=SCALES, unbiased: bool = True,
-                 resample_every: int = 0, ratio_every: int = 100):
-        self.weight = float(weight)
-        if self.weight < 0:
-            raise UserError(f"--el-weight must be >= 0, got {weight}")
-        if mode not in MODES:
-            raise UserError(f"el.mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if kernel not in KERNELS:
-            raise UserError(f"unknown EL kernel {kernel!r}; choose one of: {', '.join(KERNELS)}")
-        self.mode, self.count, self.seed = mode, int(count), int(seed)
-        self.widths = None if widths is None else [int(w) for w in widths]
-        self.activations = None if activations is None else list(activations)
-        self.init, self.kernel, self.scales, self.unbiased = init, kernel, tuple(float(s) for s in scales), bool(unbiased)
-        self.resample_every, self.ratio_every = int(resample_every or 0), int(ratio_every or 0)
+    def __init__(self, opts: ELOptions | None = None, **overrides):
+        self.opts = opts = ELOptions.from_dict(overrides, owner="the embedding loss") if opts is None else opts
+        self.weight, self.mode, self.count, self.seed = opts.weight, opts.mode, opts.count, opts.seed
+        self.widths, self.activations, self.init, self.kernel = opts.widths, opts.activations, opts.init, opts.kernel
+        self.scales, self.unbiased = tuple(opts.scales), opts.unbiased
+        self.resample_every, self.ratio_every = opts.resample_every, opts.ratio_every
         self._nets, self._nets_key = None, None
         self.scale = None           # relative mode: λ_eff / weight = ‖∇L_base‖/‖∇L_EL‖ at the last refresh
         self.last_refresh = None
@@ -333,11 +346,8 @@ class EmbeddingLoss:
         return lam * l_el, logs
 
     def options(self) -> dict:
-        """Every constructor option with its value (what a run's config records, defaults included)."""
-        return {"weight": self.weight, "mode": self.mode, "count": self.count, "seed": self.seed,
-                "widths": self.widths, "activations": self.activations, "init": self.init, "kernel": self.kernel,
-                "scales": list(self.scales), "unbiased": self.unbiased, "resample_every": self.resample_every,
-                "ratio_every": self.ratio_every}
+        """Every option with its value (what a run's config records, defaults included)."""
+        return self.opts.to_dict()
 
     # -------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -360,13 +370,12 @@ def embedding_loss_from_config(el_cfg: dict | None, method_cls) -> list[Embeddin
     """[EmbeddingLoss] from a config's ``el`` section (``weight`` plus any constructor option), or [] when it is
     absent or its weight is 0; a method without a generator phase is refused, naming the ones that take EL."""
     el_cfg = dict(el_cfg or {})
-    if not el_cfg or float(el_cfg.get("weight", 0) or 0) == 0:
+    if not el_cfg:
+        return []
+    opts = ELOptions.from_dict(el_cfg, owner="the embedding loss")   # validates before the weight-0 shortcut
+    if opts.weight == 0:
         return []
     if not getattr(method_cls, "generator_phase", None):
         raise UserError(f"--el-weight: method {method_cls.name!r} trains no generator from noise, so the embedding "
                         f"loss cannot attach to it; it works with: {', '.join(methods_taking_el())}")
-    valid = [k for k in inspect.signature(EmbeddingLoss.__init__).parameters if k != "self"]
-    unknown = [k for k in el_cfg if k not in valid]
-    if unknown:
-        raise UserError(f"the embedding loss has no option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-    return [EmbeddingLoss(**el_cfg)]
+    return [EmbeddingLoss(opts)]
