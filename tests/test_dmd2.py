@@ -368,7 +368,7 @@ def test_resume_is_exact_with_gan(tmp_path):
 
 
 def test_checkpoint_carries_sampling_spec(tmp_path):
-    from diffdistill.train.checkpoint import list_checkpoints, load_checkpoint
+    from diffdistill.io.checkpoint import list_checkpoints, load_checkpoint
     tr = _trainer(tmp_path, "dmd2", 3, student_steps=2)
     tr.run()
     state = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])

@@ -33,7 +33,7 @@ from ..diffusion.samplers import heun_sampler
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
 from ..train import distributed as dist
-from ..train.checkpoint import atomic_write
+from ..io.checkpoint import atomic_write
 from .registry import register
 from .score_distill import ScoreDistillMethod
 from ..train.lr import warmup_lambda
