@@ -89,6 +89,20 @@ def test_paired_denoise_shares_dropout_masks():
     assert torch.equal(dm_gradient(x, d_real, d_fake), torch.zeros_like(x))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_paired_denoise_shares_dropout_masks_on_a_gpu():
+    """On a GPU dropout draws from the device's CUDA generator: paired_denoise rewinds it too (Diff-Instruct's
+    training/di_loss.py:47-49 restores torch.cuda's RNG state between the two calls)."""
+    teacher, _ = tiny_teacher(UNET_CFG, dropout=0.3)
+    dev = torch.device("cuda")
+    a, b = Recorder(teacher).to(dev), Recorder(teacher).to(dev)
+    x, s = torch.randn(4, 1, 8, 8, device=dev), torch.full((4,), 1.0, device=dev)
+    d_fake, d_real = paired_denoise(a, b, x, s, training=True)
+    assert torch.equal(d_fake, d_real)
+    with torch.no_grad():
+        assert not torch.equal(a.train()(x, s), a(x, s))
+
+
 def test_pseudo_loss_gradient_and_value():
     g0 = torch.Generator().manual_seed(0)
     x = torch.randn(3, 2, 4, 4, generator=g0, requires_grad=True)
