@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+import yaml
+
+from . import __version__
 
 from .compare import compare
 from .config import check_device, list_presets, load_preset, preset_path, resolve, RunOptions, TEACHER_PRESETS
@@ -79,8 +84,22 @@ def _run_flags(a) -> dict:
     return {"run": run}
 
 
+def check_output_file(path, flag: str) -> Path:
+    """Refuse, before any work, an output file path that names a folder, sits below a file, or cannot be written."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {p} is a folder: give a file path (e.g. {p / 'out'}{p.suffix or ''})")
+    parent = next((q for q in [p.parent, *p.parent.parents] if q.exists()), Path("."))
+    if not parent.is_dir():
+        raise UserError(f"{flag} {p}: {parent} is a file, not a folder; choose another output path")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {p}: {parent} is not writable; choose another output path")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="diffdistill", description="Distill diffusion teachers into one-step / few-step students.")
+    p.add_argument("--version", action="version", version=f"diffdistill {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("train-teacher", help="train a teacher denoiser with the EDM loss")
@@ -224,12 +243,21 @@ def cmd_train_teacher(a) -> int:
     trainer = Trainer(cfg)
     if a.dry_run:
         print(dry_run_report(trainer))
+        print(resolved_config_text(trainer.cfg))
         return 0
     trainer.run()
     if trainer.stopped_by_signal:
         return _stopped(trainer)
     print(f"teacher checkpoint: {trainer.ckpt_dir}/ (newest ckpt-*.pt); samples: {trainer.out / 'samples'}")
     return 0
+
+
+def resolved_config_text(cfg: dict, hide_out: bool = False) -> str:
+    """The resolved configuration as YAML (what config.json would hold), for --dry-run."""
+    cfg = json.loads(json.dumps(cfg, default=str))
+    if hide_out:
+        cfg["run"].pop("out", None)  # a temporary folder during a dry run
+    return "resolved configuration:\n" + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True).rstrip()
 
 
 def _stopped(trainer) -> int:
@@ -267,6 +295,7 @@ def cmd_distill(a) -> int:
             trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set, dry_run=True,
                               preset=a.preset)
             print(dry_run_report(trainer))
+            print(resolved_config_text(trainer.cfg, hide_out=True))
         return 0
     trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set, preset=a.preset)
     if trainer.stopped_by_signal:
@@ -334,6 +363,8 @@ def _inception_setup(a) -> dict | None:
 def cmd_eval(a) -> int:
     if a.num_samples <= 1:
         raise UserError(f"--num-samples must be at least 2, got {a.num_samples}")
+    if a.out:
+        check_output_file(a.out, "--out")  # before the evaluation, not after it
     check_device(a.device)
     rank0 = _init_ranks(a.device)
     metrics = evaluate_checkpoint(a.checkpoint, steps=a.steps, sampler=a.sampler, num_samples=a.num_samples,
@@ -375,6 +406,8 @@ def cmd_convert_teacher(a) -> int:
 
 def cmd_export(a) -> int:
     if a.format == "diffusers":
+        if Path(a.out).exists() and (not Path(a.out).is_dir() or any(Path(a.out).iterdir())):
+            raise UserError(f"export --format diffusers writes a new folder: {a.out} already exists and is not empty")
         _, state = load_for_sampling(a.checkpoint)
         info = export_diffusers(state, a.out)
         print(f"wrote {a.out}/unet, scheduler/, diffdistill_sampling.json ({info['role']}, {len(info['steps'])} "
@@ -382,6 +415,7 @@ def cmd_export(a) -> int:
         return 0
     if not a.out.endswith(".safetensors"):
         raise UserError(f"export writes safetensors: give an output path ending in .safetensors, not {a.out!r}")
+    check_output_file(a.out, "export OUT")
     meta = export_checkpoint(a.checkpoint, a.out)
     print(f"wrote {a.out} ({meta['role']}, method {meta['method']}, step {meta['step']})")
     return 0
@@ -415,6 +449,10 @@ def cmd_compare(a) -> int:
 
 
 def cmd_demo(a) -> int:
+    for flag, v, lo in (("--num-samples", a.num_samples, 2), ("--distill-iters", a.distill_iters, 1),
+                        ("--teacher-steps", a.teacher_steps, 1)):
+        if v is not None and v < lo:  # before the teacher evaluation, naming the flag
+            raise UserError(f"demo {flag} must be at least {lo}, got {v}")
     run_demo(out=a.out, retrain_teacher=a.train_teacher, teacher_steps=a.teacher_steps,
              num_samples=a.num_samples, device=a.device, progress=not a.no_progress,
              distill_iters=a.distill_iters)
