@@ -68,6 +68,8 @@ def _add_run_flags(p):
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--resume", help="'auto' (newest checkpoint in the run directory) or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that holds another run, deleting that run's checkpoints/logs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the networks with parameter counts and estimate peak memory, then exit (writes nothing)")
@@ -79,6 +81,8 @@ def _run_flags(a) -> dict:
     run = {k: v for k, v in {"out": a.out, "steps": a.iters, "batch_size": a.batch_size, "seed": a.seed,
                              "device": a.device, "resume": a.resume,
                              "max_minutes": a.budget_minutes}.items() if v is not None}
+    if a.overwrite:
+        run["overwrite"] = True
     if a.no_progress:
         run["progress"] = False
     return {"run": run}
@@ -189,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop training after M minutes of training-loop wall-clock (a checkpoint is written)")
     m.add_argument("--seed", type=int)
     m.add_argument("--device")
-    m.add_argument("--resume")
+    m.add_argument("--resume", help="'auto' (newest valid checkpoint in the run directory) or a checkpoint path")
+    m.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that holds another run, deleting that run's checkpoints/logs")
     m.add_argument("--no-progress", action="store_true")
     m.add_argument("--dry-run", action="store_true",
                    help="list every network (student, teacher, helpers, EMA copies) with parameter counts and "
@@ -276,6 +282,8 @@ def cmd_distill(a) -> int:
                                        "max_minutes": a.budget_minutes}.items() if v is not None}}
     if a.no_progress:
         flags["run"]["progress"] = False
+    if a.overwrite:
+        flags["run"]["overwrite"] = True
     if a.student_steps is not None:
         if a.student_steps <= 0:
             raise UserError(f"--student-steps must be positive, got {a.student_steps}")
