@@ -1,6 +1,6 @@
 """SiD (Zhou et al. 2024, "Score identity Distillation"): the generator loss against a direct transcription of
-official mingyuanzhou/SiD training/sid_loss.py:55 with sid_training_loop.py:332, its oracles (f_ψ = f_φ ⇒ zero, w detached, gradient through the
-nets' inputs, σ schedule), the fake-score loss, G(z) = D_teacher(2.5z; 2.5) at step 0, the 1-D Gaussian direction
+official mingyuanzhou/SiD training/sid_loss.py:55 with sid_training_loop.py:332, its oracles (f_ψ = f_φ ⇒ zero,
+w detached, gradient through the nets' inputs, σ schedule), the official option defaults, the fake-score loss, G(z) = D_teacher(2.5z; 2.5) at step 0, the 1-D Gaussian direction
 oracle, data-free training with exact resume, and a ring8 end-to-end run against the teacher's sliced W2."""
 
 import json

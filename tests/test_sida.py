@@ -1,5 +1,5 @@
-"""SiDA (SiD + adversarial term on real data; Zhou et al. 2024b): losses vs direct computations, the schedule, the
-gradient clip, data use, and a 2-D run."""
+"""SiDA (SiD + adversarial term on real data; Zhou et al. 2024b): the losses and both phases against the official
+code (mingyuanzhou/SiD, branch ``sida``), the start thresholds, the gradient clip, data use, and a 2-D run."""
 
 import math
 
@@ -81,15 +81,16 @@ def test_plain_sid_still_builds_no_loader_and_sida_does(tmp_path):
     assert math.isfinite(logs["sida/g_adv"]) and math.isfinite(logs["sida/d"])
 
 
-@pytest.mark.slow  # ≈ 60 s alone; SiD's own ring8 run stays in the default suite
+@pytest.mark.slow  # ≈ 3 min on a shared CPU; SiD's own ring8 run stays in the default suite
 def test_sida_ring8_end_to_end(ring8_teacher, tmp_path):
-    """SiDA on the ring8 teacher (points preset, α 1.0 as official SiDA, schedule scaled to the run) still
-    converges: measured 1.56× the teacher's sliced W2 at 35 NFE (α 1.2: 1.96×; plain SiD 0.93–1.21×). On 2-D data
-    the discriminator term weighs far more against the 2-pixel denoising loss than on images, so SiDA is not the
-    choice there; the bound checks it trains, not that it helps."""
+    """SiDA on the ring8 teacher (points preset, α 1.0 as the official SiDA scripts, start thresholds scaled to the
+    run) is within 1.5× the teacher's sliced W2 at 35 NFE: measured 1.32× (0.0473 vs 0.0359; α 1.2: 1.50×). Before
+    the faithfulness fixes below (adversarial term 100× too large, per-sample λ·BCE, fresh noise for the real
+    images) it was 1.56× (α 1.2: 1.96×). Plain SiD: 0.93–1.21×; on 2-D data the adversarial term has little to
+    add, so the bound checks that SiDA trains, not that it helps."""
     r = ring8_teacher.distill_and_eval("sid", tmp_path, 800, overrides=[
         "method.sida=true", "method.alpha=1.0", "method.sida_g_start_kimg=20", "method.sida_gan_start_kimg=40"])
-    assert r["student"] <= 2.0 * r["teacher"], r
+    assert r["student"] <= 1.5 * r["teacher"], r
     assert r["student"] <= r["untrained"] / 3, r
     assert r["trainer"].dataset is not None
 
