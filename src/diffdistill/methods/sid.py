@@ -229,11 +229,7 @@ class SiD(ScoreDistillMethod):
     Options = SiDOptions
 
     def __init__(self, ctx, opts=None, **overrides):
-        # ScoreDistillMethod.__init__ takes (ctx) on this branch: resolve the options as Method.__init__ does.
-        # When it forwards (ctx, opts, **overrides), this becomes super().__init__(ctx, opts, **overrides).
-        super().__init__(ctx)
-        self.opts = self.Options.from_dict(overrides, owner=self.name) if opts is None else \
-            opts.replace(**overrides) if overrides else opts
+        super().__init__(ctx, opts, **overrides)
         o = self.opts
         self.ema = self.track_ema("generator", o)
         adam = dict(betas=o.betas, eps=o.eps)
