@@ -21,7 +21,7 @@ EPS, SD = 0.002, 0.5
 
 
 def _direct_f(net, x, sigma, labels=None):
-    """The paper's (App. C) f_θ(x, σ) = c_skip·x + c_out·F(c_in·x, c_noise) written from the raw network of an EDMPrecond:
+    """Paper App. C: f_θ(x, σ) = c_skip·x + c_out·F(c_in·x, c_noise) written from the raw network of an EDMPrecond:
     c_skip = σ_d²/((σ−ε)²+σ_d²), c_out = σ_d(σ−ε)/√(σ²+σ_d²), c_in = 1/√(σ²+σ_d²), c_noise = ¼ ln σ."""
     s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
     b = (-1,) + (1,) * (x.ndim - 1)
