@@ -66,7 +66,8 @@ def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", c
     'edm' draw still happens, as EDM's ``--class`` does). ``label_rule`` overrides the spec's rule.
 
     Returns ``(samples [N, ...] float32 on CPU, labels one-hot or None, info)`` with ``info`` holding ``nfe`` (per
-    sample), ``seconds`` and ``images_per_second``. Samples are the sampler's values (not clamped).
+    sample), ``seconds`` and ``images_per_second``. Samples are the sampler's values (no clamp is added here;
+    the consistency sampler clamps images itself, as the official one does).
     """
     seeds = list(seeds)
     shape = tuple(denoiser.sample_shape)
