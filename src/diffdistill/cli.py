@@ -24,7 +24,7 @@ from .errors import UserError
 from .eval.evaluate import evaluate_checkpoint, sampling_spec_for
 from .eval.generate import generate
 from .eval.inception import compute_reference, load_extractor, load_reference, resolve_inception_path, save_reference
-from .eval.plots import image_grid
+from .eval.plots import write_png_folder
 from .io import convert_teacher, export_checkpoint, load_for_sampling
 from .io.diffusers import export_diffusers
 from .methods.embedding_loss import ELOptions
@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int, default=64)
     s.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i")
     s.add_argument("--out", required=True, help="FILE.npz (arrays 'samples', 'labels') or a folder for PNGs")
+    s.add_argument("--raw", action="store_true", help="images: keep the sampler's values in the .npz (default: "
+                   "clamped to [-1, 1]; PNG pixels are always clipped)")
+    s.add_argument("--labels", choices=["edm", "mod"], help="class of each seed: edm (drawn from the seed's RNG "
+                   "as NVlabs/edm generate.py) or mod (seed mod classes); default: the checkpoint's (edm for EDM "
+                   ".pkl teachers)")
     s.add_argument("--device", default="cpu")
 
     e = sub.add_parser("eval", help="measure a checkpoint: proxy-FID/KID (images), sliced W2/MMD (2-D), images/s")
@@ -328,7 +333,10 @@ def cmd_sample(a) -> int:
     out = Path(a.out)
     if out.suffix != ".npz" and not net.img_resolution:  # refuse before sampling, not after
         raise UserError("PNG output is for images; use --out FILE.npz for 2-D points")
-    x, labels, info = generate(net, range(a.seed, a.seed + a.num_samples), spec, device=a.device)
+    x, labels, info = generate(net, range(a.seed, a.seed + a.num_samples), spec, device=a.device,
+                               label_rule=a.labels)
+    if x.ndim == 4 and not a.raw:  # images are float32 in [-1, 1]; 2-D points keep their own range
+        x = x.clamp(-1, 1)
     if out.suffix == ".npz":
         out.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"samples": x.numpy().astype(np.float32)}
@@ -338,11 +346,7 @@ def cmd_sample(a) -> int:
     else:
         if x.ndim != 4:
             raise UserError("PNG output is for images; use --out FILE.npz for 2-D points")
-        import matplotlib.pyplot as plt
-        out.mkdir(parents=True, exist_ok=True)
-        for i in range(x.shape[0]):
-            g = image_grid(x[i:i + 1], nrow=1, pad=0)
-            plt.imsave(out / f"{a.seed + i:06d}.png", g, cmap="gray" if g.ndim == 2 else None, vmin=0, vmax=255)
+        write_png_folder(x, out, [f"{a.seed + i:06d}" for i in range(x.shape[0])])
     print(f"wrote {a.num_samples} samples to {out} (NFE {info['nfe']}, {info['images_per_second']:.1f} samples/s)")
     return 0
 
