@@ -101,7 +101,7 @@ def test_config_file_builds_on_its_own_preset_key(tmp_path):
     ({"overrides": ["method.lr=fast"]}, r"method.lr must be number > 0, got 'fast'"),
     ({"overrides": ["method.lr=-1"]}, r"method.lr must be > 0"),
     ({"overrides": ["method.lr=nan"]}, r"method.lr must be number"),
-    ({"overrides": ["run.seed=abc"]}, r"run.seed must be integer"),
+    ({"overrides": ["run.seed=abc"]}, r"run.seed \(--seed\) must be integer"),
     ({"overrides": ["run.grad_clip=-1"]}, r"run.grad_clip must be > 0"),
     ({"overrides": ["method.gan_wieght=1"]}, r"did you mean 'gan_weight'"),
     ({"preset": "offical"}, r"unknown preset 'offical' .*did you mean 'official'"),

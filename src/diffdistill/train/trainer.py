@@ -388,16 +388,19 @@ class Trainer:
         at sample steps, ``on_step(trainer)`` after every step; neither counts towards ``train_seconds``."""
         run = self.cfg["run"]
         lock = RunLock(self.out, self._say)
-        if self.rank == 0:
-            claim(self.out, run.get("resume"), run.get("overwrite", False))
-            lock.acquire()
         try:
+            if self.rank == 0:
+                claim(self.out, run.get("resume"), run.get("overwrite", False))
+                if self.out.is_dir():   # before resuming, which trims this folder's logs
+                    lock.acquire()
+            self.maybe_resume()         # a bad --resume is refused before a new folder is made
+            if self.rank == 0 and not lock.held:
+                lock.acquire()
             return self._run(run, on_sample, on_step)
         finally:
             lock.release()
 
     def _run(self, run, on_sample, on_step) -> dict:
-        self.maybe_resume()
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(self.cfg, indent=2, default=str))
