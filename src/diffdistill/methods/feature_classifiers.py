@@ -11,9 +11,9 @@
 * ``package.module:factory``: any importable callable returning an ``nn.Module`` with ``forward_features`` (and
   ``forward_head`` for CFD's dataset loss), already trained; the module is frozen and put in eval mode.
 
-Official recipe scaled down (formula sheet §2: CIFAR-10 DenseNet-201 / ResNet-18, SGD 0.1, momentum 0.9, wd 5e-4,
-step decay, crop + flip + AutoAugment + Cutout, trained on mean/std-normalised inputs but fed raw [−1, 1] images
-during distillation). Here: SGD 0.05, momentum 0.9, wd 5e-4, cosine decay, ±1-pixel shifts, and trained on the same
+Official recipe scaled down (zju-SWJ/RCFD classifier/train.py: CIFAR-10 DenseNet-201 / ResNet-18, SGD 0.1 (:30,
+:104), momentum 0.9, wd 5e-4, ÷10 at 1/2 and 3/4 of 300 epochs (:110), crop + flip + AutoAugment + Cutout (:70),
+trained on mean/std-normalised inputs (:65) but fed raw [−1, 1] images during distillation, diffusion.py:242). Here: SGD 0.05, momentum 0.9, wd 5e-4, cosine decay, ±1-pixel shifts, and trained on the same
 [−1, 1] pixels the distillation feeds it (no normalisation quirk).
 """
 
