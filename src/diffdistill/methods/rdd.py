@@ -49,7 +49,6 @@ Nothing is copied from the official code.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -200,19 +199,6 @@ class ProjectionHead(nn.Module):
         return self.conv2(F.relu(self.bn(self.conv1(x))))
 
 
-@contextlib.contextmanager
-def frozen_running_stats(module: nn.Module):
-    """Run ``module`` in training mode without changing its BatchNorm running statistics (they are restored)."""
-    saved = [(b, b.detach().clone()) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             for b in m.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
-
-
 # ------------------------------------------------------------------------------------------------ options
 RDD_CODE = "cantbebetter2/RDD"
 
@@ -307,8 +293,10 @@ class RDD(CFD):
         map_s, map_t, contrast = self._head_inputs
         self._head_inputs = None
         o = self.opts
-        with frozen_running_stats(self.head):
-            proj = self.head(map_s)
+        # copies of the BatchNorm buffers: the statistics update of this forward is discarded (and the module's own
+        # buffers, which the student phase's graph saved, are not modified in place)
+        buffers = {k: v.clone() for k, v in self.head.named_buffers()}
+        proj = torch.func.functional_call(self.head, buffers, (map_s,))
         l_m = memory_p2p_loss(proj, map_t, contrast, o.contrast_tau, o.kd_tau)
         return o.memory_weight * l_m, {}
 
