@@ -32,7 +32,8 @@ import torch
 
 from diffdistill.demo import SHIPPED_TEACHER
 from diffdistill.distill import distill
-from diffdistill.eval.evaluate import evaluate_net, load_for_sampling
+from diffdistill.eval.evaluate import evaluate_net
+from diffdistill.io import load_for_sampling
 from diffdistill.eval.plots import line_plot
 from diffdistill.config import load_preset
 from diffdistill.methods.registry import get_method

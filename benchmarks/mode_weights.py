@@ -18,7 +18,8 @@ from diffdistill.data.digits import digits_split
 from diffdistill.demo import SHIPPED_TEACHER
 from diffdistill.diffusion.schedules import karras_sigmas
 from diffdistill.distill import load_teacher
-from diffdistill.eval.evaluate import digits_quality, digits_reference, load_for_sampling, sampling_spec_for
+from diffdistill.eval.evaluate import digits_quality, digits_reference, sampling_spec_for
+from diffdistill.io import load_for_sampling
 from diffdistill.eval.generate import generate
 from diffdistill.eval.metrics import proxy_fid
 

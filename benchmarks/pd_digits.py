@@ -23,7 +23,8 @@ import torch
 
 from diffdistill.demo import SHIPPED_TEACHER
 from diffdistill.distill import distill
-from diffdistill.eval.evaluate import evaluate_net, load_for_sampling
+from diffdistill.eval.evaluate import evaluate_net
+from diffdistill.io import load_for_sampling
 from diffdistill.methods.pd import pd_student_sigmas
 
 

@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 from diffdistill.config import resolve
-from diffdistill.eval.evaluate import digits_floor_and_ceiling, evaluate_net, export_checkpoint
-from diffdistill.train.checkpoint import list_checkpoints
+from diffdistill.eval.evaluate import digits_floor_and_ceiling, evaluate_net
+from diffdistill.io import export_checkpoint
+from diffdistill.io.checkpoint import list_checkpoints
 from diffdistill.train.trainer import Trainer
 
 ASSET = Path(__file__).resolve().parent.parent / "src" / "diffdistill" / "assets" / "teacher_digits.safetensors"

@@ -31,7 +31,7 @@ class Ring8Teacher:
     def __init__(self, root):
         from diffdistill.config import resolve
         from diffdistill.eval.evaluate import evaluate_net
-        from diffdistill.train.checkpoint import list_checkpoints
+        from diffdistill.io.checkpoint import list_checkpoints
         from diffdistill.train.trainer import Trainer
         cfg = resolve("ring8", flags={"run": {"out": str(root), "steps": 800, "batch_size": 512, "log_every": 100,
                                               "ckpt_every": 0, "sample_every": 0, "progress": False},

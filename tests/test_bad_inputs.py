@@ -34,9 +34,9 @@ def _snapshot(*roots) -> dict:
 def corpus(tmp_path_factory):
     """The checkpoints of the corpus, made once per module: a real teacher and damaged copies of it, a student of
     another method, a class-conditional teacher, and a run folder whose checkpoints are all corrupt."""
-    from diffdistill.train.checkpoint import list_checkpoints, manifest_path
+    from diffdistill.io.checkpoint import list_checkpoints, manifest_path
     root = tmp_path_factory.mktemp("bad_corpus")
-    assert main(["train-teacher", "--preset", "ring8", "--out", str(root / "teacher"), "--steps", "4",
+    assert main(["train-teacher", "--preset", "ring8", "--out", str(root / "teacher"), "--iters", "4",
                  "--batch-size", "32", "--no-progress", "--set", "net.kwargs.hidden=16", "--set",
                  "run.sample_every=0"]) == 0
     teacher = list_checkpoints(root / "teacher" / "checkpoints")[-1]
@@ -54,7 +54,7 @@ def corpus(tmp_path_factory):
     assert main(["distill", "--method", "dmd2", "--teacher", str(teacher), "--iters", "2", "--batch-size", "16",
                  "--out", str(root / "student"), "--no-progress", "--set", "run.sample_every=0"]) == 0
     paths["student"] = list_checkpoints(root / "student" / "checkpoints")[-1]
-    assert main(["train-teacher", "--preset", "digits", "--out", str(root / "cond"), "--steps", "1", "--batch-size",
+    assert main(["train-teacher", "--preset", "digits", "--out", str(root / "cond"), "--iters", "1", "--batch-size",
                  "8", "--no-progress", "--set", "net.label_dim=10", "--set", "net.kwargs.model_channels=8",
                  "--set", "net.kwargs.num_blocks=1", "--set", "net.kwargs.attn_resolutions=[]",
                  "--set", "run.sample_every=0"]) == 0

@@ -329,7 +329,7 @@ def test_cd_ring8_end_to_end(ring8_teacher, tmp_path):
     (teacher 0.036); the step-0 student (teacher weights with the boundary coefficients) is at ≈ 0.49.
     The checkpoint then samples at 1 and 2 steps through ``eval``."""
     from diffdistill.eval.evaluate import evaluate_checkpoint
-    from diffdistill.train.checkpoint import list_checkpoints
+    from diffdistill.io.checkpoint import list_checkpoints
     res = ring8_teacher.distill_and_eval("cd", tmp_path, steps=800)
     print("cd ring8", {k: v for k, v in res.items() if k != "trainer"})
     assert res["student"] <= 2 * res["teacher"]

@@ -18,7 +18,7 @@ def run(*args, cwd=None):
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
-    r = run("train-teacher", "--preset", "ring8", "--out", out, "--steps", 30, "--batch-size", 64, "--no-progress",
+    r = run("train-teacher", "--preset", "ring8", "--out", out, "--iters", 30, "--batch-size", 64, "--no-progress",
             "--set", "net.kwargs.hidden=32", "--set", "run.sample_every=0")
     assert r.returncode == 0, r.stderr
     ckpts = sorted((out / "checkpoints").glob("ckpt-*.pt"))
@@ -37,7 +37,7 @@ def test_sample_npz_contract(teacher_ckpt, tmp_path):
 
 
 def test_samples_depend_on_seed_only(teacher_ckpt):
-    from diffdistill.eval.evaluate import load_for_sampling
+    from diffdistill.io import load_for_sampling
     from diffdistill.eval.generate import generate
     net, _ = load_for_sampling(teacher_ckpt)
     spec = {"sampler": "heun", "nfe": 7}
@@ -60,7 +60,7 @@ def test_eval_writes_metrics_json(teacher_ckpt, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["eval", "does/not/exist.pt"], "checkpoint not found"),
     (["sample", "nope.pt", "--out", "x.npz"], "checkpoint not found"),
-    (["train-teacher", "--steps", "-3"], "run.steps must be a positive integer"),
+    (["train-teacher", "--iters", "-3"], "run.steps (--iters) must be >= 1, got -3"),
     (["train-teacher", "--preset", "cifar"], "invalid choice"),
     (["train-teacher", "--data", "/no/such/folder"], "/no/such/folder"),
     (["train-teacher", "--set", "oops"], "--set expects key=value"),
@@ -85,7 +85,7 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
 
 def test_wrong_shape_data_is_refused(tmp_path):
     np.savez(tmp_path / "bad.npz", x=np.zeros((4, 5), dtype=np.float32))
-    r = run("train-teacher", "--data", tmp_path / "bad.npz", "--out", tmp_path / "run", "--steps", 1)
+    r = run("train-teacher", "--data", tmp_path / "bad.npz", "--out", tmp_path / "run", "--iters", 1)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "run").exists()
 
@@ -101,7 +101,7 @@ def test_export_roundtrip(teacher_ckpt, tmp_path):
     out = tmp_path / "t.safetensors"
     r = run("export", teacher_ckpt, out)
     assert r.returncode == 0, r.stderr
-    from diffdistill.eval.evaluate import load_for_sampling
+    from diffdistill.io import load_for_sampling
     from diffdistill.eval.generate import generate
     a, sa = load_for_sampling(teacher_ckpt)
     b, sb = load_for_sampling(out)

@@ -84,7 +84,7 @@ def test_compare_refuses_bad_methods_before_doing_any_work(ring8_teacher, tmp_pa
 
 def test_time_budget_stops_training_and_checkpoints(ring8_teacher, tmp_path):
     from diffdistill.distill import distill
-    from diffdistill.train.checkpoint import list_checkpoints
+    from diffdistill.io.checkpoint import list_checkpoints
     tr = distill("diff_instruct", ring8_teacher.path,
                  flags={"run": {"out": str(tmp_path), "steps": 100000, "max_minutes": 0.02, "progress": False,
                                 "ckpt_every": 0, "sample_every": 0, "batch_size": 64}})

@@ -1,12 +1,18 @@
 """Diff-Instruct: the IKL pseudo-loss (w(σ) = σ², no normaliser), log-normal σ, G(z) = D_G(σ_init·z; σ_init),
-critic-then-generator order, EMA of G (EDM half-life rule), exact resume, and a 2-D run."""
+critic-then-generator order, EMA of G (EDM half-life rule, trainer-owned), shared dropout masks, exact resume, and
+a 2-D run. The official-computation tests cite pkulwj1994/diff_instruct files and lines."""
 
+import copy
 import math
 
+import pytest
 import torch
 
-from helpers.dm_helpers import assert_same_ema_method_state, MLP_CFG, GaussianDenoiser, Recorder, all_none, any_nonzero, make_ctx, run_full_and_resumed, tiny_teacher
-from diffdistill.methods.diff_instruct import DiffInstruct, ikl_loss
+from helpers.dm_helpers import (MLP_CFG, UNET_CFG, GaussianDenoiser, Recorder, all_none, any_nonzero,
+                                assert_same_ema_method_state, make_ctx, run_full_and_resumed, tiny_teacher)
+from diffdistill.errors import UserError
+from diffdistill.methods.diff_instruct import DiffInstruct, DiffInstructOptions, ikl_loss
+from diffdistill.train.ema import ema_beta
 
 
 def _di(batch_size=16, label_dim=0, **opts):
@@ -92,22 +98,114 @@ def test_order_grad_isolation_and_optimizer():
     assert all_none(m.fake) and any_nonzero(m.G)
 
 
-def test_ema_beta_rule_and_sampling_from_ema():
+def test_ema_is_trainer_owned_with_the_official_rule():
+    """The generator's EMA is tracked by the trainer (``emas['generator']``) with DI's rule: half-life 500 kimg,
+    ramp-up 0.05, or a constant β; the student samples from it."""
     m = _di(batch_size=128)
+    assert set(m.emas) == {"generator"} and m.emas["generator"] is m.ema and m.ema.source == "generator"
     for nimg in (128, 12_800, 10 ** 8):
         want = 0.5 ** (128 / min(5e5, 0.05 * nimg))
-        assert math.isclose(m.ema_beta(nimg), want, rel_tol=1e-12)
+        assert math.isclose(m.ema.beta(128, nimg), want, rel_tol=1e-12)
     assert m.sampling_net() is m.ema.net and m.sampling_net() is not m.G
-    with torch.no_grad():
-        for p in m.G.parameters():
-            p.add_(1.0)
-    before = [p.clone() for p in m.ema.net.parameters()]
-    m.after_step(1, 10 ** 8)
-    beta = m.last_beta
-    for b, e, g in zip(before, m.ema.net.parameters(), m.G.parameters()):
-        assert torch.allclose(e, beta * b + (1 - beta) * g, atol=1e-6)
     m2 = _di(batch_size=128, ema_beta_const=0.99)
-    assert m2.ema_beta(10 ** 8) == 0.99
+    assert m2.ema.beta(128, 10 ** 8) == 0.99
+    with pytest.raises(UserError, match="ema_halflife_kimg"):
+        _di(ema_halflife_kimg=None)
+
+
+def test_options_defaults_are_the_official_recipe():
+    """pkulwj1994/diff_instruct README.md:50 (--lr 0.00001 --glr 0.00001 --init_sigma 1.0 --batch 128),
+    di_train.py:74 (--ema 0.5 Mimg), :127-128 (Adam, betas [0, 0.999], eps 1e-8), di_training_loop.py:110
+    (ema_rampup_ratio 0.05)."""
+    o = DiffInstructOptions()
+    assert (o.lr, o.critic_lr(), o.betas, o.eps, o.sigma_init) == (1e-5, 1e-5, (0.0, 0.999), 1e-8, 1.0)
+    assert (o.ema_halflife_kimg, o.ema_rampup, o.ema_beta_const) == (500.0, 0.05, None)
+    assert (o.p_mean, o.p_std, o.critic_reduction) == (-1.2, 1.2, "sum")
+
+
+def _dropout_di(batch_size=8):
+    teacher, cfg = tiny_teacher(UNET_CFG, dropout=0.3)
+    return DiffInstruct(make_ctx(teacher, cfg, batch_size=batch_size))
+
+
+def test_dropout_masks_are_shared_so_fake_equal_teacher_gives_zero_gradient():
+    """pkulwj1994/diff_instruct training/di_loss.py:44-50: for the generator's loss the teacher (Sd) and the fake
+    score (Sg) both run in train mode, and the RNG is restored between the two calls, so they draw the same
+    dropout masks; with fake == teacher (the initialisation) D_fake − D_real is exactly 0, so ∂L/∂x is 0."""
+    m = _dropout_di()
+    x_probe = torch.randn(4, 1, 8, 8)
+    s = torch.ones(4)
+    fake = m.fake.train()
+    assert not torch.equal(fake(x_probe, s), fake(x_probe, s))        # dropout 0.3 is really active
+    assert not m.teacher.training
+    loss, _ = m.loss("generator", None, 0)
+    x = m.generated
+    x.retain_grad()
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x.grad))
+    assert not m.teacher.training and m.fake.training                 # modes restored after the paired call
+
+
+def test_teacher_runs_in_train_mode_for_the_paired_call():
+    """di_loss.py:44 (``Sg.train(), Sd.train()``): the teacher's call sees train mode, the fake score's too."""
+    m = _dropout_di()
+    seen = []
+    for name, net in (("teacher", m.teacher), ("fake", m.fake)):
+        net.register_forward_pre_hook(lambda mod, args, name=name: seen.append((name, mod.training)))
+    m.loss("generator", None, 0)
+    assert ("teacher", True) in seen and ("fake", True) in seen
+
+
+def test_fake_score_samples_are_drawn_with_the_generator_in_eval_mode():
+    """pkulwj1994/diff_instruct training/di_training_loop.py:249-252: the fake score's training batch is
+    G(σ_init·z) under no_grad with ``G.eval()`` (dropout off), then ``G.train()``; the generator's own loss uses
+    G in train mode (Gddp, :275)."""
+    m = _dropout_di()
+    m.fake = Recorder(m.fake)
+    state = m.ctx.generator.get_state()
+    m.loss("critic", None, 0)
+    m.ctx.generator.set_state(state)
+    z = torch.randn((8, 1, 8, 8), generator=m.ctx.generator)
+    sigma = (-1.2 + 1.2 * torch.randn(8, generator=m.ctx.generator)).exp()
+    eps = torch.randn((8, 1, 8, 8), generator=m.ctx.generator)
+    G_eval = copy.deepcopy(m.G).eval()
+    with torch.no_grad():
+        x = G_eval(z, torch.ones(8))
+    (call,) = m.fake.calls
+    assert torch.allclose(call["x"], x + sigma.reshape(-1, 1, 1, 1) * eps, atol=1e-6)
+    assert m.G.training                                                # G is back in train mode
+
+
+def test_ema_after_trainer_iterations_matches_the_official_loop(tmp_path):
+    """pkulwj1994/diff_instruct training/di_training_loop.py:302-311: after both optimizer steps of an iteration,
+    β = 0.5^(batch / max(min(half-life, cur_nimg·ramp-up), 1e-8)) with ``cur_nimg`` the images seen BEFORE this
+    iteration (``cur_nimg += batch_size`` comes after, :314), and Gema ← G.lerp(Gema, β). The trainer's EMA after a
+    few iterations equals that EMA computed from the generator's weights after each iteration."""
+    from diffdistill.train.trainer import Trainer
+    teacher, cfg = tiny_teacher(MLP_CFG)
+    B, steps, halflife_kimg, rampup = 32, 4, 0.5, 10.0
+    run = {"out": str(tmp_path), "steps": steps, "batch_size": B, "log_every": 5, "ckpt_every": 0,
+           "sample_every": 0, "progress": False, "seed": 0, "device": "cpu", "grad_clip": None, "keep_ckpts": 1,
+           "nan_policy": "stop", "resume": None, "num_sample_grid": 16}
+    tr = Trainer({"run": run, "data": {}, "net": cfg,
+                  "method": {"name": "diff_instruct", "lr": 1e-3, "ema_halflife_kimg": halflife_kimg,
+                             "ema_rampup": rampup}}, teacher=teacher, teacher_path="mem")
+    official = [p.detach().clone() for p in tr.method.G.parameters()]     # Gema = deepcopy(G) (:150)
+    cur_nimg = 0
+
+    def official_update(trainer):
+        nonlocal cur_nimg
+        h = min(halflife_kimg * 1000, cur_nimg * rampup)
+        beta = 0.5 ** (B / max(h, 1e-8))
+        for i, p in enumerate(trainer.method.G.parameters()):
+            official[i] = p.detach().lerp(official[i], beta)
+        cur_nimg += B
+    tr.run(on_step=official_update)
+    got = list(tr.method.ema.net.parameters())
+    assert any(not torch.equal(g, p) for g, p in zip(got, tr.method.G.parameters()))   # the EMA really lags
+    for g, want in zip(got, official):
+        assert torch.allclose(g, want, rtol=1e-6, atol=1e-7)
+    assert math.isclose(tr.method.ema.last_beta, ema_beta(B, (steps - 1) * B, halflife_kimg, rampup), rel_tol=1e-12)
 
 
 def test_conditional_random_labels():
@@ -133,8 +231,8 @@ def test_resume_is_exact_including_ema(tmp_path):
     assert resumed.dataset is None          # data-free: no loader was built
     a, b = full.method.state_dict(), resumed.method.state_dict()
     assert_same_ema_method_state(a, b)
-    h = trainer(tmp_path / "x", 5).method.state_dict()["extra"]["ema"]
-    assert any(not torch.equal(h[k], v) for k, v in b["extra"]["ema"].items())
+    h = trainer(tmp_path / "x", 5).method.state_dict()["emas"]["generator"]
+    assert any(not torch.equal(h[k], v) for k, v in b["emas"]["generator"].items())
 
 
 def test_diff_instruct_ring8_end_to_end(ring8_teacher, tmp_path):

@@ -12,7 +12,8 @@ from diffusers import DDPMScheduler, EDMEulerScheduler, UNet2DModel  # noqa: E40
 
 from diffdistill.cli import main  # noqa: E402
 from diffdistill.errors import UserError  # noqa: E402
-from diffdistill.teachers.diffusers_unet import ddpm_alphas_cumprod, load_diffusers_teacher  # noqa: E402
+from diffdistill.io.diffusers import load_diffusers_teacher  # noqa: E402
+from diffdistill.nets.diffusers_unet import ddpm_alphas_cumprod  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -127,9 +128,9 @@ def test_convert_distill_and_export_as_diffusers(tmp_path):
     """convert-teacher → .safetensors equals the folder; a SiD student exported --format diffusers is loaded with
     UNet2DModel.from_pretrained and sampled in a few lines exactly like `diffdistill sample`."""
     from diffdistill.distill import distill
-    from diffdistill.eval.evaluate import load_for_sampling
+    from diffdistill.io import load_for_sampling
     from diffdistill.eval.generate import generate
-    from diffdistill.train.checkpoint import list_checkpoints
+    from diffdistill.io.checkpoint import list_checkpoints
     pipe = save_pipeline(tmp_path / "pipe", tiny_unet(), DDPMScheduler(num_train_timesteps=1000,
                                                                        prediction_type="v_prediction"))
     teacher = tmp_path / "teacher.safetensors"
@@ -164,7 +165,7 @@ def test_convert_distill_and_export_as_diffusers(tmp_path):
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "DDPMScheduler" and sched["prediction_type"] == "v_prediction"
     # a SongUNet student cannot be written in diffusers layout
-    from diffdistill.teachers.diffusers_unet import export_diffusers
+    from diffdistill.io.diffusers import export_diffusers
     with pytest.raises(UserError, match="no UNet2DModel layout"):
         export_diffusers({"net_config": {"arch": "songunet"}}, tmp_path / "x")
     assert np.isfinite(ours.numpy()).all()

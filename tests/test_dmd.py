@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from helpers.dm_helpers import MLP_CFG, Recorder, make_ctx, tiny_teacher
+from helpers.dm_helpers import MLP_CFG, UNET_CFG, Recorder, make_ctx, tiny_teacher
 from diffdistill.diffusion.samplers import heun_sampler
 from diffdistill.diffusion.schedules import karras_sigmas
 from diffdistill.errors import UserError
-from diffdistill.methods.dmd import DMD, regression_loss, teacher_pairs
+from diffdistill.methods.dmd import DMD, DMDOptions, regression_loss, teacher_pairs
 
 
 def _dmd(tmp_path=None, batch_size=16, **opts):
@@ -77,6 +77,39 @@ def test_conditional_pairs_and_generation():
     (call,) = m.G.calls
     assert call["labels"].shape == (10, 3)       # 6 random one-hot labels + 4 pair labels, one forward
     assert torch.equal(call["labels"].sum(1), torch.ones(10))
+    # the generator's labels are uniform draws from the method's generator, not the real batch's (DMD2's
+    # train_edm.py:227-233, the reference implementation)
+    m.G.calls.clear()
+    state = m.ctx.generator.get_state()
+    y = torch.eye(3)[[0] * 6]
+    m.loss("generator", (torch.zeros(6, 2), y), 1)
+    m.ctx.generator.set_state(state)
+    want = torch.nn.functional.one_hot(torch.randint(3, (6,), generator=m.ctx.generator), 3).float()
+    assert torch.equal(m.G.calls[-1]["labels"][:6], want)
+
+
+def test_options_defaults_follow_the_reference_implementation():
+    """DMD2's EDM code as the reference (tianweiy/DMD2 main/edm/train_edm.py:97-123 AdamW β (0.9, 0.999), wd 0.01,
+    constant_with_warmup 500; experiments/imagenet/*lr2e-6*.sh lr 2e-6 both; edm_network.py:11 dropout 0) plus
+    the DMD paper's λ_reg = 0.25."""
+    o = DMDOptions()
+    assert (o.lr, o.critic_lr(), o.betas, o.weight_decay, o.warmup_steps) == (2e-6, 2e-6, (0.9, 0.999), 0.01, 500)
+    assert (o.reg_weight, o.heun_steps, o.dropout, o.critic_reduction) == (0.25, 18, 0.0, "mean")
+
+
+def test_dropout_off_so_fake_equal_teacher_gives_zero_dm_gradient():
+    """DMD2's edm_network.py:11 builds every net with dropout 0, so the DM gradient is exactly 0 while the fake
+    score equals the teacher (edm_guidance.py:96-108), whatever dropout the teacher was trained with."""
+    teacher, cfg = tiny_teacher(UNET_CFG, dropout=0.3)
+    m = DMD(make_ctx(teacher, cfg, batch_size=8), lr=1e-3, warmup_steps=0, reg_weight=0.0)
+    loss, logs = m.loss("generator", None, 0)
+    x = m.generated
+    x.retain_grad()
+    loss.backward()
+    assert logs["dmd/dm"] == 0.0 and torch.equal(x.grad, torch.zeros_like(x.grad))
+    kept = DMD(make_ctx(teacher, cfg, batch_size=8), lr=1e-3, warmup_steps=0, reg_weight=0.0, dropout=None)
+    _, logs = kept.loss("generator", None, 0)
+    assert logs["dmd/dm"] > 0          # the teacher's dropout kept in the fake score: masks differ
 
 
 def test_generator_loss_is_dm_plus_quarter_reg():
@@ -112,7 +145,7 @@ def test_distill_run_dir_default_and_resume_reuses_pairs(tmp_path, capsys):
                                              "sample_every": 0, **r}}
     full = distill("dmd", tpath, flags=flags(tmp_path / "full", 8), overrides=sets)
     assert (tmp_path / "full" / "dmd_pairs" / "pairs-00001.pt").exists()
-    assert json.loads((tmp_path / "full" / "config.json").read_text())["method"]["run_dir"] == str(tmp_path / "full")
+    assert "run_dir" not in json.loads((tmp_path / "full" / "config.json").read_text())["method"]   # ctx.run_dir
     distill("dmd", tpath, flags=flags(tmp_path / "split", 4), overrides=sets)
     capsys.readouterr()
     resumed = distill("dmd", tpath, flags=flags(tmp_path / "split", 8, resume="auto"), overrides=sets)

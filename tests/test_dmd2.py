@@ -1,4 +1,5 @@
-"""DMD2 and the shared distribution-matching pieces: the formula sheet's oracles (dmd_di.md §5) and a 2-D run."""
+"""DMD2 and the shared distribution-matching pieces: closed-form oracles, the official computations (cited as
+tianweiy/DMD2 file:line), presets, and a 2-D run."""
 
 import math
 
@@ -7,7 +8,7 @@ import torch
 
 from helpers.dm_helpers import (MLP_CFG, UNET_CFG, GaussianDenoiser, Recorder, all_none, any_nonzero, make_ctx,
                                 tiny_teacher)
-from diffdistill.methods.dmd2 import (DMD2, ImageGANHead, PointGANHead, backward_simulation_input,
+from diffdistill.methods.dmd2 import (DMD2, DMD2Options, ImageGANHead, PointGANHead, backward_simulation_input,
                                       gan_critic_loss, gan_generator_loss, student_sigma_indices, student_sigmas)
 from diffdistill.methods.score_distill import (dm_gradient, dm_pseudo_loss, dmd_sigma_grid, paired_denoise,
                                                sample_grid_index)
@@ -86,6 +87,20 @@ def test_paired_denoise_shares_dropout_masks():
     assert torch.equal(d_fake, d_real)
     assert not torch.equal(a(x, s), a(x, s))   # dropout is really active
     assert torch.equal(dm_gradient(x, d_real, d_fake), torch.zeros_like(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_paired_denoise_shares_dropout_masks_on_a_gpu():
+    """On a GPU dropout draws from the device's CUDA generator: paired_denoise rewinds it too (Diff-Instruct's
+    training/di_loss.py:47-49 restores torch.cuda's RNG state between the two calls)."""
+    teacher, _ = tiny_teacher(UNET_CFG, dropout=0.3)
+    dev = torch.device("cuda")
+    a, b = Recorder(teacher).to(dev), Recorder(teacher).to(dev)
+    x, s = torch.randn(4, 1, 8, 8, device=dev), torch.full((4,), 1.0, device=dev)
+    d_fake, d_real = paired_denoise(a, b, x, s, training=True)
+    assert torch.equal(d_fake, d_real)
+    with torch.no_grad():
+        assert not torch.equal(a.train()(x, s), a(x, s))
 
 
 def test_pseudo_loss_gradient_and_value():
@@ -230,21 +245,69 @@ def test_critic_reuses_pre_update_generator_batch():
     assert len(m.G.calls) == 1 and not m.G.calls[0]["grad"]
 
 
-def test_conditional_labels_from_batch_and_random():
+def test_generator_labels_are_uniform_and_independent_of_the_batch():
+    """tianweiy/DMD2 main/edm/train_edm.py:227-233: the generator's class labels are torch.randint(0, label_dim)
+    one-hot, whatever the real batch holds (its labels only enter the GAN's real branch, :210-215). Here: drawn
+    from the method's generator (first draw of the step), uniform; the critic's GAN call gets the real labels then
+    the generated batch's."""
     m = _dmd2(label_dim=3, batch_size=6)
     m.G, m.fake = Recorder(m.G), Recorder(m.fake)
-    y = torch.eye(3)[[0, 1, 2, 0, 1, 2]]
+    y = torch.eye(3)[[0] * 6]                       # a batch of class 0 only
+    state = m.ctx.generator.get_state()
     m.loss("generator", (_real(m, 6), y), 0)
-    assert torch.equal(m.G.calls[-1]["labels"], y)
+    m.ctx.generator.set_state(state)
+    want = torch.nn.functional.one_hot(torch.randint(3, (6,), generator=m.ctx.generator), 3).float()
+    got = m.G.calls[-1]["labels"]
+    assert torch.equal(got, want) and not torch.equal(got, y)
     m.loss("critic", (_real(m, 6), y), 0)
     gan_call = [c for c in m.fake.calls if c["kw"]][-1]
-    assert torch.equal(gan_call["labels"], torch.cat([y, y]))   # real labels then the generated batch's
-    m.G.calls.clear()
-    m.gan_weight = 0.0
-    m.head = None
-    m.loss("critic", None, 1)   # data-free: random one-hot labels
-    lab = m.G.calls[-1]["labels"]
-    assert lab.shape == (6, 3) and torch.equal(lab.sum(1), torch.ones(6))
+    assert torch.equal(gan_call["labels"], torch.cat([y, got]))   # real labels then the generated batch's
+    big = _dmd2(label_dim=4, batch_size=4000, gan_weight=0.0)
+    big.G = Recorder(big.G)
+    big.loss("generator", (torch.zeros(4000, 2), torch.eye(4)[[1] * 4000]), 0)
+    freq = big.G.calls[-1]["labels"].mean(0)
+    assert torch.allclose(freq, torch.full((4,), 0.25), atol=0.03)
+
+
+def test_dropout_off_so_fake_equal_teacher_gives_zero_gradient():
+    """tianweiy/DMD2 main/edm/edm_network.py:11 builds the real, fake and generator networks with dropout 0 (and
+    train_edm.py:200 runs them in train mode), so at fake == teacher the DM gradient (edm_guidance.py:96-108) is
+    exactly 0 even for a teacher trained with dropout."""
+    teacher, cfg = tiny_teacher(UNET_CFG, dropout=0.3)
+    m = DMD2(make_ctx(teacher, cfg, batch_size=8), lr=1e-3, warmup_steps=0, gan_weight=0.0)
+    loss, logs = m.loss("generator", None, 0)
+    x = m.generated
+    x.retain_grad()
+    loss.backward()
+    assert logs["dmd2/dm"] == 0.0 and torch.equal(x.grad, torch.zeros_like(x.grad))
+    assert m.fake.training and m.G.training
+
+
+def test_options_defaults_are_the_official_recipe():
+    """tianweiy/DMD2 main/edm/train_edm.py:97-108 (AdamW β (0.9, 0.999), wd 0.01), :469-471 (warm-up 500, steps
+    0.02..0.98), experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh (lr 2e-6
+    both, ratio 5, GAN 3e-3 / 1e-2, diffusion GAN on all 1000 steps); no EMA, dropout 0."""
+    o = DMD2Options()
+    assert (o.lr, o.critic_lr(), o.betas, o.weight_decay, o.warmup_steps) == (2e-6, 2e-6, (0.9, 0.999), 0.01, 500)
+    assert (o.dfake_gen_update_ratio, o.gan_weight, o.gan_critic_weight) == (5, 3e-3, 1e-2)
+    assert not o.ema_enabled() and o.dropout == 0.0 and not o.warmup_per_process
+    assert (o.dm_t_min, o.dm_t_max, o.gan_t_min, o.gan_t_max, o.critic_t_min, o.critic_t_max) == (20, 980, 0, 999,
+                                                                                                  0, 999)
+
+
+@pytest.mark.parametrize("method", ["dmd", "dmd2", "diff_instruct"])
+@pytest.mark.parametrize("kind", ["images", "points"])
+def test_official_preset_is_exactly_the_dataclass_defaults(method, kind):
+    """--preset official on any teacher gives the method's dataclass defaults (no images/points value leaks in:
+    on main an image teacher's official DMD run had lr_critic 1e-3, 500× its generator lr)."""
+    from diffdistill.distill import distill_config
+    from diffdistill.methods.registry import get_method
+    net = UNET_CFG if kind == "images" else MLP_CFG
+    state = {"net_config": net, "config": {"data": {"name": "digits" if kind == "images" else "ring8"}}}
+    cfg = distill_config(method, state, preset="official")
+    assert cfg["method"] == {"name": method, **get_method(method).Options.defaults()}
+    default = distill_config(method, state)
+    assert default["preset"]["name"] == kind and default["method"] != cfg["method"]
 
 
 # ------------------------------------------------------------------------------------------------ multi-step
@@ -368,7 +431,7 @@ def test_resume_is_exact_with_gan(tmp_path):
 
 
 def test_checkpoint_carries_sampling_spec(tmp_path):
-    from diffdistill.train.checkpoint import list_checkpoints, load_checkpoint
+    from diffdistill.io.checkpoint import list_checkpoints, load_checkpoint
     tr = _trainer(tmp_path, "dmd2", 3, student_steps=2)
     tr.run()
     state = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
@@ -512,9 +575,9 @@ def test_dm_t_range_narrows_only_the_dm_noise_levels():
     crit = torch.cat([c["sigma"] for c in m.fake.calls])
     assert float(crit.min()) < float(grid[250]) and float(crit.max()) > float(grid[600])
     for lo, hi in ((600, 250), (-1, 500), (20, 1000)):
-        with pytest.raises(UserError, match="dm_t_min"):
+        with pytest.raises(UserError, match="dm_t_m"):
             _dmd2(dm_t_min=lo, dm_t_max=hi)
-        with pytest.raises(UserError, match="critic_t_min"):
+        with pytest.raises(UserError, match="critic_t_m"):
             _dmd2(critic_t_min=lo, critic_t_max=hi)
     m = _dmd2(batch_size=256, gan_weight=0.0, critic_t_min=100, critic_t_max=700)   # the critic's own range
     m.fake = Recorder(m.fake)
@@ -550,3 +613,39 @@ def test_lr_decay_steps_cosine_to_zero_per_phase():
     assert flat.optimizers["critic"].param_groups[0]["lr"] == pytest.approx(1e-3)
     with pytest.raises(UserError, match="lr_decay_steps"):
         _dmd2(lr_decay_steps=0)
+
+
+def _official_constant_with_warmup(step: int, warmup: int) -> float:
+    """diffusers ``get_scheduler('constant_with_warmup')``'s factor at scheduler step ``step``."""
+    return step / max(1, warmup) if step < warmup else 1.0
+
+
+@pytest.mark.parametrize("per_process", [False, True])
+def test_warmup_default_and_per_process(per_process):
+    """tianweiy/DMD2 main/edm/train_edm.py:110-123 + :288: the critic's scheduler (constant_with_warmup, 500) is
+    stepped after every iteration through accelerate, which steps it once per process, so with P processes the
+    factor at iteration s is f(s·P) — full after ~500/P iterations (72 on the released 7-GPU run). With
+    ``warmup_per_process`` the critic's factor at iteration s is the official one one step later, f((s+1)·P) (the
+    project's warm-up counts the step being taken, as in the default); by default it is f(s+1) whatever P."""
+    teacher, cfg = tiny_teacher(MLP_CFG)
+    ctx = make_ctx(teacher, cfg)
+    ctx.world_size = 7
+    m = DMD2(ctx, lr=1e-3, gan_weight=0.0, warmup_per_process=per_process)
+    P = 7 if per_process else 1
+    lrs = []
+    for s in range(600):
+        lrs.append(m.optimizers["critic"].param_groups[0]["lr"])
+        m.optimizers["critic"].step()
+        m.schedulers["critic"].step()
+    for s in range(600):
+        assert lrs[s] == pytest.approx(1e-3 * _official_constant_with_warmup((s + 1) * P, 500), rel=1e-9), s
+    first_full = next(s for s, lr in enumerate(lrs) if lr == pytest.approx(1e-3))
+    assert first_full == (71 if per_process else 499)       # official: 72 iterations (7 GPUs) / 500 (1 GPU), less one
+    # the generator's rate, counted in its own updates (every ratio-th iteration), reaches full rate as late
+    gen = []
+    for u in range(120):
+        gen.append(m.optimizers["generator"].param_groups[0]["lr"])
+        m.optimizers["generator"].step()
+        m.schedulers["generator"].step()
+    full_u = next(u for u, lr in enumerate(gen) if lr == pytest.approx(1e-3))
+    assert abs(5 * full_u - first_full) <= 5

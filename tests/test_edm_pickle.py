@@ -20,7 +20,7 @@ from diffdistill.cli import main  # noqa: E402
 from diffdistill.diffusion.precond import VEPrecond, VPPrecond, vp_sigma, vp_sigma_inv  # noqa: E402
 from diffdistill.errors import UserError  # noqa: E402
 from diffdistill.nets.factory import build_denoiser  # noqa: E402
-from diffdistill.teachers.edm_pickle import load_edm_snapshot, read_edm_pickle  # noqa: E402
+from diffdistill.io.edm_pickle import load_edm_snapshot, read_edm_pickle  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------- VP / VE preconditioning
@@ -301,7 +301,7 @@ def test_convert_teacher_cli_then_sample_and_eval(vp_snapshot, tmp_path, capsys)
     assert main(["convert-teacher", str(pkl), str(out)]) == 0
     assert "reloaded output identical" in capsys.readouterr().out
     assert out.is_file() and out.with_suffix(".json").is_file()
-    from diffdistill.eval.evaluate import load_for_sampling
+    from diffdistill.io import load_for_sampling
     t, state = load_for_sampling(out)
     assert state["role"] == "teacher" and state["source"]["class"] == "VPPrecond"
     x, s, y = torch.randn(2, 3, 8, 8), torch.tensor([0.1, 5.0]), torch.eye(3)[:2]
@@ -319,9 +319,9 @@ def test_convert_teacher_cli_then_sample_and_eval(vp_snapshot, tmp_path, capsys)
 def test_student_of_converted_teacher_exports_and_reloads(vp_snapshot, tmp_path):
     """distill --teacher on a converted VP teacher (SiD, data-free), export the student, reload it alone."""
     from diffdistill.distill import distill
-    from diffdistill.eval.evaluate import export_checkpoint, load_for_sampling
+    from diffdistill.io import export_checkpoint, load_for_sampling
     from diffdistill.eval.generate import generate
-    from diffdistill.train.checkpoint import list_checkpoints
+    from diffdistill.io.checkpoint import list_checkpoints
     _, pkl = vp_snapshot
     teacher = tmp_path / "teacher.safetensors"
     assert main(["convert-teacher", str(pkl), str(teacher), "--dropout", "0"]) == 0

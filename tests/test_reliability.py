@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_points_cfg
 from diffdistill.cli import main
 from diffdistill.errors import UserError
-from diffdistill.train.checkpoint import (find_resume_checkpoint, list_checkpoints, load_checkpoint, manifest_path,
+from diffdistill.io.checkpoint import (find_resume_checkpoint, list_checkpoints, load_checkpoint, manifest_path,
                                           prune_checkpoints, remove_stale_files, save_checkpoint, verify_checkpoint)
 from diffdistill.train.health import HealthMonitor
 from diffdistill.train.trainer import DivergenceError, Trainer
@@ -215,7 +215,7 @@ def test_out_of_memory_is_one_line_with_the_knobs(error, tmp_path, monkeypatch, 
         return orig(self, phase, batch, step)
     monkeypatch.setattr(EDMTeacher, "loss", loss)
     capsys.readouterr()
-    rc = main(["train-teacher", "--preset", "ring8", "--steps", "30", "--batch-size", "16", "--out",
+    rc = main(["train-teacher", "--preset", "ring8", "--iters", "30", "--batch-size", "16", "--out",
                str(tmp_path), "--no-progress", "--set", "net.kwargs.hidden=16", "--set", "run.ckpt_every=5",
                "--set", "run.sample_every=0"])
     err = capsys.readouterr().err.strip()
@@ -276,7 +276,7 @@ def test_sigint_in_training_writes_a_checkpoint_and_exits_130(tmp_path, monkeypa
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would; the trainer's handler only sets a flag
     monkeypatch.setattr(EDMTeacher, "after_step", after_step)
     before = signal.getsignal(signal.SIGINT)
-    rc = main(["train-teacher", "--preset", "ring8", "--steps", "50", "--batch-size", "16", "--out", str(tmp_path),
+    rc = main(["train-teacher", "--preset", "ring8", "--iters", "50", "--batch-size", "16", "--out", str(tmp_path),
                "--no-progress", "--set", "net.kwargs.hidden=16", "--set", "run.sample_every=0"])
     err = capsys.readouterr().err
     assert rc == 130 and "stopped by SIGINT at step 7" in err and "Traceback" not in err, err
@@ -290,7 +290,7 @@ def test_sigterm_subprocess_checkpoints_exits_143_and_resumes_exactly(tmp_path):
             "--no-progress", "--set", "net.kwargs.hidden=32", "--set", "net.kwargs.depth=2", "--set",
             "run.sample_every=0", "--set", "run.ckpt_every=0", "--set", "run.log_every=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "diffdistill.cli", *argv, "--steps", "100000"],
+    proc = subprocess.Popen([sys.executable, "-m", "diffdistill.cli", *argv, "--iters", "100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     log = tmp_path / "run" / "log.jsonl"
     t0 = time.time()
@@ -305,11 +305,11 @@ def test_sigterm_subprocess_checkpoints_exits_143_and_resumes_exactly(tmp_path):
     stopped = load_checkpoint(ckpts[0])["step"]
     assert stopped >= 15 and json.loads(log.read_text().splitlines()[-1])["step"] == stopped
     # resume to stopped + 10 steps == a straight run of that length
-    rc, _, err = run_in_process(argv + ["--steps", str(stopped + 10), "--resume", "auto"])
+    rc, _, err = run_in_process(argv + ["--iters", str(stopped + 10), "--resume", "auto"])
     assert rc == 0, err
     straight = tmp_path / "straight"
     rc, _, err = run_in_process([a if a != str(tmp_path / "run") else str(straight) for a in argv]
-                                + ["--steps", str(stopped + 10)])
+                                + ["--iters", str(stopped + 10)])
     assert rc == 0, err
     assert differences(final_state(straight), final_state(tmp_path / "run")) == []
 

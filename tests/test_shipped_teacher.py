@@ -12,7 +12,8 @@ import torch
 
 from diffdistill.config import load_preset, resolve
 from diffdistill.demo import SHIPPED_TEACHER
-from diffdistill.eval.evaluate import digits_floor_and_ceiling, evaluate_net, load_for_sampling
+from diffdistill.eval.evaluate import digits_floor_and_ceiling, evaluate_net
+from diffdistill.io import load_for_sampling
 
 pytestmark = pytest.mark.skipif(not SHIPPED_TEACHER.exists(), reason="no shipped teacher in this checkout")
 

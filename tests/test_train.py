@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_points_cfg
 from diffdistill.config import resolve
-from diffdistill.train.checkpoint import list_checkpoints, load_checkpoint
+from diffdistill.io.checkpoint import list_checkpoints, load_checkpoint
 from diffdistill.train.trainer import DivergenceError, Trainer
 
 
@@ -89,7 +89,8 @@ def test_2d_teacher_reaches_the_data(ring8_teacher):
     """The session's ring8 MLP teacher (trained by this trainer in conftest: 800 iterations at batch 512; every 2-D
     distillation test starts from it) sampled with Heun at 35 NFE lies within sliced-W2 0.08 of fresh data."""
     from diffdistill.data import dataset_from_config as load_dataset
-    from diffdistill.eval.evaluate import evaluate_net, load_for_sampling
+    from diffdistill.eval.evaluate import evaluate_net
+    from diffdistill.io import load_for_sampling
     from diffdistill.eval.metrics import sliced_w2
     net, state = load_for_sampling(ring8_teacher.path)
     assert state["method"] == "edm" and state["role"] == "teacher"

@@ -11,7 +11,24 @@ import json
 import sys
 from pathlib import Path
 
+from .compare import compare
+from .config import check_device, list_presets, load_preset, preset_path, resolve, RunOptions, TEACHER_PRESETS
+from .demo import run_demo
+from .distill import distill
 from .errors import UserError
+from .eval.evaluate import evaluate_checkpoint, sampling_spec_for
+from .eval.generate import generate
+from .eval.inception import compute_reference, load_extractor, load_reference, resolve_inception_path, save_reference
+from .eval.plots import image_grid
+from .io import convert_teacher, export_checkpoint, load_for_sampling
+from .io.diffusers import export_diffusers
+from .methods.embedding_loss import ELOptions
+from .methods.registry import get_method, list_methods
+from .train.distributed import init_distributed, rank
+from .train.health import is_out_of_memory, out_of_memory_message
+from .train.memory import dry_run_report
+from .train.trainer import DivergenceError, OutOfMemoryStop, Trainer
+
 
 # Exit codes: 0 done; 2 bad input (one line naming the fix); 3 diverged (NaN/inf, nan_policy=stop); 4 out of
 # memory; 128 + signal number (130 SIGINT, 143 SIGTERM) when a signal stopped training after a final checkpoint.
@@ -41,6 +58,8 @@ def _add_run_flags(p):
     p.add_argument("--iters", dest="iters", type=int, help="training iterations (default: the preset's)")
     p.add_argument("--steps", dest="iters", type=int, action=_Deprecated, new_flag="--iters", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, help="batch size per process")
+    p.add_argument("--budget-minutes", type=float, metavar="M",
+                   help="stop training after M minutes of training-loop wall-clock (a checkpoint is written)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--resume", help="'auto' (newest checkpoint in the run directory) or a checkpoint path")
@@ -53,14 +72,14 @@ def _add_run_flags(p):
 
 def _run_flags(a) -> dict:
     run = {k: v for k, v in {"out": a.out, "steps": a.iters, "batch_size": a.batch_size, "seed": a.seed,
-                             "device": a.device, "resume": a.resume}.items() if v is not None}
+                             "device": a.device, "resume": a.resume,
+                             "max_minutes": a.budget_minutes}.items() if v is not None}
     if a.no_progress:
         run["progress"] = False
     return {"run": run}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import TEACHER_PRESETS
     p = _Parser(prog="diffdistill", description="Distill diffusion teachers into one-step / few-step students.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -113,7 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("out", help="OUT.safetensors")
     ct.add_argument("--dropout", type=float, help="set the network's dropout (students copy it; DMD2 uses 0)")
 
-    from .methods.registry import list_methods
     methods = list_methods(role="student")
     m = sub.add_parser("distill", help="distill a teacher checkpoint into a few-step student",
                        description="Methods:\n" + "\n".join(f"  {k:14s} {v}" for k, v in methods.items()),
@@ -147,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "data, so the data-free methods (sid, dmd, diff_instruct) then use data too")
     m.add_argument("--config", help="YAML/JSON file with sections run/data/method")
     m.add_argument("--out", help="run directory (default runs/<method>)")
-    m.add_argument("--batch-size", type=int)
+    m.add_argument("--batch-size", type=int, help="batch size per process")
+    m.add_argument("--budget-minutes", type=float, metavar="M",
+                   help="stop training after M minutes of training-loop wall-clock (a checkpoint is written)")
     m.add_argument("--seed", type=int)
     m.add_argument("--device")
     m.add_argument("--resume")
@@ -197,15 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train_teacher(a) -> int:
-    from .config import resolve
-    from .train.trainer import Trainer
     flags = _run_flags(a)
     if a.data:
         flags["data"] = _data_spec(a.data)
     cfg = resolve(a.preset, a.config, flags, a.set, default_preset="digits")
     trainer = Trainer(cfg)
     if a.dry_run:
-        from .train.memory import dry_run_report
         print(dry_run_report(trainer))
         return 0
     trainer.run()
@@ -226,9 +243,9 @@ def _stopped(trainer) -> int:
 
 
 def cmd_distill(a) -> int:
-    from .distill import distill
     flags = {"run": {k: v for k, v in {"out": a.out, "steps": a.iters, "batch_size": a.batch_size, "seed": a.seed,
-                                       "device": a.device, "resume": a.resume}.items() if v is not None}}
+                                       "device": a.device, "resume": a.resume,
+                                       "max_minutes": a.budget_minutes}.items() if v is not None}}
     if a.no_progress:
         flags["run"]["progress"] = False
     if a.student_steps is not None:
@@ -245,7 +262,6 @@ def cmd_distill(a) -> int:
         flags["el"] = {"weight": a.el_weight}
     if a.dry_run:
         import tempfile
-        from .train.memory import dry_run_report
         with tempfile.TemporaryDirectory(prefix="diffdistill-dry-run-") as tmp:
             flags["run"]["out"] = tmp  # files a method precomputes (DMD's pairs) go to a temp folder
             trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set, dry_run=True,
@@ -260,7 +276,6 @@ def cmd_distill(a) -> int:
 
 
 def _data_spec(s: str) -> dict:
-    from .config import TEACHER_PRESETS, load_preset
     if s in TEACHER_PRESETS:  # a built-in data set: as its teacher preset loads it
         return dict(load_preset("edm", s)["data"])
     return {"path": s}
@@ -268,10 +283,6 @@ def _data_spec(s: str) -> dict:
 
 def cmd_sample(a) -> int:
     import numpy as np
-    from .eval.evaluate import load_for_sampling, sampling_spec_for
-    from .eval.generate import generate
-    from .eval.plots import image_grid
-    from .config import check_device
     if a.num_samples <= 0:
         raise UserError(f"--num-samples must be positive, got {a.num_samples}")
     check_device(a.device)
@@ -301,14 +312,12 @@ def cmd_sample(a) -> int:
 
 def _init_ranks(device: str) -> bool:
     """Join torchrun's process group when launched by it (eval / ref-stats shard their work); True on rank 0."""
-    from .train.distributed import init_distributed, rank
     init_distributed(device)
     return rank() == 0
 
 
 def _inception_setup(a) -> dict | None:
     """--inception/--ref → the extractor and reference of eval (None when no --ref is given)."""
-    from .eval.inception import load_extractor, load_reference, resolve_inception_path
     if not a.ref:
         if a.inception:
             raise UserError("--inception needs a reference: add --ref REF.npz (diffdistill ref-stats) or an image folder")
@@ -323,8 +332,6 @@ def _inception_setup(a) -> dict | None:
 
 
 def cmd_eval(a) -> int:
-    from .eval.evaluate import evaluate_checkpoint
-    from .config import check_device
     if a.num_samples <= 1:
         raise UserError(f"--num-samples must be at least 2, got {a.num_samples}")
     check_device(a.device)
@@ -342,7 +349,6 @@ def cmd_eval(a) -> int:
 
 
 def cmd_ref_stats(a) -> int:
-    from .eval.inception import compute_reference, load_extractor, resolve_inception_path, save_reference
     path = resolve_inception_path(a.inception)
     if path is None:
         raise UserError("ref-stats needs the Inception network: --inception PATH/inception-2015-12-05.pt or "
@@ -359,7 +365,6 @@ def cmd_ref_stats(a) -> int:
 
 
 def cmd_convert_teacher(a) -> int:
-    from .teachers import convert_teacher
     meta = convert_teacher(a.source, a.out, dropout=a.dropout)
     cfg, src = meta["net_config"], meta["source"]
     print(f"wrote {a.out} (+ {Path(a.out).with_suffix('.json').name}): {src['format']} -> {cfg['arch']} with "
@@ -369,10 +374,7 @@ def cmd_convert_teacher(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from .eval.evaluate import export_checkpoint
     if a.format == "diffusers":
-        from .eval.evaluate import load_for_sampling
-        from .teachers.diffusers_unet import export_diffusers
         _, state = load_for_sampling(a.checkpoint)
         info = export_diffusers(state, a.out)
         print(f"wrote {a.out}/unet, scheduler/, diffdistill_sampling.json ({info['role']}, {len(info['steps'])} "
@@ -386,9 +388,6 @@ def cmd_export(a) -> int:
 
 
 def cmd_options(a) -> int:
-    from .config import RunOptions, list_presets, preset_path
-    from .methods.embedding_loss import ELOptions
-    from .methods.registry import get_method
     if a.name in ("run", "el"):
         schema, title, presets = {"run": RunOptions, "el": ELOptions}[a.name], f"{a.name} options", []
     else:
@@ -408,7 +407,6 @@ def cmd_options(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from .compare import compare
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     compare(a.teacher, methods, out=a.out, iters=a.iters, budget_minutes=a.budget_minutes, seed=a.seed,
             num_samples=a.num_samples, curve_points=a.curve_points, device=a.device, progress=not a.no_progress,
@@ -417,7 +415,6 @@ def cmd_compare(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from .demo import run_demo
     run_demo(out=a.out, retrain_teacher=a.train_teacher, teacher_steps=a.teacher_steps,
              num_samples=a.num_samples, device=a.device, progress=not a.no_progress,
              distill_iters=a.distill_iters)
@@ -430,8 +427,6 @@ COMMANDS = {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "sample"
 
 
 def main(argv=None) -> int:
-    from .train.health import is_out_of_memory, out_of_memory_message
-    from .train.trainer import DivergenceError, OutOfMemoryStop
     try:
         parser = build_parser()
         a = parser.parse_args(argv)

@@ -17,7 +17,16 @@ import json
 import time
 from pathlib import Path
 
+from .distill import distill, distill_config, load_teacher
 from .errors import UserError
+from .eval.evaluate import evaluate_net
+from .eval.generate import generate
+from .eval.plots import save_samples_png
+from .eval.resources import peak_memory_mb, reset_peak_memory
+from .eval.throughput import sampling_throughput
+from .methods.registry import get_method
+from .train.trainer import DivergenceError
+
 
 TEACHER_NFES = (1, 2, 4, 8, 35)
 QUALITY_KEYS = ("fid", "proxy_fid", "sliced_w2")   # the first one a metrics dict has is the headline figure
@@ -41,8 +50,6 @@ def _grid_n(net) -> int:
 
 
 def _measure(net, spec, data_cfg, num_samples, seed, device, batch) -> dict:
-    from .eval.evaluate import evaluate_net
-    from .eval.throughput import sampling_throughput
     m = evaluate_net(net, spec, data_cfg, num_samples, seed=seed, device=device)
     m["images_per_second"] = sampling_throughput(net, spec, batch_size=batch, device=device)["images_per_second"]
     return m
@@ -67,7 +74,6 @@ class _Curve:
             self.add(trainer)
 
     def add(self, trainer):
-        from .eval.evaluate import evaluate_net
         if self.points and self.points[-1]["step"] == trainer.step:
             return
         m = evaluate_net(trainer.method.sampling_net(), trainer.method.sampling_spec(), self.data_cfg, self.n,
@@ -81,11 +87,6 @@ def run_method(method: str, teacher_path, out: Path, data_cfg, *, iters, budget_
                num_samples, curve_samples, curve_points, batch, overrides, el_weight=None) -> dict:
     """Distil with one method (plus the EL supplement at ``el_weight`` when given) and measure its student(s); a
     failing method is reported, not fatal."""
-    from .distill import distill
-    from .eval.generate import generate
-    from .eval.plots import save_samples_png
-    from .eval.resources import peak_memory_mb, reset_peak_memory
-    from .train.trainer import DivergenceError
     label = f"{method}+EL" if el_weight else method
     run_dir = out / "runs" / label
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,6 @@ def run_method(method: str, teacher_path, out: Path, data_cfg, *, iters, budget_
         run["steps"] = iters or 10**7  # the budget decides unless --iters is smaller
     elif iters:
         run["steps"] = iters
-    from .distill import distill_config, load_teacher
     _, tstate = load_teacher(teacher_path, device)
     flags = {"run": run, **({"el": {"weight": el_weight}} if el_weight else {})}
     steps = distill_config(method, tstate, {"run": dict(run)}, overrides=overrides)["run"]["steps"]
@@ -127,10 +127,6 @@ def run_method(method: str, teacher_path, out: Path, data_cfg, *, iters, budget_
 def compare(teacher_path, methods, out="runs/compare", iters=None, budget_minutes=None, seed=0, num_samples=2000,
             curve_samples=500, curve_points=8, batch=256, device="cpu", progress=True, overrides=(),
             el_weight=None) -> dict:
-    from .distill import load_teacher
-    from .eval.generate import generate
-    from .eval.plots import save_samples_png
-    from .methods.registry import get_method
     if not methods:
         raise UserError("--methods is empty: give a comma-separated list, e.g. --methods dmd2,sid")
     for name in methods:
@@ -153,7 +149,6 @@ def compare(teacher_path, methods, out="runs/compare", iters=None, budget_minute
                                                                    batch)})
     key = quality_key(teacher_rows[-1])
     # the curves use fewer samples; FID-like figures depend on n, so the teacher's reference uses the same n
-    from .eval.evaluate import evaluate_net
     teacher_curve_ref = evaluate_net(teacher, teacher_spec(35), data_cfg, curve_samples, seed=seed, device=device)[key]
     x, _, _ = generate(teacher, range(seed, seed + _grid_n(teacher)), teacher_spec(35), device=device)
     save_samples_png(x, out / "samples_teacher_35nfe.png", title="teacher, 35 NFE")

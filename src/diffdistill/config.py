@@ -23,10 +23,10 @@ class RunOptions(Options):
 
     section = "run"
     out: str = option("runs/run", "run directory")
-    seed: int = option(0, "seed of noise draws, batch order and initialisation", ge=0)
-    device: str = option("cpu", "cpu, cuda or cuda:N")
-    steps: int = option(1000, "training iterations (--iters)", ge=1)
-    batch_size: int = option(128, "batch per process (--batch-size)", ge=1)
+    seed: int = option(0, "seed of noise draws, batch order and initialisation", ge=0, flag="--seed")
+    device: str = option("cpu", "cpu, cuda or cuda:N", flag="--device")
+    steps: int = option(1000, "training iterations", ge=1, flag="--iters")
+    batch_size: int = option(128, "batch per process", ge=1, flag="--batch-size")
     global_batch_size: Optional[int] = option(None, "if set: batch_size = global_batch_size / processes", ge=1)
     log_every: int = option(50, "iterations between log.jsonl records", ge=1)
     ckpt_every: int = option(500, "iterations between checkpoints (0: only at the end)", ge=0)
@@ -39,7 +39,8 @@ class RunOptions(Options):
     grad_clip: Optional[float] = option(None, "max gradient norm per phase (null: off)", gt=0)
     progress: bool = option(True, "progress bar")
     resume: Optional[str] = option(None, "'auto' (newest valid checkpoint) or a checkpoint path")
-    max_minutes: Optional[float] = option(None, "wall-clock budget of the training loop (--budget-minutes)", gt=0)
+    max_minutes: Optional[float] = option(None, "wall-clock budget of the training loop (evaluation excluded)", gt=0,
+                                          flag="--budget-minutes")
     precision: str = option("fp32", "fp32, or bf16 autocast around the losses (weights stay fp32)",
                             choices=("fp32", "bf16"))
     compile: bool = option(False, "torch.compile every trained network and the teacher")

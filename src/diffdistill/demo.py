@@ -15,10 +15,14 @@ import time
 from pathlib import Path
 
 from .config import resolve
-from .eval.evaluate import digits_floor_and_ceiling, evaluate_net
+from .distill import distill
+from .eval.evaluate import digits_floor_and_ceiling, evaluate_net, load_for_sampling
 from .eval.generate import generate
 from .eval.plots import line_plot, save_samples_png
-from .train.checkpoint import list_checkpoints
+from .io.checkpoint import list_checkpoints
+from .methods.registry import list_methods
+from .train.trainer import Trainer
+
 
 SHIPPED_TEACHER = Path(__file__).resolve().parent / "assets" / "teacher_digits.safetensors"
 TEACHER_SPECS = [("Heun, 18 steps", {"sampler": "heun", "nfe": 35}), ("Heun, 4 steps", {"sampler": "heun", "nfe": 7}),
@@ -28,8 +32,6 @@ DEMO_METHOD = "dmd2"
 
 
 def _get_teacher(out: Path, retrain: bool, teacher_steps, device, progress, timings):
-    from .eval.evaluate import load_for_sampling
-    from .train.trainer import Trainer
     t0 = time.perf_counter()
     if not retrain and not teacher_steps and SHIPPED_TEACHER.exists():
         teacher, tstate = load_for_sampling(SHIPPED_TEACHER, device)
@@ -49,8 +51,6 @@ def _get_teacher(out: Path, retrain: bool, teacher_steps, device, progress, timi
 
 def run_demo(out="runs/demo", retrain_teacher: bool = False, teacher_steps=None, num_samples: int = 2000,
              device="cpu", progress: bool = True, distill_iters=None) -> dict:
-    from .distill import distill
-    from .methods.registry import list_methods
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings, rows = {}, []

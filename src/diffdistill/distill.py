@@ -3,20 +3,12 @@ method's preset for the data kind, and hand everything to the one Trainer."""
 
 from __future__ import annotations
 
-from .config import (RUN_DEFAULTS, apply_overrides, deep_update, given_keys, load_config_file, load_preset,
-                     preset_path, validate_run)
-from .errors import UserError
+from .config import (RUN_DEFAULTS, apply_overrides, check_device, deep_update, given_keys, load_config_file,
+                     load_preset, preset_path, validate_run)
+from .io import load_teacher
+from .methods.embedding_loss import embedding_loss_from_config
 from .methods.registry import get_method
-
-
-def load_teacher(path, device="cpu"):
-    """(frozen teacher Denoiser in eval mode, its checkpoint dict)."""
-    from .eval.evaluate import load_for_sampling
-    net, state = load_for_sampling(path, device)
-    if state.get("role") != "teacher":
-        raise UserError(f"{path} is a {state.get('role')} checkpoint ({state.get('method')}); --teacher needs a "
-                        f"checkpoint written by train-teacher")
-    return net, state
+from .train.trainer import Trainer
 
 
 def teacher_kind(teacher_state: dict) -> str:
@@ -51,8 +43,6 @@ def distill_config(method: str, teacher_state: dict, flags=None, config_file=Non
 def distill(method: str, teacher_path, flags=None, config_file=None, overrides=None, supplements=(), on_sample=None,
             on_step=None, dry_run: bool = False, preset: str | None = None):
     """Build the trainer and train; with ``dry_run`` return the built trainer without training or writing."""
-    from .train.trainer import Trainer
-    from .config import check_device
     device = ((flags or {}).get("run") or {}).get("device", "cpu")
     check_device(device)  # before the teacher is moved there
     teacher, tstate = load_teacher(teacher_path, device)
@@ -61,7 +51,6 @@ def distill(method: str, teacher_path, flags=None, config_file=None, overrides=N
           + (f" + {config_file}" if config_file else ""), flush=True)
     cfg["teacher"] = {"path": str(teacher_path), "step": tstate["step"], "sampling": tstate["sampling"]}
     # Supplements named in the config (the ``el`` section: --el-weight / --set el.KEY=...) join the given ones.
-    from .methods.embedding_loss import embedding_loss_from_config
     el = embedding_loss_from_config(cfg.get("el"), get_method(method))
     if el:
         cfg["el"] = el[0].options()   # the run's config records every EL option, defaults included

@@ -23,10 +23,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from .errors import UserError
 
 
-def option(default, doc: str, *, ge=None, gt=None, le=None, lt=None, choices=None):
+def option(default, doc: str, *, ge=None, gt=None, le=None, lt=None, choices=None, flag: str | None = None):
     """A dataclass field with its doc and valid range: ``ge``/``gt``/``le``/``lt`` bound numbers (and every element
-    of a sequence), ``choices`` lists the allowed values."""
-    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+    of a sequence), ``choices`` lists the allowed values, ``flag`` names the command-line flag that sets it."""
+    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "flag": flag}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -147,7 +147,7 @@ class Options:
 
     @classmethod
     def _check(cls, f, tp, v):
-        where = f"{cls.section}.{f.name}"
+        where = f"{cls.section}.{f.name}" + (f" ({f.metadata['flag']})" if f.metadata.get("flag") else "")
         try:
             v = _coerce(tp, v)
         except _Bad:

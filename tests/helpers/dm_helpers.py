@@ -84,10 +84,19 @@ class GaussianDenoiser(nn.Module):
         return self.mean + self.c ** 2 / (self.c ** 2 + s ** 2) * (x - self.mean)
 
 
+def ema_states(state: dict) -> dict:
+    """The EMA weights of a method state: the trainer-owned ``emas`` (one per key), or a method's own
+    ``extra.ema`` (methods that still update their EMA themselves)."""
+    return state["emas"] if state.get("emas") else {"ema": state["extra"]["ema"]}
+
+
 def assert_same_ema_method_state(a: dict, b: dict) -> None:
     """Bitwise equality of two EMA-generator methods' states (EMA, generator and fake-score weights)."""
-    for k, v in a["extra"]["ema"].items():
-        assert torch.equal(v, b["extra"]["ema"][k]), k
+    ea, eb = ema_states(a), ema_states(b)
+    assert ea.keys() == eb.keys()
+    for key in ea:
+        for k, v in ea[key].items():
+            assert torch.equal(v, eb[key][k]), (key, k)
     for net in ("generator", "fake_score"):
         for k, v in a["nets"][net].items():
             assert torch.equal(v, b["nets"][net][k]), (net, k)

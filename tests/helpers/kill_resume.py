@@ -43,7 +43,7 @@ def registered(name: str) -> bool:
 def make_teacher(root: Path, steps: int = 40) -> Path:
     """A tiny ring8 MLP teacher (32×2), trained in-process in about a second; quality does not matter here."""
     from diffdistill.config import resolve
-    from diffdistill.train.checkpoint import list_checkpoints
+    from diffdistill.io.checkpoint import list_checkpoints
     from diffdistill.train.trainer import Trainer
     cfg = resolve("ring8", flags={"run": {"out": str(root), "steps": steps, "batch_size": 64, "log_every": 10,
                                           "ckpt_every": 0, "sample_every": 0, "progress": False},
@@ -70,7 +70,7 @@ def run_in_process(argv: list[str]) -> tuple[int, str, str]:
 
 
 def final_state(out: Path) -> dict:
-    from diffdistill.train.checkpoint import list_checkpoints, load_checkpoint
+    from diffdistill.io.checkpoint import list_checkpoints, load_checkpoint
     state = load_checkpoint(list_checkpoints(Path(out) / "checkpoints")[-1])
     return {k: state.get(k) for k in COMPARED}
 
@@ -113,7 +113,7 @@ def kill_and_resume(method: str, teacher: Path, out: Path, rng: random.Random, r
                     corrupt_newest: bool = False, iters: int | None = None, ckpt_every: int = 7,
                     timeout: float = 120.0) -> dict:
     """One repetition; returns what happened (kill step, checkpoints left, resume step, differences)."""
-    from diffdistill.train.checkpoint import list_checkpoints
+    from diffdistill.io.checkpoint import list_checkpoints
     argv = distill_argv(method, teacher, out, iters, ckpt_every)
     total = int(argv[argv.index("--iters") + 1])
     first = (2 if corrupt_newest else 1) * ckpt_every

@@ -7,6 +7,7 @@ from diffdistill.data.base import Dataset
 from diffdistill.data.digits import DIGITS_HELDOUT, digits_split, load_digits_dataset
 from diffdistill.data.images import (BUILTIN_NAMES, IMAGE_EXTENSIONS, load_dataset, load_edm_zip, load_image_folder,
                                      load_npz)
+from diffdistill.errors import UserError
 from diffdistill.data.toy2d import (GMM, RING8_RADIUS, RING8_STD, TOY2D_NAMES, gmm_denoiser, make_toy2d,
                                     mode_assignments, ring8_gmm, ring8_modes)
 
@@ -22,7 +23,6 @@ __all__ = [
 def dataset_from_config(cfg: dict) -> Dataset:
     """The ``data`` section of a run config: ``{'name': 'digits', 'split': 'train'|'heldout'|'all'}``,
     ``{'name': 'ring8', 'n': 20000, 'seed': 0}`` or ``{'path': 'my_images/'}``."""
-    from diffdistill.errors import UserError
     cfg = dict(cfg or {})
     spec = cfg.get("path") or cfg.get("name")
     if not spec:

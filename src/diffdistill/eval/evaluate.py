@@ -13,65 +13,24 @@ from pathlib import Path
 
 import torch
 
-from ..diffusion.samplers import STEP_SCHEDULES, teacher_sigmas
+from ..data import dataset_from_config as load_dataset
+from ..data.digits import digits_split
+from ..data.toy2d import ring8_gmm
+from ..diffusion.samplers import teacher_sigmas, STEP_SCHEDULES
 from ..errors import UserError
-from ..nets.factory import build_denoiser
-from ..train.checkpoint import load_checkpoint
+from ..io import load_for_sampling
+from ..io.checkpoint import file_sha256
+from .features import load_or_train_digits_classifier
 from .generate import generate
+from .inception import evaluate_inception
+from .metrics import kid, mmd_rbf, mode_coverage, proxy_fid, sliced_w2
+
 
 _DIGITS_REF_CACHE: dict = {}
 
 
-def load_for_sampling(path, device="cpu"):
-    """(denoiser in eval mode, checkpoint dict) from a diffdistill checkpoint (.pt), an exported .safetensors, an
-    NVlabs/edm snapshot (.pkl, read without running its code) or a diffusers UNet2DModel folder."""
-    from ..teachers import load_foreign_teacher
-    state = load_foreign_teacher(path)
-    if state is None:
-        state = load_exported(path) if str(path).endswith(".safetensors") else load_checkpoint(path)
-    net = build_denoiser(state["net_config"])
-    net.load_state_dict(state["sample_net"])
-    return net.to(device).eval().requires_grad_(False), state
-
-
-EXPORT_KEYS = ("method", "role", "step", "config", "net_config", "sampling", "teacher_path")
-
-
 def _sha256(path) -> str | None:
-    from .inception import file_sha256
-    return file_sha256(path) if Path(path).is_file() else None
-
-
-def export_checkpoint(ckpt_path, out_path, extra_metadata: dict | None = None) -> dict:
-    """Write the sampling weights of a checkpoint as safetensors, with everything needed to rebuild and sample
-    the network as JSON metadata (method, role, step, config, net_config, sampling recipe)."""
-    from ..train.checkpoint import export_safetensors
-    state = load_checkpoint(ckpt_path)
-    meta = {k: state.get(k) for k in EXPORT_KEYS}
-    meta.update(extra_metadata or {})
-    export_safetensors(state["sample_net"], out_path, meta)
-    return meta
-
-
-def load_exported(path) -> dict:
-    """The checkpoint-like dict of an exported .safetensors file (``sample_net`` + metadata)."""
-    import json
-    from safetensors import safe_open
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"weights file not found: {p} (give the path of a .safetensors file written by "
-                        f"'diffdistill export', or a checkpoint .pt)")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise UserError(f"cannot read {p}: {type(e).__name__}; the file is corrupted or not safetensors") from None
-    if "net_config" not in meta:
-        raise UserError(f"{p} has no diffdistill metadata (net_config); export it with 'diffdistill export'")
-    state = {k: json.loads(v) for k, v in meta.items()}
-    state["sample_net"] = tensors
-    return state
+    return file_sha256(path)[0] if Path(path).is_file() else None
 
 
 def sampling_spec_for(state: dict, steps: int | None = None, sampler: str | None = None) -> dict:
@@ -109,8 +68,6 @@ def describe_spec(spec: dict, net) -> dict:
 def digits_reference(device="cpu") -> dict:
     """Classifier, training-split features, and the floor/ceiling references (cached per process)."""
     if "ref" not in _DIGITS_REF_CACHE:
-        from ..data.digits import digits_split
-        from .features import load_or_train_digits_classifier
         clf = load_or_train_digits_classifier().eval()
         train, held = digits_split()
         with torch.no_grad():
@@ -127,7 +84,6 @@ def class_histogram(logits: torch.Tensor) -> torch.Tensor:
 
 
 def digits_quality(samples: torch.Tensor, seed: int = 0) -> dict:
-    from .metrics import kid, proxy_fid
     ref = digits_reference()
     with torch.no_grad():
         feats = ref["classifier"].features(samples.clamp(-1, 1))
@@ -152,7 +108,6 @@ def digits_quality(samples: torch.Tensor, seed: int = 0) -> dict:
 
 def digits_floor_and_ceiling(seed: int = 0, n_noise: int = 2000) -> dict:
     """Real-data floor (held-out real digits vs training digits) and Gaussian-noise ceiling, same feature space."""
-    from .metrics import proxy_fid
     ref = digits_reference()
     noise = torch.randn((n_noise, 1, 8, 8), generator=torch.Generator().manual_seed(seed)).clamp(-1, 1)
     with torch.no_grad():
@@ -162,14 +117,11 @@ def digits_floor_and_ceiling(seed: int = 0, n_noise: int = 2000) -> dict:
 
 
 def points_quality(samples: torch.Tensor, data_cfg: dict, seed: int = 0) -> dict:
-    from ..data import dataset_from_config as load_dataset
-    from .metrics import mmd_rbf, mode_coverage, sliced_w2
     ref_cfg = dict(data_cfg, n=len(samples), seed=int(data_cfg.get("seed", 0)) + 10_000 + seed)
     ref = load_dataset(ref_cfg).x
     out = {"sliced_w2": float(sliced_w2(samples, ref, seed=seed)), "mmd": float(mmd_rbf(samples, ref)),
            "reference": f"fresh draws of {data_cfg.get('name')}"}
     if data_cfg.get("name") == "ring8":
-        from ..data.toy2d import ring8_gmm
         gmm = ring8_gmm()
         mc = mode_coverage(samples, gmm.means, gmm.std)
         out.update({"modes_covered": mc["modes_covered"], "high_quality_fraction": mc["high_quality"]})
@@ -205,7 +157,6 @@ def evaluate_checkpoint(path, steps=None, sampler=None, num_samples=2000, seed=0
     spec = sampling_spec_for(state, steps, sampler)
     data_cfg = state["config"].get("data")
     if inception is not None:
-        from .inception import evaluate_inception
         m = evaluate_inception(net, spec, inception["extractor"], inception["reference"], num_samples, seed, device,
                                batch_size=inception.get("batch_size", 250), kid=inception.get("kid", True),
                                pr=inception.get("pr", True))

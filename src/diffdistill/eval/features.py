@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..data.digits import digits_split
 from ..nets.classifier import DigitsClassifier
+
 
 #: Bump when anything that changes the trained weights changes (architecture, optimiser, augmentation, split).
 RECIPE_VERSION = 1
@@ -40,7 +42,6 @@ def default_cache_dir() -> Path:
 
 def _split(heldout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_train, y_train, x_heldout, y_heldout) of the canonical split; x float32 [n,1,8,8] in [−1,1], y int64."""
-    from ..data.digits import digits_split
 
     train, held = digits_split(heldout, seed=0)
     return train.x, train.labels, held.x, held.labels

@@ -40,8 +40,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.images import load_npz
 from ..errors import UserError
-from .metrics import FeatureStats, frechet_distance, kid as kid_score, precision_recall
+from ..io.checkpoint import file_sha256 as digest_and_size
+from ..nets.inception_fidelity import fidelity_state_dict_problems, load_fidelity_weights, InceptionV3Fidelity
+from .generate import generate
+from .metrics import frechet_distance, kid as kid_score, precision_recall, FeatureStats
+
 
 ENV_VAR = "DIFFDISTILL_INCEPTION"
 STANDARD_N = 50_000
@@ -54,7 +59,6 @@ def fid_label(n: int) -> str:
 
 def file_sha256(path) -> str:
     """The sha256 hex digest of a file (extractor and reference hashes in the recipe)."""
-    from ..train.checkpoint import file_sha256 as digest_and_size
     return digest_and_size(path)[0]
 
 
@@ -129,7 +133,6 @@ class FidelityExtractor:
     which rebuilds tensors only and runs no code from the file."""
 
     def __init__(self, path, device="cpu", name: str = "inception-2015-12-05/torch-fidelity"):
-        from ..nets.inception_fidelity import InceptionV3Fidelity, fidelity_state_dict_problems, load_fidelity_weights
         self.path, self.device, self.name = Path(path), torch.device(device), name
         if not self.path.is_file():
             raise UserError(f"feature extractor not found: {self.path}")
@@ -274,7 +277,6 @@ def iter_reference_uint8(path, batch_size: int = 250, max_images: int | None = N
     of a folder, zip or image ``.npz``, in sorted-name order; ``max_images`` takes the first N."""
     path = Path(path)
     if path.suffix == ".npz":
-        from ..data.images import load_npz
         x = torch.from_numpy(load_npz(path).x)
         x = x[:max_images] if max_images else x
         idx = torch.arange(rank, x.shape[0], world)
@@ -402,7 +404,6 @@ def evaluate_inception(net, spec: dict, extractor: Extractor, ref: Reference, nu
                        pr_max: int = 10_000) -> dict:
     """Generate ``num_samples`` images (sample i from seed ``seed + i``; under torchrun rank r makes i ≡ r mod world)
     and score them against ``ref``. Returns the scores, timing and the full recipe."""
-    from .generate import generate
     rank, world = _rank_world()
     seeds = list(range(seed, seed + num_samples))[rank::world]
     stats, feats = FeatureStats(), []

@@ -11,9 +11,12 @@ also initialised from the teacher, is trained on the generator's detached sample
 generator step then one fake-score step per iteration (1:1), on the same generated batch. Data-free.
 
 Deviation: the paper's L_reg is LPIPS; LPIPS weights cannot be fetched offline, so L_reg here is the mean squared
-error (an L2 distance, as the formula sheet allows for the scaled-down settings). The pairs come from EDM's Heun
-sampler with 18 steps (35 NFE), the CIFAR-10 setting. There is no official DMD code; the defaults (AdamW at DMD2's
-ImageNet settings: lr 2e-6, β = (0.9, 0.999), wd 0.01, 500-iteration warm-up) follow the DMD2 re-implementation.
+error (an L2 distance). The pairs come from EDM's Heun sampler with 18 steps (35 NFE), the CIFAR-10 setting. There
+is no official DMD code; the defaults (``DMDOptions``) follow the DMD2 repository's EDM code, the reference
+implementation (tianweiy/DMD2 ``main/edm/train_edm.py``, ``edm_guidance.py``, ``edm_network.py``): AdamW lr 2e-6 for
+both networks, β = (0.9, 0.999), wd 0.01, 500-iteration warm-up then constant, dropout 0 in every net, uniform random
+generator labels, the DM gradient on grid indices 20..980 and the fake-score loss on 0..999 of the reversed
+1000-point Karras grid; plus the paper's λ_reg = 0.25.
 
 The pairs are stored under ``pairs_path`` (default ``<run dir>/dmd_pairs``) in chunks written atomically, so an
 interrupted generation resumes where it stopped and a resumed run reuses them; chunk i's noise is a pure function
@@ -24,19 +27,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Optional
 
 import torch
 
 from ..diffusion.samplers import heun_sampler
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
+from ..io.checkpoint import atomic_write
+from ..options import option
 from ..train import distributed as dist
-from ..train.checkpoint import atomic_write
-from .registry import register
-from .score_distill import ScoreDistillMethod
 from ..train.lr import warmup_lambda
+from .registry import register
+from .score_distill import DMDFamilyOptions, ScoreDistillMethod, set_dropout
 
 
 def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -107,68 +112,56 @@ def teacher_pairs(teacher, num_pairs: int, path=None, seed: int = 0, chunk_size:
     return torch.cat(zs), torch.cat(ys), _chunk_labels(0, num_pairs, L)
 
 
+@dataclass
+class DMDOptions(DMDFamilyOptions):
+    reg_weight: float = option(0.25, "λ_reg, weight of the regression loss (DMD paper; 0: no pairs, pure DM)", ge=0)
+    num_pairs: int = option(10_000, "number of precomputed (noise, teacher ODE output) pairs", ge=1)
+    reg_batch_size: Optional[int] = option(None, "pairs per generator step; null: the batch size", ge=1)
+    pairs_path: Optional[str] = option(None, "folder of the pair chunks; null: <run dir>/dmd_pairs (in memory "
+                                             "without a run dir)")
+    pairs_seed: int = option(0, "seed of the pairs' noise (chunk i uses (seed, i))")
+    pairs_chunk: int = option(256, "pairs per stored chunk", ge=1)
+    heun_steps: int = option(18, "Heun steps of the teacher ODE for the pairs (18: EDM's CIFAR-10 35 NFE)", ge=1)
+
+    def validate(self):
+        if self.student_steps != 1:
+            raise UserError(f"dmd trains one-step generators only (got method.student_steps={self.student_steps}); "
+                            f"use dmd2 for multi-step students")
+
+
 @register
 class DMD(ScoreDistillMethod):
     name = "dmd"
     summary = "DMD: distribution matching + regression to teacher ODE pairs, 1 step, data-free (Yin et al. 2024)"
     needs_data = False
+    Options = DMDOptions
 
-    presets: ClassVar[dict] = {
-        # DMD's large-scale settings as far as the formula sheet gives them (λ_reg 0.25, pairs from Heun-18; the
-        # paper's LPIPS distance is L2 here): `--config configs/dmd/official.yaml`.
-        "official": {"run": {"grad_clip": 10.0},
-                     "method": {"lr": 2e-6, "reg_weight": 0.25, "heun_steps": 18, "warmup_steps": 500}},
-        # digits (two smoke runs, 300 iterations): proxy-FID 1154 → 48 / 35 / 19 at iterations 100 / 200 / 300 with
-        # these settings; with lr 3e-4 it oscillated (76 / 27 / 50). ~0.3–0.8 s per iteration, plus ~1 minute of
-        # pair generation the first time.
-        "images": {
-            "run": {"steps": 300, "batch_size": 64, "grad_clip": 10.0, "log_every": 50, "ckpt_every": 100,
-                    "sample_every": 100},
-            "method": {"lr": 1e-4, "lr_critic": 1e-3, "warmup_steps": 50, "num_pairs": 1024, "reg_batch_size": 32},
-        },
-        # ring8: with equal learning rates (1:1 updates) the fake score lags and training drifts (sliced W2 0.68
-        # after 400 iterations); a 3× faster critic holds it. Generator lr 1e-4 (3e-4 oscillates: 0.062 at 400 it.,
-        # 0.050 at 1,500): 1,000 it. 0.045 and 1,500 it. 0.044 / 0.052 / 0.046 over seeds 0–2 (2,000 samples;
-        # teacher 0.036 at 35 NFE). Without the regression loss the same run collapses onto a few modes (mode
-        # weights 0.02–3.3×, sliced W2 0.21): the paper's reason for the term.
-        "points": {
-            "run": {"steps": 1500, "batch_size": 512, "grad_clip": 10.0, "log_every": 100, "ckpt_every": 500,
-                    "sample_every": 500},
-            "method": {"lr": 1e-4, "lr_critic": 1e-3, "warmup_steps": 50, "num_pairs": 2048, "reg_batch_size": 256},
-        },
-    }
-
-    def __init__(self, ctx, lr: float = 2e-6, lr_critic: float | None = None, betas=(0.9, 0.999),
-                 weight_decay: float = 0.01, warmup_steps: int = 500, reg_weight: float = 0.25,
-                 num_pairs: int = 10_000, reg_batch_size: int | None = None, pairs_path: str | None = None,
-                 run_dir: str | None = None, pairs_seed: int = 0, pairs_chunk: int = 256, heun_steps: int = 18,
-                 student_steps: int = 1, critic_reduction: str = "mean"):
-        super().__init__(ctx)
-        if int(student_steps) != 1:
-            raise UserError(f"dmd trains one-step generators only (got student_steps={student_steps}); "
-                            f"use dmd2 for multi-step students")
-        self.reg_weight = float(reg_weight)
-        self.critic_reduction = critic_reduction
+    def __init__(self, ctx, opts=None, **overrides):
+        super().__init__(ctx, opts, **overrides)
+        o = self.opts
+        if o.dropout is not None:   # DMD2's edm_network.py: every net without dropout (the teacher runs in eval)
+            set_dropout(self.G, o.dropout)
+            set_dropout(self.fake, o.dropout)
         self.sigma_max = float(self.teacher.sigma_max)
-        self.reg_batch_size = int(reg_batch_size or ctx.batch_size)
-        if pairs_path is None and run_dir is not None:
-            pairs_path = str(Path(run_dir) / "dmd_pairs")
+        self.reg_batch_size = o.reg_batch_size or ctx.batch_size
+        pairs_path = o.pairs_path
+        if pairs_path is None and ctx.run_dir is not None:
+            pairs_path = str(Path(ctx.run_dir) / "dmd_pairs")
         self.pairs_path = pairs_path
         say = (lambda m: print(f"[diffdistill] {m}", flush=True)) if dist.rank() == 0 else (lambda m: None)
-        if self.reg_weight > 0:
-            z, y, lab = teacher_pairs(self.teacher, int(num_pairs), pairs_path, pairs_seed, pairs_chunk,
-                                      heun_steps, ctx.device, say)
+        if o.reg_weight > 0:
+            z, y, lab = teacher_pairs(self.teacher, o.num_pairs, pairs_path, o.pairs_seed, o.pairs_chunk,
+                                      o.heun_steps, ctx.device, say)
         else:
             z = y = lab = None
         self.z_ref = None if z is None else z.to(ctx.device)
         self.y_ref = None if y is None else y.to(ctx.device)
         self.labels_ref = None if lab is None else lab.to(ctx.device)
-        adamw = dict(betas=tuple(float(b) for b in betas), weight_decay=float(weight_decay))
-        self.optimizers["generator"] = torch.optim.AdamW(self.G.parameters(), lr=float(lr), **adamw)
-        self.optimizers["critic"] = torch.optim.AdamW(self.fake.parameters(),
-                                                      lr=float(lr if lr_critic is None else lr_critic), **adamw)
+        adamw = dict(betas=o.betas, weight_decay=o.weight_decay)
+        self.optimizers["generator"] = torch.optim.AdamW(self.G.parameters(), lr=o.lr, **adamw)
+        self.optimizers["critic"] = torch.optim.AdamW(self.fake.parameters(), lr=o.critic_lr(), **adamw)
         for k in ("generator", "critic"):
-            self.schedulers[k] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[k], warmup_lambda(warmup_steps))
+            self.schedulers[k] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[k], warmup_lambda(o.warmup_steps))
         self._cache = None
 
     def phases(self, step):
@@ -183,7 +176,7 @@ class DMD(ScoreDistillMethod):
 
     def _generator_loss(self, batch, step):
         n = self.ctx.batch_size
-        labels = self.labels_for(batch, n)   # random; the real batch's when a supplement made the trainer load data
+        labels = self.random_labels(n)   # uniform, as DMD2's train_edm.py draws the generator's labels
         z = self.randn(n)
         use_reg, labels_all = self.z_ref is not None, labels
         if use_reg:  # one forward for the DM batch and the regression minibatch
@@ -200,7 +193,7 @@ class DMD(ScoreDistillMethod):
         loss, logs = l_dm, {"dmd/dm": float(l_dm.detach())}
         if use_reg:
             l_reg = regression_loss(out[n:], self.y_ref[idx])
-            loss = loss + self.reg_weight * l_reg
+            loss = loss + self.opts.reg_weight * l_reg
             logs["dmd/reg"] = float(l_reg.detach())
         return loss, logs
 
@@ -209,12 +202,12 @@ class DMD(ScoreDistillMethod):
             _, x, labels = self._cache
         else:  # only when the generator phase was skipped (not in the 1:1 schedule)
             n = self.ctx.batch_size
-            labels = self.labels_for(None, n)
+            labels = self.random_labels(n)
             with torch.no_grad():
                 x = self.G(self.randn(n) * self.sigma_max, torch.full((n,), self.sigma_max, device=self.ctx.device),
                            labels)
         self._cache = None
-        l_fake = self.critic_denoising_loss(x, labels, self.critic_reduction)
+        l_fake = self.critic_denoising_loss(x, labels, self.opts.critic_reduction)
         return l_fake, {"dmd/fake_score": float(l_fake.detach())}
 
     def sampling_net(self):

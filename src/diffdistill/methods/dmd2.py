@@ -13,27 +13,32 @@ Per iteration (step s, as the trainer runs it):
 * critic: on the *same detached (pre-update) x* when the generator ran this step, else on a fresh no-grad x:
   L_critic = L_fake + gan_critic_weight·L_D (real and fake noised independently at σ = grid[U{0..999}]).
 
-Official defaults (ImageNet-64, tianweiy/DMD2 [code]): AdamW lr 2e-6 for both, β = (0.9, 0.999), wd 0.01, 500-step
-warm-up then constant, grad-norm clip 10, batch 280, ratio 5, GAN weights 3e-3 (G) and 1e-2 (critic), no EMA,
-dropout 0. K = 4 steps at grid indices [999, 749, 499, 249] (SDXL code; the EDM port is this project's choice).
-These are the constructor defaults; the presets scale them down (formula sheet §4).
+Official defaults (``DMD2Options``; ImageNet-64, tianweiy/DMD2 ``main/edm/train_edm.py`` and
+``experiments/imagenet/*genloss3e-3*lr2e-6*.sh``): AdamW lr 2e-6 for both, β = (0.9, 0.999), wd 0.01, 500-step
+warm-up then constant, grad-norm clip 10, batch 280 (40 × 7 GPUs), ratio 5, GAN weights 3e-3 (G) and 1e-2 (critic),
+no EMA, dropout 0 in every net (``edm_network.py``), uniform random class labels for the generator. K = 4 steps at
+grid indices [999, 749, 499, 249] (SDXL code; the EDM port is this project's choice). The official run uses fp16;
+this project trains in fp32. The images/points presets scale the recipe down (``configs/dmd2/*.yaml``; the
+measurements behind them are in ``benchmarks/notes/dmd2.md``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..train.ema import EMA, ema_beta
-from .registry import register
-from .score_distill import (CRITIC_T_MAX, CRITIC_T_MIN, DM_T_MAX, DM_T_MIN, GRID_SIZE, ScoreDistillMethod,
-                            dmd_sigma_grid, frozen, shared_randint)
+from ..options import option
+from ..train.ema import EMAOptions
 from ..train.lr import warmup_lambda
+from .registry import register
+from .score_distill import (CRITIC_T_MAX, CRITIC_T_MIN, DM_T_MAX, DM_T_MIN, GRID_SIZE, DMDFamilyOptions,
+                            ScoreDistillMethod, dmd_sigma_grid, frozen, set_dropout, shared_randint)
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -61,14 +66,6 @@ def backward_simulation_input(G, z: torch.Tensor, sigmas: list[float], k: int, g
             x_hat = G(x, torch.full((x.shape[0],), sigmas[j], device=x.device), labels)
             x = x_hat + sigmas[j + 1] * torch.randn(x.shape, generator=generator).to(x.device)
     return x
-
-
-def grid_index_range(name: str, lo, hi) -> tuple[int, int]:
-    """(lo, hi) checked as an inclusive range of indices into the 1000-point σ grid."""
-    if not CRITIC_T_MIN <= int(lo) <= int(hi) <= CRITIC_T_MAX:
-        raise UserError(f"{name}_min/{name}_max must be grid indices with {CRITIC_T_MIN} <= {name}_min <= {name}_max "
-                        f"<= {CRITIC_T_MAX}, got {lo}/{hi}")
-    return int(lo), int(hi)
 
 
 # ------------------------------------------------------------------------------------------------ GAN
@@ -123,12 +120,58 @@ def build_gan_head(fake, sample_shape: tuple, label_dim: int) -> nn.Module:
     return head.to(param.device)
 
 
+# ------------------------------------------------------------------------------------------------ options
+_GRID = dict(ge=CRITIC_T_MIN, le=CRITIC_T_MAX)
+
+
+@dataclass
+class DMD2Options(DMDFamilyOptions, EMAOptions):
+    """DMD2's ImageNet-64 recipe (tianweiy/DMD2 ``main/edm/train_edm.py`` and
+    ``experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh``); no generator EMA
+    (the official code has none)."""
+
+    dfake_gen_update_ratio: int = option(5, "critic iterations per generator update (DMD2 --dfake_gen_update_ratio)",
+                                         ge=1)
+    gan_weight: float = option(3e-3, "generator GAN weight (DMD2 --gen_cls_loss_weight; 0: no GAN, data-free)", ge=0)
+    gan_critic_weight: float = option(1e-2, "critic GAN weight (DMD2 --cls_loss_weight)", ge=0)
+    warmup_per_process: bool = option(False, "count the warm-up per process as accelerate does (DMD2 train_edm.py: "
+                                             "full rate after warmup_steps / processes iterations)")
+    sigmas: Optional[list[float]] = option(None, "the student's σ's, one per step, decreasing; null: DMD2's grid "
+                                                 "indices [999, 749, 499, 249][:K]", gt=0)
+    student_sigma_max: Optional[float] = option(None, "the student's noise ceiling (its K grid indices on a grid "
+                                                      "ending here; K = 1: input σ·z); null: the teacher's σ_max",
+                                                gt=0)
+    gan_t_min: int = option(CRITIC_T_MIN, "lowest grid index of the GAN's noise (official 0)", **_GRID)
+    gan_t_max: int = option(CRITIC_T_MAX, "highest grid index of the GAN's noise (official 999, "
+                                          "--diffusion_gan_max_timestep 1000)", **_GRID)
+    dm_t_min: int = option(DM_T_MIN, "lowest grid index of the DM gradient (official 20: --min_step_percent 0.02)",
+                           **_GRID)
+    dm_t_max: int = option(DM_T_MAX, "highest grid index of the DM gradient (official 980: --max_step_percent 0.98)",
+                           **_GRID)
+    critic_t_min: int = option(CRITIC_T_MIN, "lowest grid index of the fake-score loss (official 0)", **_GRID)
+    critic_t_max: int = option(CRITIC_T_MAX, "highest grid index of the fake-score loss (official 999)", **_GRID)
+    lr_decay_steps: Optional[int] = option(None, "cosine decay of both rates to 0 at this iteration ('run': the "
+                                                 "run's length; not in the official code); null: constant", ge=1)
+
+    def validate(self):
+        for name in ("gan_t", "dm_t", "critic_t"):
+            lo, hi = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
+            if lo > hi:
+                raise UserError(f"method.{name}_min must be <= method.{name}_max, got {lo} > {hi}")
+        if self.sigmas is not None and (len(self.sigmas) != self.student_steps
+                                        or self.sigmas != sorted(self.sigmas, reverse=True)
+                                        or len(set(self.sigmas)) != len(self.sigmas)):
+            raise UserError(f"method.sigmas must list {self.student_steps} decreasing noise levels (one per student "
+                            f"step), got {self.sigmas!r}")
+
+
 # ------------------------------------------------------------------------------------------------ method
 @register
 class DMD2(ScoreDistillMethod):
     name = "dmd2"
     summary = "DMD2: distribution matching + two-time-scale critic + diffusion-GAN; 1 or K steps (Yin et al. 2024)"
     needs_data = True  # the GAN term reads real data; without it (gan_weight = 0) DMD2 is data-free
+    Options = DMD2Options
 
     @classmethod
     def resolve_schedule(cls, run: dict, method: dict, given: set) -> None:
@@ -138,132 +181,63 @@ class DMD2(ScoreDistillMethod):
             method["lr_decay_steps"] = run.get("steps")
 
     @classmethod
-    def uses_data(cls, options):
-        return float(options.get("gan_weight", 3e-3)) > 0
+    def uses_data(cls, opts):
+        return opts.gan_weight > 0
 
-    presets: ClassVar[dict] = {
-        # The paper's ImageNet-64 run (official config; batch 40 × 7 GPUs); `--config configs/dmd2/official.yaml`.
-        "official": {"run": {"batch_size": 280, "grad_clip": 10.0, "steps": 200_000},
-                     "method": {"lr": 2e-6, "warmup_steps": 500, "dfake_gen_update_ratio": 5, "gan_weight": 3e-3,
-                                "gan_critic_weight": 1e-2}},
-        # 8×8 digits on the 2-core CPU (one thread): ~0.25 s per iteration at batch 64 with the GAN when the machine
-        # is not shared (0.4–1 s when it is). Proxy-FID of the 1-step student (1,000 samples, shipped teacher 4.1 at
-        # 35 NFE with 2,000) at iterations 250/500/1000/1500/2000/2500/3000, lr 5e-4: GAN + EMA (10 kimg)
-        # 39/15/13/15/14/10/13 (11.5 with 2,000 samples at 3,000); no GAN, no EMA 37/16/16/16 (to 1,250); no GAN +
-        # EMA 36/17/13/17 (to 1,500); lr 2e-4 is slower (94/25 at 250/500); a 1-step input of σ = 2.5 instead of σ_max
-        # 24/19/18/21 (to 1,750). The curve oscillates by ±30 % between evaluations; the EMA (not in the official
-        # code) is what keeps the end point low. What fixed the 2-D preset does not carry over (2,000 it., curve at
-        # 250…2,000 with 500 samples, where the teacher's 35-NFE value is 11.8): GAN 3e-2 / 1e-1
-        # 50/28/21/18/22/16/19 (to 1,750), 1e-1 / 3e-1 89/31/18/24/23/24/20 (to 1,750); student_sigma_max 2.5
-        # 30/28/17/26/20/24/14/17, 1.0 33/24/23/24/22/29/18/15. With the stronger GAN the discriminator stays near
-        # chance (D loss 1.2–1.4, 2·ln 2 = 1.39; 1.38 at the official weights): real and generated digits noised at
-        # σ = grid[U{0..999}] are hard to tell apart from this 32-channel 4×4 bottleneck. 6,000 it. (2,000 samples
-        # at the end): lr 2e-4 12.2, EMA half-life 30 kimg 14.5. (All of the above with the DM gradient on the
-        # official indices 20..980.)
-        # Since then: dm_t_min = 250 — below σ ≈ 0.17 this teacher's denoiser is near the trivial one and the DM
-        # normaliser is tiny, so those DM samples are noise — gives 44/18/11/11/10/10/10/12 at 250…2,000 (1,000
-        # samples; 150: 37/18/12/12/11/16/11/13); 10.5 with 2,000 samples at 1,000 (the demo). A cosine LR decay
-        # over the run (`lr_decay_steps=run`) settles the end point of long runs (batch 128, 3,000 it., 2,000
-        # samples: 7.68 without, 6.75 with; 5.52 at 5,000 it.) but slows a 1,000-iteration run (14.3 vs 10.5), so it
-        # is not in this preset. What remains is mode weights (1s over-, 8s under-produced in every run): see the
-        # README's "DMD2 on digits, measured".
-        "images": {
-            "run": {"steps": 1000, "batch_size": 64, "grad_clip": 10.0, "log_every": 50, "ckpt_every": 200,
-                    "sample_every": 200, "keep_ckpts": 5},
-            "method": {"lr": 5e-4, "warmup_steps": 50, "dfake_gen_update_ratio": 5, "gan_weight": 3e-3,
-                       "gan_critic_weight": 1e-2, "ema_halflife_kimg": 10.0, "dm_t_min": 250},
-        },
-        # 2-D mixtures (MLP teacher). Ring8 diagnosis (teacher sliced W2 0.025 at 35 NFE with 5,000 samples, 0.020
-        # between two data draws): with the official recipe scaled down (σ_max input, no GAN) the student plateaus
-        # at 0.058–0.064 whatever the length (3,000 it.), ratio (10, 20) or critic lr: a third of its samples lie
-        # between the modes (> 3 std from every mean; data 1 %, teacher 5 %) and mode weights drift to 0.5–1.4×.
-        # Two changes fix it: (1) a 1-step input at σ = 1 (`student_sigma_max`, Diff-Instruct's σ_init) instead
-        # of σ_max — the teacher's D(z; 1) is already a blurred ring, D(80·z; 80) is its mean — which cuts the
-        # between-mode mass to ~10 %; (2) a GAN term strong enough to act on a 2-D problem: the DM gradient per
-        # coordinate is g/(B·C·H·W), ~6,000× larger here than on 64×64×3 images, so the GAN weights are scaled up
-        # 33× (0.1 / 0.3); with the official 3e-3 / 1e-2 the GAN is inert (0.087), at 0.1 / 0.3 the mode weights
-        # hold at 0.8–1.2. With both, 2,000 it. at lr 5e-4: 0.032–0.037 (5,000 samples) over seeds 0–3, i.e. the
-        # test's 2,000-sample metric 0.035–0.047 vs the teacher's 0.036. σ_max + GAN 0.078; σ = 1 without GAN
-        # 0.057. `ema_rampup` 0.2 lets the 50-kimg half-life act within 0.5 M images.
-        "points": {
-            "run": {"steps": 2000, "batch_size": 256, "grad_clip": 10.0, "log_every": 100, "ckpt_every": 500,
-                    "sample_every": 500},
-            "method": {"lr": 5e-4, "warmup_steps": 50, "dfake_gen_update_ratio": 5, "gan_weight": 0.1,
-                       "gan_critic_weight": 0.3, "student_sigma_max": 1.0, "ema_halflife_kimg": 50.0,
-                       "ema_rampup": 0.2},
-        },
-    }
-
-    def __init__(self, ctx, lr: float = 2e-6, lr_critic: float | None = None, betas=(0.9, 0.999),
-                 weight_decay: float = 0.01, warmup_steps: int = 500, student_steps: int = 1,
-                 dfake_gen_update_ratio: int = 5, gan_weight: float = 3e-3, gan_critic_weight: float = 1e-2,
-                 critic_reduction: str = "mean", ema_halflife_kimg: float | None = None,
-                 ema_rampup: float | None = 0.05, sigmas: list | None = None,
-                 student_sigma_max: float | None = None, gan_t_min: int = CRITIC_T_MIN, gan_t_max: int = CRITIC_T_MAX,
-                 dm_t_min: int = DM_T_MIN, dm_t_max: int = DM_T_MAX,
-                 critic_t_min: int = CRITIC_T_MIN, critic_t_max: int = CRITIC_T_MAX,
-                 lr_decay_steps: int | None = None):
-        super().__init__(ctx)
-        if int(dfake_gen_update_ratio) < 1:
-            raise UserError(f"dfake_gen_update_ratio must be >= 1, got {dfake_gen_update_ratio}")
-        self.ratio = int(dfake_gen_update_ratio)
-        self.gan_weight, self.gan_critic_weight = float(gan_weight), float(gan_critic_weight)
-        self.critic_reduction = critic_reduction
-        # The student's σ's: DMD2's grid indices by default; ``sigmas`` sets them explicitly (decreasing, one per
-        # step) — e.g. a 1-step generator fed σ = 2.5·z as SiD does, instead of σ_max·z.
-        # ``student_sigma_max`` lowers the student's noise ceiling: its K σ's are the same grid indices on a grid
-        # that ends at student_sigma_max instead of the teacher's σ_max (K = 1: the input is student_sigma_max·z, as
-        # Diff-Instruct's σ_init). The DM and critic noise levels keep the teacher's grid.
+    def __init__(self, ctx, opts=None, **overrides):
+        super().__init__(ctx, opts, **overrides)
+        o = self.opts
+        self.ratio = o.dfake_gen_update_ratio
+        self.gan_weight, self.gan_critic_weight = o.gan_weight, o.gan_critic_weight
+        if o.dropout is not None:   # edm_network.py: every net without dropout (the teacher runs in eval)
+            set_dropout(self.G, o.dropout)
+            set_dropout(self.fake, o.dropout)
+        # The student's σ's: DMD2's grid indices by default; ``sigmas`` sets them explicitly — e.g. a 1-step
+        # generator fed σ = 2.5·z as SiD does, instead of σ_max·z. ``student_sigma_max`` lowers the student's noise
+        # ceiling: its K σ's are the same grid indices on a grid that ends at student_sigma_max instead of the
+        # teacher's σ_max (K = 1: the input is student_sigma_max·z, as Diff-Instruct's σ_init). The DM and critic
+        # noise levels keep the teacher's grid.
         student_grid = self.grid
-        if student_sigma_max is not None:
-            top = float(student_sigma_max)
+        if o.student_sigma_max is not None:
+            top = o.student_sigma_max
             if not self.teacher.sigma_min < top <= self.teacher.sigma_max:
-                raise UserError(f"student_sigma_max must lie in ({self.teacher.sigma_min}, {self.teacher.sigma_max}]"
-                                f", got {student_sigma_max}")
+                raise UserError(f"method.student_sigma_max must lie in ({self.teacher.sigma_min}, "
+                                f"{self.teacher.sigma_max}], got {top}")
             student_grid = dmd_sigma_grid(self.teacher.sigma_min, top)
-        self.sigmas = student_sigmas(int(student_steps), student_grid)
-        if sigmas is not None:
-            sig = [float(v) for v in (sigmas if isinstance(sigmas, (list, tuple)) else [sigmas])]
-            if len(sig) != int(student_steps) or any(v <= 0 for v in sig) or sig != sorted(sig, reverse=True):
-                raise UserError(f"sigmas must list {student_steps} positive, decreasing noise levels (one per student "
-                                f"step), got {sigmas!r}")
-            self.sigmas = sig
-        # The GAN's noise levels: grid[U{gan_t_min..gan_t_max}] (official: the whole grid). A lower cap keeps the
-        # discriminator on noise levels where a small image still carries evidence.
-        self.gan_t_range = grid_index_range("gan_t", gan_t_min, gan_t_max)
-        # The DM gradient's and the fake-score loss's noise levels: grid[U{lo..hi}] (official 20..980 and 0..999).
-        self.dm_t_range = grid_index_range("dm_t", dm_t_min, dm_t_max)
-        self.critic_t_range = grid_index_range("critic_t", critic_t_min, critic_t_max)
+        self.sigmas = list(o.sigmas) if o.sigmas is not None else student_sigmas(o.student_steps, student_grid)
+        # Noise levels as grid[U{lo..hi}]: the GAN's (a lower cap keeps the discriminator on noise levels where a
+        # small image still carries evidence), the DM gradient's and the fake-score loss's.
+        self.gan_t_range = (o.gan_t_min, o.gan_t_max)
+        self.dm_t_range = (o.dm_t_min, o.dm_t_max)
+        self.critic_t_range = (o.critic_t_min, o.critic_t_max)
         self.head = None
         if self.gan_weight > 0:
             self.head = build_gan_head(self.fake, self.shape, self.label_dim)
             self.nets["gan_head"] = self.head
         critic_params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head else [])
-        adamw = dict(betas=tuple(float(b) for b in betas), weight_decay=float(weight_decay))
-        self.optimizers["generator"] = torch.optim.AdamW(self.G.parameters(), lr=float(lr), **adamw)
-        lr_critic = float(lr if lr_critic is None else lr_critic)
-        self.optimizers["critic"] = torch.optim.AdamW(critic_params, lr=lr_critic, **adamw)
-        # DMD2 warms both learning rates up over `warmup_steps` iterations, then keeps them constant; the trainer
-        # steps a phase's scheduler only when the phase runs, so the generator's schedule is counted in generator
-        # updates (÷ ratio). ``lr_decay_steps`` (not in the official code) adds a cosine decay of both to 0 at that
-        # iteration, so a long run ends on a settled generator instead of wherever the oscillation stops.
-        if lr_decay_steps is not None and (not isinstance(lr_decay_steps, int) or isinstance(lr_decay_steps, bool)
-                                           or lr_decay_steps < 1):
-            raise UserError(f"lr_decay_steps must be a positive number of iterations, or 'run' for the run's length; "
-                            f"got {lr_decay_steps!r}")
-        decay = int(lr_decay_steps) if lr_decay_steps else None
+        adamw = dict(betas=o.betas, weight_decay=o.weight_decay)
+        self.optimizers["generator"] = torch.optim.AdamW(self.G.parameters(), lr=o.lr, **adamw)
+        self.optimizers["critic"] = torch.optim.AdamW(critic_params, lr=o.critic_lr(), **adamw)
+        # Both learning rates warm up over ``warmup_steps`` iterations, then stay constant. The official code
+        # steps its schedulers through accelerate, which steps them once per process each iteration, so the
+        # released 7-GPU run reached the full rate after ~72 iterations (train_edm.py's comment at the scheduler);
+        # ``warmup_per_process`` reproduces that (a warm-up of warmup_steps / processes iterations). The default
+        # counts iterations, so a run's schedule does not change with its number of processes (and equals the
+        # official one on one GPU). The trainer steps a phase's scheduler only when the phase runs, so the
+        # generator's schedule is counted in generator updates (÷ ratio). ``lr_decay_steps`` (not in the official
+        # code) adds a cosine decay of both to 0 at that iteration, so a long run ends on a settled generator
+        # instead of wherever the oscillation stops.
+        warm = o.warmup_steps / ctx.world_size if o.warmup_per_process else o.warmup_steps
+        warm_g = warm / self.ratio if o.warmup_per_process else math.ceil(warm / self.ratio)
+        decay = o.lr_decay_steps
         self.schedulers["generator"] = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizers["generator"], warmup_lambda(math.ceil(warmup_steps / self.ratio),
-                                                        decay and math.ceil(decay / self.ratio)))
+            self.optimizers["generator"], warmup_lambda(warm_g, decay and math.ceil(decay / self.ratio)))
         self.schedulers["critic"] = torch.optim.lr_scheduler.LambdaLR(self.optimizers["critic"],
-                                                                      warmup_lambda(warmup_steps, decay))
+                                                                      warmup_lambda(warm, decay))
         self._cache = None  # (step, detached x, labels) of this step's generator phase, for the critic phase
         # Optional generator EMA (not in the official DMD2 code; FastGen's reproduction samples from one). Off by
         # default; on a small problem it smooths the generator's step-to-step oscillation under the TTUR.
-        self.ema = None
-        if ema_halflife_kimg:
-            self.ema_halflife_kimg, self.ema_rampup = float(ema_halflife_kimg), ema_rampup
-            self.ema = EMA(self.G)
+        self.ema = self.track_ema("generator", o) if o.ema_enabled() else None
 
     # ---------------------------------------------------------------------------------------------- pieces
     def phases(self, step):
@@ -272,7 +246,7 @@ class DMD2(ScoreDistillMethod):
     def generate(self, batch, with_grad: bool):
         """(x, labels, k): a batch of student outputs at a backward-simulated step k (k = 0 for 1-step)."""
         n = self.ctx.batch_size
-        labels = self.labels_for(batch, n)
+        labels = self.random_labels(n)   # uniform, whatever the real batch's (train_edm.py draws them so)
         z = self.randn(n)
         K = len(self.sigmas)
         k = shared_randint(K, self.ctx.generator) if K > 1 else 0
@@ -319,7 +293,7 @@ class DMD2(ScoreDistillMethod):
             x, labels, _ = self.generate(batch, with_grad=False)
         self._cache = None
         x = x.detach()
-        l_fake = self.critic_denoising_loss(x, labels, self.critic_reduction)
+        l_fake = self.critic_denoising_loss(x, labels, self.opts.critic_reduction)
         loss = l_fake
         logs = {"dmd2/fake_score": float(l_fake.detach())}
         if self.head is not None:
@@ -341,18 +315,6 @@ class DMD2(ScoreDistillMethod):
         return loss, logs
 
     # ---------------------------------------------------------------------------------------------- sampling
-    def after_step(self, step, nimg):
-        if self.ema is not None:  # EDM's half-life rule with the global batch
-            self.ema.update(self.G, ema_beta(self.ctx.batch_size * self.ctx.world_size, nimg,
-                                             self.ema_halflife_kimg, self.ema_rampup))
-
-    def extra_state(self):
-        return {} if self.ema is None else {"ema": self.ema.net.state_dict()}
-
-    def load_extra_state(self, state):
-        if self.ema is not None:
-            self.ema.net.load_state_dict(state["ema"])
-
     def sampling_net(self):
         return self.G if self.ema is None else self.ema.net
 

@@ -42,8 +42,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..options import Options, option
+from ..options import option, Options
 from ..train import distributed as dist
+from .registry import _load_all, METHODS
+
 
 SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 IMAGE_ACTIVATIONS = ("relu", "leaky_relu", "gelu", "tanh")
@@ -361,7 +363,6 @@ class EmbeddingLoss:
 # ------------------------------------------------------------------------------------------------ wiring
 def methods_taking_el() -> list[str]:
     """Registered methods that train a generator from noise (the ones EL can attach to)."""
-    from .registry import METHODS, _load_all
     _load_all()
     return sorted(k for k, v in METHODS.items() if getattr(v, "generator_phase", None))
 

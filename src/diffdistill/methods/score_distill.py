@@ -6,30 +6,67 @@ Notation: D_real is the frozen teacher, D_fake the fake-score network trained wi
 generator's own samples, x a generated sample, x_t = x + σε. The score is s = (D − x)/σ², so
 s_fake − s_real = (D_fake − D_real)/σ² and every gradient below is written with the denoiser difference.
 
-This module holds only what the three methods share; each method file holds its own losses. The official
-repositories (tianweiy/DMD2, pkulwj1994/diff_instruct) are CC BY-NC-SA: nothing here is copied from them, the
-formulas follow the project's formula sheet (shared/design/dmd_di.md).
+This module holds only what the three methods share (and the shared option blocks ``ScoreDistillOptions`` and
+``DMDFamilyOptions``); each method file holds its own losses. The official repositories (tianweiy/DMD2,
+pkulwj1994/diff_instruct) are CC BY-NC-SA: nothing here is copied from them; the formulas follow the papers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
+from ..diffusion.losses import edm_loss
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
+from ..options import Options, option
 from ..train import distributed as dist
 from ..train.ema import ema_beta
 from .base import Method, MethodContext
-from ..diffusion.losses import edm_loss
 
 # Grid-index ranges of DMD/DMD2 (in σ space, so they stay fixed when the model is scaled down).
 GRID_SIZE = 1000
 DM_T_MIN, DM_T_MAX = 20, 980          # DM gradient: t ~ U{20..980} (0.02T..0.98T)
 CRITIC_T_MIN, CRITIC_T_MAX = 0, 999   # fake-score and GAN noise levels: t ~ U{0..999}
+
+
+# ------------------------------------------------------------------------------------------------ options
+@dataclass
+class ScoreDistillOptions(Options):
+    """Options every method of the family has: two optimizers (generator, fake score), the student's step count
+    and the fake-score loss's reduction. Defaults: DMD2's ImageNet-64 run (tianweiy/DMD2 ``main/edm/train_edm.py``
+    and ``experiments/imagenet/*lr2e-6*.sh``); Diff-Instruct restates its own."""
+
+    lr: float = option(2e-6, "generator learning rate (DMD2 --generator_lr 2e-6, ImageNet-64)", gt=0)
+    lr_critic: Optional[float] = option(None, "fake-score (critic) learning rate; null: lr (both official recipes "
+                                              "use one rate)", gt=0)
+    betas: tuple[float, float] = option((0.9, 0.999), "optimizer β1, β2 (DMD2 train_edm.py: AdamW defaults)",
+                                        ge=0, lt=1)
+    student_steps: int = option(1, "generator steps at sampling time", ge=1)
+    critic_reduction: str = option("mean", "fake-score loss: 'mean' over pixels (DMD2 edm_guidance.py) or 'sum' "
+                                           "over pixels, mean over the batch (EDM, Diff-Instruct)",
+                                   choices=("mean", "sum"))
+
+    def critic_lr(self) -> float:
+        return self.lr if self.lr_critic is None else self.lr_critic
+
+
+@dataclass
+class DMDFamilyOptions(ScoreDistillOptions):
+    """The DMD/DMD2 block: AdamW with weight decay, a linear warm-up then a constant rate (DMD2 train_edm.py:
+    ``constant_with_warmup``, ``--warmup_step 500``), and the networks' dropout (DMD2 ``main/edm/edm_network.py``
+    builds the teacher, fake score and generator with dropout 0)."""
+
+    weight_decay: float = option(0.01, "AdamW weight decay (DMD2 train_edm.py)", ge=0)
+    warmup_steps: int = option(500, "linear lr warm-up in iterations, then constant (DMD2 --warmup_step)", ge=0)
+    dropout: Optional[float] = option(0.0, "dropout of the generator and fake score, and the teacher runs without "
+                                           "dropout (DMD2 edm_network.py: 0 for every net); null: keep the "
+                                           "teacher's dropout in the trained copies", ge=0, lt=1)
 
 
 # ------------------------------------------------------------------------------------------------ σ grid
@@ -89,16 +126,64 @@ def fake_score_loss(fake, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Ten
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
+def _rng_state(device: torch.device):
+    """The global RNG states dropout draws from for nets on ``device``: the CPU generator's, and the CUDA
+    generator's of that device when it is a GPU."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+@contextlib.contextmanager
+def in_mode(training: Optional[bool], *modules: nn.Module):
+    """Run the block with the modules in train (True) or eval (False) mode, restoring each one's mode after;
+    ``None`` leaves the modes as they are."""
+    saved = [(m, m.training) for m in modules if m is not None]
+    if training is not None:
+        for m, _ in saved:
+            m.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.train(flag)
+
+
 @torch.no_grad()
-def paired_denoise(fake, real, x_t: torch.Tensor, sigma: torch.Tensor, labels=None):
-    """(D_fake(x_t; σ), D_real(x_t; σ)) without grad. The global RNG is rewound between the two calls, so when
-    both nets use dropout in the same mode they draw the same masks (Diff-Instruct's convention); then equal
-    weights give exactly equal outputs, and a zero gradient."""
-    state = torch.get_rng_state()
-    d_fake = fake(x_t, sigma, labels)
-    torch.set_rng_state(state)
-    d_real = real(x_t, sigma, labels)
+def paired_denoise(fake, real, x_t: torch.Tensor, sigma: torch.Tensor, labels=None, training: Optional[bool] = None):
+    """(D_fake(x_t; σ), D_real(x_t; σ)) without grad. The global RNG that dropout draws from — the CPU generator
+    and, on a GPU, that device's CUDA generator — is rewound between the two calls, so nets in the same mode draw
+    the same dropout masks: equal weights then give exactly equal outputs, and a zero gradient (Diff-Instruct,
+    pkulwj1994/diff_instruct ``training/di_loss.py``: both nets in train mode, the CUDA RNG restored between the
+    calls). ``training`` runs both nets in that mode for the two calls (restored after); None keeps their modes."""
+    with in_mode(training, fake, real):
+        state = _rng_state(x_t.device)
+        d_fake = fake(x_t, sigma, labels)
+        _set_rng_state(state, x_t.device)
+        d_real = real(x_t, sigma, labels)
     return d_fake, d_real
+
+
+def _is_rate(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def set_dropout(net: nn.Module, p: float) -> nn.Module:
+    """Set every dropout rate of ``net`` to ``p`` in place: ``nn.Dropout`` modules and the float ``dropout``
+    attribute of this project's U-Net blocks, plus class-label dropout when ``p`` is 0. Returns ``net``."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = p
+        elif _is_rate(getattr(m, "dropout", None)):
+            m.dropout = float(p)
+        if p == 0 and _is_rate(getattr(m, "label_dropout", None)):
+            m.label_dropout = 0
+    return net
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -145,8 +230,8 @@ class ScoreDistillMethod(Method):
     role = "student"
     generator_phase = "generator"
 
-    def __init__(self, ctx: MethodContext):
-        super().__init__(ctx)
+    def __init__(self, ctx: MethodContext, opts=None, **overrides):
+        super().__init__(ctx, opts, **overrides)
         if ctx.teacher is None:
             raise UserError(f"method {self.name!r} distils a teacher: give one with --teacher CKPT")
         self.teacher = ctx.teacher.eval().requires_grad_(False)
@@ -159,6 +244,8 @@ class ScoreDistillMethod(Method):
         self.grid = dmd_sigma_grid(self.teacher.sigma_min, self.teacher.sigma_max)
         # Grid-index ranges of the DM gradient and of the fake-score loss (official; a method may narrow them).
         self.dm_t_range, self.critic_t_range = (DM_T_MIN, DM_T_MAX), (CRITIC_T_MIN, CRITIC_T_MAX)
+        # The mode both nets run in for the paired DM/IKL call (None: teacher eval, fake score as it is).
+        self.paired_training: Optional[bool] = None
         # The generator phase's samples, with grad (set by each method's generator loss; see ``generated_batch``).
         self.generated = None
         self.generated_labels = None
@@ -183,6 +270,12 @@ class ScoreDistillMethod(Method):
             return None
         if batch is not None and batch[1] is not None and len(batch[1]) >= n:
             return batch[1][:n].to(self.ctx.device)
+        return self.random_labels(n)
+
+    def random_labels(self, n: int):
+        """n uniformly random one-hot labels from the trainer's generator (None for unconditional models)."""
+        if not self.label_dim:
+            return None
         return random_onehot(n, self.label_dim, self.ctx.generator).to(self.ctx.device)
 
     def grid_sigma(self, n: int, lo: int, hi: int, grid: torch.Tensor):
@@ -196,7 +289,7 @@ class ScoreDistillMethod(Method):
         Returns (L_DM, g, t)."""
         t, sigma = self.grid_sigma(x.shape[0], *self.dm_t_range, self.grid)
         x_t = x.detach() + self.bview(sigma, x) * self.randn_like(x)
-        d_fake, d_real = paired_denoise(self.fake, self.teacher, x_t, sigma, labels)
+        d_fake, d_real = paired_denoise(self.fake, self.teacher, x_t, sigma, labels, self.paired_training)
         g = dm_gradient(x, d_real, d_fake)
         return dm_pseudo_loss(x, g), g, t
 
@@ -212,7 +305,8 @@ class ScoreDistillMethod(Method):
 
 
 class EMAGenerator:
-    """Mixin for one-step methods that sample from an EMA of the generator (Diff-Instruct, SiD): EDM's half-life
+    """Mixin for one-step methods that update their own EMA of the generator in ``after_step`` (SiD until it moves
+    to the trainer-owned ``Method.track_ema``; Diff-Instruct no longer uses it): EDM's half-life
     rule β = 0.5^(B/h), h = min(half-life, ramp-up·n_img) with B the global batch, or a constant β. Expects
     ``self.G``, ``self.ema``, ``self.sigma_init``, ``self.ema_halflife_kimg``, ``self.ema_rampup`` and
     ``self.ema_beta_const``."""

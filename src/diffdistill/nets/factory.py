@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from ..diffusion.precond import PRECONDS, Precond
 from ..errors import UserError
+from .dhariwalunet import DhariwalUNet
+from .diffusers_unet import build_diffusers_denoiser
+from .mlp import MLPDenoiserNet
+from .songunet import SongUNet
 
 ARCHS = ("songunet", "dhariwalunet", "mlp", "diffusers_unet2d")
 
@@ -17,16 +21,12 @@ def build_denoiser(cfg: dict) -> Precond:
     kw = dict(cfg.get("kwargs", {}))
     C, R, L = int(cfg["img_channels"]), int(cfg.get("img_resolution", 0)), int(cfg.get("label_dim", 0))
     if arch == "diffusers_unet2d":  # a diffusers UNet2DModel: its preconditioning comes from its scheduler
-        from ..teachers.diffusers_unet import build_diffusers_denoiser
         return build_diffusers_denoiser(cfg)
     if arch == "songunet":
-        from .songunet import SongUNet
         model = SongUNet(img_resolution=R, in_channels=C, out_channels=C, label_dim=L, **kw)
     elif arch == "dhariwalunet":
-        from .dhariwalunet import DhariwalUNet
         model = DhariwalUNet(img_resolution=R, in_channels=C, out_channels=C, label_dim=L, **kw)
     elif arch == "mlp":
-        from .mlp import MLPDenoiserNet
         model = MLPDenoiserNet(dim=C, label_dim=L, **kw)
     else:
         raise UserError(f"unknown network architecture {arch!r}; use one of {', '.join(ARCHS)}")

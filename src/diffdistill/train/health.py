@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import RUN_DEFAULTS
+
 WATCHED = ("loss/", "grad_norm/")
 
 
@@ -88,7 +90,6 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 def memory_knobs() -> str:
     """The options that lower memory, as they exist in this version (bf16 only once ``run.precision`` exists)."""
-    from ..config import RUN_DEFAULTS
     knobs = ["lower --batch-size (it is per process; run more processes with torchrun, or set "
              "run.global_batch_size, to keep the global batch)"]
     if "precision" in RUN_DEFAULTS:

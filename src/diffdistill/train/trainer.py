@@ -16,13 +16,16 @@ from pathlib import Path
 import torch
 
 from ..config import check_device, per_process_batch
+from ..data import dataset_from_config as load_dataset
 from ..errors import UserError
+from ..eval.generate import generate
+from ..eval.plots import save_samples_png
+from ..io.checkpoint import (atomic_write, checkpoint_path, find_resume_checkpoint, list_checkpoints, load_checkpoint,
+                             prune_checkpoints, remove_stale_files, save_checkpoint, verify_checkpoint)
 from ..methods.base import MethodContext
 from ..methods.registry import get_method
 from . import distributed as dist
-from .checkpoint import (checkpoint_path, find_resume_checkpoint, list_checkpoints, load_checkpoint,
-                         prune_checkpoints, remove_stale_files, save_checkpoint, verify_checkpoint)
-from .health import HealthMonitor, is_out_of_memory, out_of_memory_message
+from .health import is_out_of_memory, out_of_memory_message, HealthMonitor
 
 
 class DivergenceError(RuntimeError):
@@ -124,7 +127,6 @@ class Trainer:
         # Data is loaded when the method or a supplement reads it (e.g. the embedding loss on a data-free method).
         if (method_cls.uses_data(opts) or any(getattr(s, "needs_data", False) for s in supplements)) \
                 and self.dataset is None:
-            from ..data import dataset_from_config as load_dataset
             self.dataset = load_dataset(cfg["data"])
         if self.dataset is not None and len(self.dataset) == 0:
             raise UserError("the dataset is empty: point --data at a folder/file with at least one sample")
@@ -251,7 +253,6 @@ class Trainer:
                     continue  # a half-written last line
                 keep.append(line if line.endswith("\n") else line + "\n")
             if len(keep) != len(lines):
-                from .checkpoint import atomic_write
                 atomic_write(f, lambda tmp: Path(tmp).write_text("".join(keep)))
 
     # ---------------------------------------------------------------- loop
@@ -465,8 +466,6 @@ class Trainer:
         return dist.any_true(self.train_seconds >= 60.0 * max_minutes)  # every rank stops at the same step
 
     def save_sample_grid(self) -> None:
-        from ..eval.generate import generate
-        from ..eval.plots import save_samples_png
         net = self.method.sampling_net()
         n = self.cfg["run"].get("num_sample_grid", 64) if net.img_resolution else 2000
         x, _, _ = generate(net, range(n), self.method.sampling_spec(), device=self.device)

@@ -29,7 +29,12 @@ from pathlib import Path
 
 import torch
 
+from ..diffusion.precond import vp_sigma
 from ..errors import UserError
+from ..nets.dhariwalunet import DhariwalUNet
+from ..nets.factory import build_denoiser
+from ..nets.songunet import SongUNet
+from .checkpoint import file_sha256 as digest_and_size
 
 # ------------------------------------------------------------------------------------------- inert stand-ins
 _SNAPSHOT_VERSION = 6  # torch_utils.persistence._version of every released EDM pickle
@@ -286,7 +291,6 @@ def edm_net_config(rec: PersistentRecord, dropout: float | None = None) -> dict:
         sigma_data = float(kw.pop("sigma_data"))
         smin, smax = max(lo, float(kw.pop("sigma_min"))), min(hi, float(kw.pop("sigma_max")))
     elif cls == "VPPrecond":
-        from ..diffusion.precond import vp_sigma
         precond, sigma_data = "vp", 0.5
         pk = {k: kw.pop(k) for k in ("beta_d", "beta_min", "M", "epsilon_t")}
         smin = max(lo, float(vp_sigma(pk["epsilon_t"], pk["beta_d"], pk["beta_min"])))
@@ -303,8 +307,6 @@ def edm_net_config(rec: PersistentRecord, dropout: float | None = None) -> dict:
 
 
 def _check_model_kwargs(arch: str, kw: dict) -> None:
-    from ..nets.dhariwalunet import DhariwalUNet
-    from ..nets.songunet import SongUNet
     net_cls = SongUNet if arch == "songunet" else DhariwalUNet
     known = set(inspect.signature(net_cls.__init__).parameters) - {"self", "img_resolution", "in_channels",
                                                                    "out_channels", "label_dim"}
@@ -317,7 +319,6 @@ def _check_model_kwargs(arch: str, kw: dict) -> None:
 def load_edm_snapshot(path, key: str = "ema", dropout: float | None = None) -> dict:
     """A checkpoint-like dict (role 'teacher', ``net_config``, ``sample_net`` weights, ``sampling``, ``source``) from
     an EDM snapshot; the weights are already checked against the rebuilt network (strict keys and shapes)."""
-    from ..nets.factory import build_denoiser
     top = read_edm_pickle(path)
     if isinstance(top, PersistentRecord):  # a bare pickled network, not the snapshot dict
         top = {key: top}
@@ -360,5 +361,4 @@ def load_state_dict_strict(net: torch.nn.Module, tensors: dict, where: str) -> N
 
 
 def file_sha256(path) -> str:
-    from ..train.checkpoint import file_sha256 as digest_and_size
     return digest_and_size(path)[0]

@@ -1,0 +1,133 @@
+"""Every model file this package reads, behind one call: ``load_model_file(path)`` returns the checkpoint-like
+dict (``net_config``, ``sample_net``, ``sampling``, ``role``, ``method``, ``config``, …) of
+
+- a diffdistill training checkpoint (``.pt``, verified against its sha256 manifest),
+- an exported ``.safetensors`` (weights + JSON metadata, ``diffdistill export`` / ``convert-teacher``),
+- an NVlabs/edm network snapshot (``.pkl``, read by a restricted unpickler: its code never runs),
+- a local diffusers ``UNet2DModel`` folder (``local_files_only``).
+
+``load_for_sampling`` builds the network from it; ``load_teacher`` also checks the file holds a teacher.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import UserError
+from ..nets.factory import build_denoiser
+from .checkpoint import export_safetensors, load_checkpoint
+from .diffusers import load_diffusers_teacher
+from .edm_pickle import load_edm_snapshot
+
+# The metadata an exported .safetensors carries beside the weights.
+EXPORT_KEYS = ("method", "role", "step", "config", "net_config", "sampling", "teacher_path")
+
+
+def is_diffusers_folder(p: Path) -> bool:
+    return p.is_dir() and any((p / f).is_file() for f in ("config.json", "unet/config.json", "model_index.json"))
+
+
+def is_run_folder(p: Path) -> bool:
+    return p.is_dir() and ((p / "checkpoints").is_dir() or (p / "config.json").is_file() and (p / "log.jsonl").exists())
+
+
+def load_foreign_teacher(path, dropout: float | None = None) -> dict | None:
+    """The checkpoint-like dict of an EDM ``.pkl`` or a diffusers folder; None for this package's own formats."""
+    p = Path(path)
+    if p.suffix == ".pkl":
+        return load_edm_snapshot(p, dropout=dropout)
+    if is_diffusers_folder(p) and not is_run_folder(p):
+        return load_diffusers_teacher(p, dropout=dropout)
+    return None
+
+
+def load_exported(path) -> dict:
+    """The checkpoint-like dict of an exported .safetensors file (``sample_net`` + metadata)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"weights file not found: {p} (give the path of a .safetensors file written by "
+                        f"'diffdistill export', or a checkpoint .pt)")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise UserError(f"cannot read {p}: {type(e).__name__}; the file is corrupted or not safetensors") from None
+    if "net_config" not in meta:
+        raise UserError(f"{p} has no diffdistill metadata (net_config); export it with 'diffdistill export'")
+    state = {k: json.loads(v) for k, v in meta.items()}
+    state["sample_net"] = tensors
+    return state
+
+
+def load_model_file(path) -> dict:
+    """The checkpoint-like dict of any model file this package reads (see the module docstring)."""
+    p = Path(path)
+    if is_run_folder(p):
+        raise UserError(f"{p} is a diffdistill run folder, not a model file: give one of its checkpoints "
+                        f"({p}/checkpoints/ckpt-*.pt) or an exported .safetensors")
+    state = load_foreign_teacher(p)
+    if state is None:
+        state = load_exported(p) if p.suffix == ".safetensors" else load_checkpoint(p)
+    return state
+
+
+def load_for_sampling(path, device="cpu"):
+    """(denoiser in eval mode, checkpoint dict) of any model file."""
+    state = load_model_file(path)
+    net = build_denoiser(state["net_config"])
+    net.load_state_dict(state["sample_net"])
+    return net.to(device).eval().requires_grad_(False), state
+
+
+def load_teacher(path, device="cpu"):
+    """(frozen teacher Denoiser in eval mode, its checkpoint dict); a student checkpoint is refused."""
+    net, state = load_for_sampling(path, device)
+    if state.get("role") != "teacher":
+        raise UserError(f"{path} is a {state.get('role')} checkpoint ({state.get('method')}); --teacher needs a "
+                        f"checkpoint written by train-teacher, an EDM .pkl or a diffusers folder")
+    return net, state
+
+
+def export_checkpoint(ckpt_path, out_path, extra_metadata: dict | None = None) -> dict:
+    """Write the sampling weights of a checkpoint as safetensors, with everything needed to rebuild and sample
+    the network as JSON metadata (method, role, step, config, net_config, sampling recipe)."""
+    state = load_checkpoint(ckpt_path)
+    meta = {k: state.get(k) for k in EXPORT_KEYS}
+    meta.update(extra_metadata or {})
+    export_safetensors(state["sample_net"], out_path, meta)
+    return meta
+
+
+def convert_teacher(src, out, dropout: float | None = None, verify: bool = True) -> dict:
+    """Write an EDM snapshot or diffusers folder as this package's teacher ``.safetensors`` (weights + JSON
+    metadata, loadable by ``distill --teacher``, ``sample``, ``eval``) plus ``OUT.json`` with the same metadata.
+    ``verify`` reloads the written file and checks D(x; σ) equals the source network's on a fixed batch."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"convert-teacher writes safetensors: give an output path ending in .safetensors, not {out}")
+    state = load_foreign_teacher(src, dropout)
+    if state is None:
+        raise UserError(f"{src}: convert-teacher takes an NVlabs/edm snapshot (.pkl) or a diffusers UNet2DModel folder")
+    meta = {k: state.get(k) for k in EXPORT_KEYS}
+    meta["source"] = state["source"]
+    export_safetensors(state["sample_net"], out, meta)
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    if verify:
+        src_net = build_denoiser(state["net_config"])
+        src_net.load_state_dict(state["sample_net"])
+        net, _ = load_for_sampling(out)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn((2,) + tuple(net.sample_shape), generator=g)
+        sigma = torch.tensor([0.5, 10.0])
+        labels = torch.eye(net.label_dim)[:2] if net.label_dim else None
+        with torch.no_grad():
+            diff = (src_net.eval()(x, sigma, labels) - net(x, sigma, labels)).abs().max().item()
+        if diff != 0:
+            raise UserError(f"{out}: the reloaded teacher differs from the source by {diff:.3g}; please report this")
+        meta["verified_max_abs_diff"] = diff
+    return meta
