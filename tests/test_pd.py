@@ -16,7 +16,6 @@ from diffdistill.diffusion.samplers import ddim_sampler, ddim_step
 from diffdistill.errors import UserError
 from diffdistill.methods.pd import (PDOptions, ProgressiveDistillation, cosine_sigma, halving_stages, pd_loss,
                                     pd_loss_weight, pd_student_sigmas, pd_target)
-from diffdistill.nets.dropout import dropout_rates
 
 C2 = 0.3 ** 2   # variance of the Gaussian data in the closed-form oracles
 
@@ -264,6 +263,13 @@ def test_options_are_checked():
     ctx = make_ctx(None, cfg)
     with pytest.raises(UserError):
         ProgressiveDistillation(ctx)
+
+
+def dropout_rates(net):
+    """Every dropout rate of ``net``: nn.Dropout modules and the float ``dropout`` of the U-Net blocks."""
+    return [float(m.p) if isinstance(m, nn.modules.dropout._DropoutNd) else float(m.dropout) for m in net.modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd)
+            or isinstance(getattr(m, "dropout", None), float)]
 
 
 def test_options_schema_and_official_defaults():

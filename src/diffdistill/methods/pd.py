@@ -45,11 +45,11 @@ import torch
 from ..diffusion.samplers import ddim_step
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
-from ..nets.dropout import set_dropout
 from ..options import Options, option
 from ..train.lr import warmup_lambda
 from .base import Method
 from .registry import register
+from .score_distill import set_dropout
 
 WEIGHTINGS = ("truncated_snr", "snr_plus_one", "snr", "x", "karras")
 GRIDS = ("karras", "cosine")
