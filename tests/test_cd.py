@@ -1,7 +1,8 @@
 """Consistency distillation (Song et al. 2023, "Consistency Models"): the boundary-condition parameterisation, the
-Karras discretisation, the teacher's Heun step, the loss against a direct transcription of the formula sheet
-(shared/design/sid_el_cd.md §2) and its oracles, the consistency sampler, exact resume, and a ring8 end-to-end run
-against the teacher's sliced W2."""
+Karras discretisation, the teacher's Heun step, the loss against a direct transcription of the paper's Algorithm 2 /
+the official loss (openai/consistency_models ``cm/karras_diffusion.py:106-239``) and its oracles, the official
+defaults and EMA/target order, the consistency sampler, exact resume, and a ring8 end-to-end run against the
+teacher's sliced W2."""
 
 import math
 
@@ -20,7 +21,7 @@ EPS, SD = 0.002, 0.5
 
 
 def _direct_f(net, x, sigma, labels=None):
-    """The sheet's f_θ(x, σ) = c_skip·x + c_out·F(c_in·x, c_noise) written from the raw network of an EDMPrecond:
+    """Paper App. C: f_θ(x, σ) = c_skip·x + c_out·F(c_in·x, c_noise) written from the raw network of an EDMPrecond:
     c_skip = σ_d²/((σ−ε)²+σ_d²), c_out = σ_d(σ−ε)/√(σ²+σ_d²), c_in = 1/√(σ²+σ_d²), c_noise = ¼ ln σ."""
     s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
     b = (-1,) + (1,) * (x.ndim - 1)
@@ -228,25 +229,65 @@ def test_gradient_reaches_student_only_and_dropout_masks_are_shared():
     assert float(after) == float(torch.rand(()))              # and the RNG moved on by one forward's draws
 
 
+def _trainer_ema_update(m, global_batch=16, nimg_before=0):
+    """What the trainer does after the optimizer steps (``Trainer.update_emas``)."""
+    for ema in m.emas.values():
+        ema.update(m.nets[ema.source], ema.beta(global_batch, nimg_before))
+
+
 def test_target_is_ema_of_student_with_rate_mu():
     teacher, cfg = tiny_teacher(MLP_CFG)
     for mu in (0.0, 0.95):
         m = ConsistencyDistillation(make_ctx(teacher, cfg), target_ema=mu, warmup_kimg=0)
+        assert set(m.emas) == {"target", "student"} and m.emas["target"] is m.target and m.emas["student"] is m.ema
         before = [p.detach().clone() for p in m.target.net.parameters()]
         with torch.no_grad():
             for p in m.student.parameters():
                 p.add_(0.1)
-        m.after_step(1, 16)
+        _trainer_ema_update(m)
         for p_t, p_b, p_s in zip(m.target.net.parameters(), before, m.student.parameters()):
             want = mu * p_b + (1 - mu) * p_s
             assert torch.allclose(p_t, want, atol=1e-7) if mu else torch.equal(p_t, p_s)
+        assert m.target.last_beta == mu and m.ema.last_beta == 0.9999
         assert m.target.net.training and not m.ema.net.training
+
+
+def test_official_defaults():
+    """CDOptions defaults = openai/consistency_models_cifar10 configs/cifar10_ve_cd.py (N = 18 l.68, RAdam l.74,
+    lr 4e-4 l.75, ε 1e-8 l.77, EMA 0.9999 l.46, dropout 0 l.69, LPIPS l.20 → L2 offline), μ = 0 (jcm/losses.py:
+    305-306, θ⁻ = θ under stop-gradient l.334-335), no warm-up (jcm/losses.py:72-82: the RAdam branch has no
+    schedule; PyTorch cm/train_util.py:82 likewise)."""
+    from diffdistill.methods.cd import CDOptions
+    o = CDOptions()
+    assert (o.num_scales, o.target_ema, o.optimizer, o.lr, o.betas, o.eps, o.weight_decay, o.warmup_kimg) == \
+        (18, 0.0, "radam", 4e-4, (0.9, 0.999), 1e-8, 0.0, 0.0)
+    assert (o.ema_beta_const, o.distance, o.student_steps, o.rho) == (0.9999, "l2", 1, 7.0)
+    from diffdistill.config import load_preset
+    assert "method" not in load_preset("cd", "official")
+    assert load_preset("cd", "official")["run"]["batch_size"] == 512
+
+
+def test_target_and_ema_follow_the_official_order_in_a_real_run(tmp_path):
+    """openai/consistency_models cm/train_util.py:388-394: optimizer step, then EMA ← rate·EMA + (1 − rate)·θ and
+    θ⁻ ← μ·θ⁻ + (1 − μ)·θ, both from the post-step θ. After one trainer step both equal that, from θ₀ = teacher."""
+    tr = _trainer(tmp_path, 1)
+    teacher = {k: v.clone() for k, v in tr.method.teacher.state_dict().items()}
+    tr.run()
+    m = tr.method
+    theta = m.student.state_dict()
+    for name, rate in (("target", 0.9), ("student", 0.9)):
+        got = m.emas[name].net.state_dict()
+        for k, p in m.student.named_parameters():
+            want = teacher[k] * rate + theta[k] * (1 - rate)     # official nn.py:57-67 update_ema
+            assert torch.allclose(got[k], want, atol=1e-7), (name, k)
+        assert any(not torch.equal(got[k], theta[k]) for k, _ in m.student.named_parameters())
 
 
 def test_options_are_checked():
     teacher, cfg = tiny_teacher(MLP_CFG)
     for bad in ({"distance": "lpips"}, {"distance": "l3"}, {"target_ema": 1.0}, {"num_scales": 1},
-                {"optimizer": "sgd"}, {"student_steps": 0}):
+                {"optimizer": "sgd"}, {"student_steps": 0}, {"lr": 0}, {"ema_beta_const": None},
+                {"num_sacles": 18}):
         with pytest.raises(UserError):
             ConsistencyDistillation(make_ctx(teacher, cfg), **bad)
     m = ConsistencyDistillation(make_ctx(teacher, cfg), optimizer="radam")
@@ -316,11 +357,11 @@ def _trainer(out, steps, resume=None):
 def test_resume_is_exact_including_target_and_ema(tmp_path):
     full, resumed = run_full_and_resumed(_trainer, tmp_path)
     a, b = full.method.state_dict(), resumed.method.state_dict()
-    for part in ("target", "ema"):
-        assert all(torch.equal(v, b["extra"][part][k]) for k, v in a["extra"][part].items()), part
+    for part in ("target", "student"):
+        assert all(torch.equal(v, b["emas"][part][k]) for k, v in a["emas"][part].items()), part
     assert all(torch.equal(v, b["nets"]["student"][k]) for k, v in a["nets"]["student"].items())
-    h = _trainer(tmp_path / "x", 5).method.state_dict()["extra"]["target"]
-    assert any(not torch.equal(h[k], v) for k, v in b["extra"]["target"].items())
+    h = _trainer(tmp_path / "x", 5).method.state_dict()["emas"]["target"]
+    assert any(not torch.equal(h[k], v) for k, v in b["emas"]["target"].items())
 
 
 def test_cd_ring8_end_to_end(ring8_teacher, tmp_path):

@@ -133,3 +133,14 @@ def test_distill_cli_runs_and_student_checkpoint_samples(method, teacher_ckpt, t
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["role"] == "student" and m["method"] == method.replace("-", "_") and m["nfe"] == 1
+
+
+def test_old_flag_spellings_still_work_with_a_deprecation_line(capsys):
+    from diffdistill.cli import build_parser
+    a = build_parser().parse_args(["train-teacher", "--steps", "5"])
+    assert a.iters == 5 and "--steps is deprecated here, use --iters" in capsys.readouterr().err
+    a = build_parser().parse_args(["distill", "--method", "dmd2", "--teacher", "t.pt", "--steps", "4"])
+    assert a.student_steps == 4 and "use --student-steps" in capsys.readouterr().err
+    a = build_parser().parse_args(["distill", "--method", "dmd2", "--teacher", "t.pt", "--student-steps", "2",
+                                   "--iters", "7", "--budget-minutes", "1.5"])
+    assert (a.student_steps, a.iters, a.budget_minutes) == (2, 7, 1.5) and capsys.readouterr().err == ""

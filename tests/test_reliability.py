@@ -236,8 +236,8 @@ def test_dry_run_lists_every_network_and_writes_nothing(teacher, tmp_path, monke
                                    "--batch-size", "64"])
     assert rc == 0, err
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()
-            if line and line.split()[0] in ("generator", "fake_score", "teacher", "ema.net")}
-    assert rows == {k: f"{n:,d}" for k in ("generator", "fake_score", "teacher", "ema.net")}, out
+            if line and line.split()[0] in ("generator", "fake_score", "teacher", "ema.generator")}
+    assert rows == {k: f"{n:,d}" for k in ("generator", "fake_score", "teacher", "ema.generator")}, out
     assert "frozen" in out and "peak ≈" in out and "at batch 64" in out
     rc, out_el, err = run_in_process(["distill", "--method", "sid", "--teacher", str(teacher), "--dry-run",
                                       "--el-weight", "1"])  # the supplement's random feature nets appear too

@@ -1,6 +1,6 @@
-"""SiD (Zhou et al. 2024, "Score identity Distillation"): the generator loss against a direct transcription of the
-formula sheet (shared/design/sid_el_cd.md §1), its oracles (f_ψ = f_φ ⇒ zero, w detached, gradient through the
-nets' inputs, σ schedule), the fake-score loss, G(z) = D_teacher(2.5z; 2.5) at step 0, the 1-D Gaussian direction
+"""SiD (Zhou et al. 2024, "Score identity Distillation"): the generator loss against a direct transcription of
+official mingyuanzhou/SiD training/sid_loss.py:55 with sid_training_loop.py:332, its oracles (f_ψ = f_φ ⇒ zero,
+w detached, gradient through the nets' inputs, σ schedule), the official option defaults, the fake-score loss, G(z) = D_teacher(2.5z; 2.5) at step 0, the 1-D Gaussian direction
 oracle, data-free training with exact resume, and a ring8 end-to-end run against the teacher's sliced W2."""
 
 import json
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers.dm_helpers import assert_same_ema_method_state, MLP_CFG, UNET_CFG, Recorder, all_none, any_nonzero, make_ctx, run_full_and_resumed, tiny_teacher
+from helpers.dm_helpers import MLP_CFG, UNET_CFG, Recorder, all_none, any_nonzero, make_ctx, run_full_and_resumed, tiny_teacher
 from diffdistill.methods.score_distill import fake_score_loss
 from diffdistill.methods.sid import (SiD, nan_to_num_grad, sample_sid_sigma, sid_fake_score_loss,
                                      sid_generator_loss, sid_sigma, sid_weight)
@@ -46,7 +46,8 @@ def _generator_grads(m, state):
 
 # ------------------------------------------------------------------------------------------------ loss formula
 def _direct_forms(x, d_real, d_fake, alpha):
-    """The sheet's two written forms, transcribed independently of the implementation:
+    """The loss's two written forms (the official line, and the paper's (1 − α)‖Δ‖² + Δᵀ(f_ψ − x) form),
+    transcribed independently of the implementation:
     A = Σ_pix Δ⊙[(f_φ − x) − αΔ]/w, B = [(1−α)‖Δ‖² + Δᵀ(f_ψ − x)]/w; each summed over the batch, × 100 / B."""
     B = x.shape[0]
     w = torch.stack([(x[b] - d_real[b]).abs().mean() for b in range(B)]).clamp(min=1e-5)
@@ -188,7 +189,7 @@ def test_weight_is_detached():
         theta.grad = None
         x = m.G(2.5 * z * theta, torch.full((16,), 2.5))
         x_t = x + sigma[:, None] * n
-        d_real, d_fake = m.denoise_pair(x_t, sigma)
+        d_real, d_fake, _ = m.denoise_pair(x_t, sigma)
         if live_w:      # the same formula with a w that keeps its graph (written out: the loss detaches any w)
             delta = d_real - d_fake
             w = (x - d_real).abs().mean(1).clamp(min=1e-5)
@@ -289,7 +290,7 @@ def test_modes_during_generator_phase():
 def test_step0_generator_is_teacher_at_sigma_init_bitwise(cfg, label_dim):
     from diffdistill.eval.generate import generate
     m = _sid(cfg, batch_size=4, label_dim=label_dim)
-    assert m.sigma_init == 2.5 and m.sampling_spec() == {"sampler": "multistep", "sigmas": [2.5]}
+    assert m.opts.sigma_init == 2.5 and m.sampling_spec() == {"sampler": "multistep", "sigmas": [2.5]}
     shape = tuple(m.teacher.sample_shape)
     z = torch.randn((6,) + shape, generator=torch.Generator().manual_seed(0))
     labels = torch.nn.functional.one_hot(torch.arange(6) % 3, 3).float() if label_dim else None
@@ -317,15 +318,20 @@ def test_conditional_random_labels():
 
 
 def test_ema_rule_and_sampling_from_ema():
+    """The generator's EMA is the trainer's (``emas["generator"]``) with the official rule, sid_training_loop.py:
+    346-352: β = 0.5^(B / max(min(500 kimg, 0.05·cur_nimg), 1e-8)), cur_nimg the images before the step (β = 0 at
+    step 0), ema ← β·ema + (1 − β)·G; samples come from it."""
     m = _sid(batch_size=128)
-    for nimg in (128, 12_800, 10 ** 8):
-        assert math.isclose(m.ema_beta(nimg), 0.5 ** (128 / min(5e5, 0.05 * nimg)), rel_tol=1e-12)
-    assert m.sampling_net() is m.ema.net and m.sampling_net() is not m.G
+    ema = m.emas["generator"]
+    assert ema.source == "generator" and m.sampling_net() is ema.net and m.sampling_net() is not m.G
+    for nimg in (0, 128, 12_800, 10 ** 8):
+        want = 0.5 ** (128 / max(min(5e5, 0.05 * nimg), 1e-8))
+        assert math.isclose(ema.beta(128, nimg), want, rel_tol=1e-12)
     _perturb(m.G, scale=1.0)
-    before = [p.clone() for p in m.ema.net.parameters()]
-    m.after_step(1, 10 ** 8)
-    beta = m.last_beta
-    for b, e, gp in zip(before, m.ema.net.parameters(), m.G.parameters()):
+    before = [p.clone() for p in ema.net.parameters()]
+    beta = ema.beta(128, 10 ** 8)
+    ema.update(m.G, beta)
+    for b, e, gp in zip(before, ema.net.parameters(), m.G.parameters()):
         assert torch.allclose(e, beta * b + (1 - beta) * gp, atol=1e-6)
 
 
@@ -378,7 +384,7 @@ def test_direction_oracle_1d_gaussian():
                 assert math.copysign(1, gs) == math.copysign(1, s_g - s_d), (mu_g, s_g, sigma, alpha, float(gs))
                 checked += 1
     assert checked == 168
-    # α = 0 can fail (the sheet's remark): a too-narrow generator at small σ gets a mean gradient of the wrong sign
+    # α = 0 can fail: a too-narrow generator at small σ gets a mean gradient of the wrong sign
     gm, _ = _direction(mu_d, s_d, 0.3, 0.3, 0.1, 0.0)
     assert gm < 0
 
@@ -399,20 +405,25 @@ def test_data_free_and_resume_is_exact_including_ema(tmp_path):
     full, resumed = run_full_and_resumed(_trainer, tmp_path)
     assert full.dataset is None and resumed.dataset is None      # data-free: no dataset, no loader
     a, b = full.method.state_dict(), resumed.method.state_dict()
-    assert_same_ema_method_state(a, b)
+    for k, v in a["emas"]["generator"].items():
+        assert torch.equal(v, b["emas"]["generator"][k]), k
+    for net in ("generator", "fake_score"):
+        for k, v in a["nets"][net].items():
+            assert torch.equal(v, b["nets"][net][k]), (net, k)
     for phase in ("critic", "generator"):
         sa, sb = a["optimizers"][phase]["state"], b["optimizers"][phase]["state"]
         assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
-    h = _trainer(tmp_path / "x", 5).method.state_dict()["extra"]["ema"]
-    assert any(not torch.equal(h[k], v) for k, v in b["extra"]["ema"].items())
+    h = _trainer(tmp_path / "x", 5).method.state_dict()["emas"]["generator"]
+    assert any(not torch.equal(h[k], v) for k, v in b["emas"]["generator"].items())
     log = json.loads((tmp_path / "full" / "log.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(log["loss/generator"]) and math.isfinite(log["loss/critic"])
 
 
 def test_presets_follow_the_toy_scale_down():
-    from diffdistill.methods.sid import SiD as cls
+    from diffdistill.config import load_preset
+    assert "method" not in load_preset("sid", "official")            # the dataclass defaults are official
     for kind in ("points", "images"):
-        p = cls.presets[kind]
+        p = load_preset("sid", kind)
         assert 1e-4 <= p["method"]["lr"] <= 3e-4
         images = p["run"]["steps"] * p["run"]["batch_size"]
         assert 0.04 <= p["method"]["ema_halflife_kimg"] * 1000 / images <= 0.10
@@ -441,7 +452,8 @@ def test_sid_ring8_end_to_end(ring8_teacher, tmp_path):
     from diffdistill.eval.evaluate import evaluate_net
     tr, student, teacher = _ring8_student_vs_teacher(ring8_teacher, tmp_path)
     assert tr.dataset is None and tr.data_x is None      # data-free: no data set was built
-    assert tr.step == SiD.presets["points"]["run"]["steps"]
+    from diffdistill.config import load_preset
+    assert tr.step == load_preset("sid", "points")["run"]["steps"]
     start = evaluate_net(tr.method.teacher, tr.method.sampling_spec(), ring8_teacher.data_cfg, 2000, seed=0)
     print("sid ring8 sliced W2: student", student["sliced_w2"], "teacher(35 NFE)", teacher["sliced_w2"],
           "step-0 student", start["sliced_w2"], "modes", student.get("modes_covered"))
@@ -453,7 +465,7 @@ def test_sid_ring8_end_to_end(ring8_teacher, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed,alpha", [(1, 1.2), (2, 1.2), (3, 1.2), (0, 1.0)])
 def test_sid_ring8_other_seeds_and_alpha_1(ring8_teacher, tmp_path, seed, alpha):
-    """The same check for other run seeds, and for the sheet's fallback α = 1."""
+    """The same check for other run seeds, and for α = 1 (the official SiDA scripts' value)."""
     _, student, teacher = _ring8_student_vs_teacher(ring8_teacher, tmp_path, seed=seed, method={"alpha": alpha})
     print(f"sid ring8 seed {seed} α {alpha}: student", student["sliced_w2"], "teacher", teacher["sliced_w2"])
     assert student["sliced_w2"] < 1.5 * teacher["sliced_w2"]
@@ -477,3 +489,24 @@ def test_sid_digits_images_preset_learns(tmp_path):
     print("sid digits proxy-FID: student", student["proxy_fid"], "step-0 student", start["proxy_fid"])
     assert student["proxy_fid"] < 0.1 * start["proxy_fid"]
     assert student["proxy_fid"] < 30
+
+
+def test_options_defaults_are_official_and_bad_values_are_refused():
+    """SiDOptions' defaults against mingyuanzhou/SiD: sid_train.py:95 (σ_init 2.5), :98 (--lsg 100), :99 (α 1.2),
+    :100 (tmax 800), :101-103 (lr 1e-5 both, g_beta1 0), :152-153 (Adam β (0, 0.999), ε 1e-8), :70 (EMA 0.5 Mimg),
+    training/sid_training_loop.py:131 (ramp-up 0.05), training/sid_loss.py:18 (P_mean −1.2, P_std 1.2); SiDA:
+    sida_train.py:148-149 (--lsd 1, --lsg_gan 0.01), sida_training_loop.py:410, :425 (200 / 100 kimg)."""
+    from diffdistill.methods.sid import SiDOptions
+    from diffdistill.errors import UserError
+    o = SiDOptions()
+    assert (o.sigma_init, o.loss_scale_g, o.alpha, o.tmax, o.lr, o.lr_critic) == (2.5, 100.0, 1.2, 800.0, 1e-5, None)
+    assert (o.betas, o.eps, o.ema_halflife_kimg, o.ema_rampup, o.ema_beta_const) == ((0.0, 0.999), 1e-8, 500.0, 0.05,
+                                                                                     None)
+    assert (o.p_mean, o.p_std, o.grad_nan_to_num, o.sida) == (-1.2, 1.2, True, False)
+    assert (o.sida_adv_weight, o.sida_d_weight, o.sida_g_start_kimg, o.sida_gan_start_kimg) == (0.01, 1.0, 100.0, 200.0)
+    m = _sid()
+    assert m.opts == o and m.optimizers["critic"].defaults["lr"] == 1e-5
+    assert _sid(lr=3e-4, lr_critic=1e-3).optimizers["critic"].defaults["lr"] == 1e-3
+    for bad in ({"tmax": 1200}, {"sigma_init": 0}, {"betas": [0.0, 1.0]}, {"student_steps": 2}, {"alhpa": 1.0}):
+        with pytest.raises(UserError):
+            SiDOptions.from_dict(bad, owner="sid")

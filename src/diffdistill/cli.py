@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+import yaml
+
+from . import __version__
 
 from .compare import compare
 from .config import check_device, list_presets, load_preset, preset_path, resolve, RunOptions, TEACHER_PRESETS
@@ -19,7 +24,7 @@ from .errors import UserError
 from .eval.evaluate import evaluate_checkpoint, sampling_spec_for
 from .eval.generate import generate
 from .eval.inception import compute_reference, load_extractor, load_reference, resolve_inception_path, save_reference
-from .eval.plots import image_grid
+from .eval.plots import write_png_folder
 from .io import convert_teacher, export_checkpoint, load_for_sampling
 from .io.diffusers import export_diffusers
 from .methods.embedding_loss import ELOptions
@@ -63,6 +68,8 @@ def _add_run_flags(p):
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--resume", help="'auto' (newest checkpoint in the run directory) or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that holds another run, deleting that run's checkpoints/logs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the networks with parameter counts and estimate peak memory, then exit (writes nothing)")
@@ -74,13 +81,29 @@ def _run_flags(a) -> dict:
     run = {k: v for k, v in {"out": a.out, "steps": a.iters, "batch_size": a.batch_size, "seed": a.seed,
                              "device": a.device, "resume": a.resume,
                              "max_minutes": a.budget_minutes}.items() if v is not None}
+    if a.overwrite:
+        run["overwrite"] = True
     if a.no_progress:
         run["progress"] = False
     return {"run": run}
 
 
+def check_output_file(path, flag: str) -> Path:
+    """Refuse, before any work, an output file path that names a folder, sits below a file, or cannot be written."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {p} is a folder: give a file path (e.g. {p / 'out'}{p.suffix or ''})")
+    parent = next((q for q in [p.parent, *p.parent.parents] if q.exists()), Path("."))
+    if not parent.is_dir():
+        raise UserError(f"{flag} {p}: {parent} is a file, not a folder; choose another output path")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {p}: {parent} is not writable; choose another output path")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="diffdistill", description="Distill diffusion teachers into one-step / few-step students.")
+    p.add_argument("--version", action="version", version=f"diffdistill {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("train-teacher", help="train a teacher denoiser with the EDM loss")
@@ -96,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int, default=64)
     s.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i")
     s.add_argument("--out", required=True, help="FILE.npz (arrays 'samples', 'labels') or a folder for PNGs")
+    s.add_argument("--raw", action="store_true", help="images: keep the sampler's values in the .npz (default: "
+                   "clamped to [-1, 1]; PNG pixels are always clipped)")
+    s.add_argument("--labels", choices=["edm", "mod"], help="class of each seed: edm (drawn from the seed's RNG "
+                   "as NVlabs/edm generate.py) or mod (seed mod classes); default: the checkpoint's (edm for EDM "
+                   ".pkl teachers)")
     s.add_argument("--device", default="cpu")
 
     e = sub.add_parser("eval", help="measure a checkpoint: proxy-FID/KID (images), sliced W2/MMD (2-D), images/s")
@@ -170,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop training after M minutes of training-loop wall-clock (a checkpoint is written)")
     m.add_argument("--seed", type=int)
     m.add_argument("--device")
-    m.add_argument("--resume")
+    m.add_argument("--resume", help="'auto' (newest valid checkpoint in the run directory) or a checkpoint path")
+    m.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that holds another run, deleting that run's checkpoints/logs")
     m.add_argument("--no-progress", action="store_true")
     m.add_argument("--dry-run", action="store_true",
                    help="list every network (student, teacher, helpers, EMA copies) with parameter counts and "
@@ -224,12 +254,21 @@ def cmd_train_teacher(a) -> int:
     trainer = Trainer(cfg)
     if a.dry_run:
         print(dry_run_report(trainer))
+        print(resolved_config_text(trainer.cfg))
         return 0
     trainer.run()
     if trainer.stopped_by_signal:
         return _stopped(trainer)
     print(f"teacher checkpoint: {trainer.ckpt_dir}/ (newest ckpt-*.pt); samples: {trainer.out / 'samples'}")
     return 0
+
+
+def resolved_config_text(cfg: dict, hide_out: bool = False) -> str:
+    """The resolved configuration as YAML (what config.json would hold), for --dry-run."""
+    cfg = json.loads(json.dumps(cfg, default=str))
+    if hide_out:
+        cfg["run"].pop("out", None)  # a temporary folder during a dry run
+    return "resolved configuration:\n" + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True).rstrip()
 
 
 def _stopped(trainer) -> int:
@@ -248,6 +287,8 @@ def cmd_distill(a) -> int:
                                        "max_minutes": a.budget_minutes}.items() if v is not None}}
     if a.no_progress:
         flags["run"]["progress"] = False
+    if a.overwrite:
+        flags["run"]["overwrite"] = True
     if a.student_steps is not None:
         if a.student_steps <= 0:
             raise UserError(f"--student-steps must be positive, got {a.student_steps}")
@@ -267,6 +308,7 @@ def cmd_distill(a) -> int:
             trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set, dry_run=True,
                               preset=a.preset)
             print(dry_run_report(trainer))
+            print(resolved_config_text(trainer.cfg, hide_out=True))
         return 0
     trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set, preset=a.preset)
     if trainer.stopped_by_signal:
@@ -291,7 +333,10 @@ def cmd_sample(a) -> int:
     out = Path(a.out)
     if out.suffix != ".npz" and not net.img_resolution:  # refuse before sampling, not after
         raise UserError("PNG output is for images; use --out FILE.npz for 2-D points")
-    x, labels, info = generate(net, range(a.seed, a.seed + a.num_samples), spec, device=a.device)
+    x, labels, info = generate(net, range(a.seed, a.seed + a.num_samples), spec, device=a.device,
+                               label_rule=a.labels)
+    if x.ndim == 4 and not a.raw:  # images are float32 in [-1, 1]; 2-D points keep their own range
+        x = x.clamp(-1, 1)
     if out.suffix == ".npz":
         out.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"samples": x.numpy().astype(np.float32)}
@@ -301,11 +346,7 @@ def cmd_sample(a) -> int:
     else:
         if x.ndim != 4:
             raise UserError("PNG output is for images; use --out FILE.npz for 2-D points")
-        import matplotlib.pyplot as plt
-        out.mkdir(parents=True, exist_ok=True)
-        for i in range(x.shape[0]):
-            g = image_grid(x[i:i + 1], nrow=1, pad=0)
-            plt.imsave(out / f"{a.seed + i:06d}.png", g, cmap="gray" if g.ndim == 2 else None, vmin=0, vmax=255)
+        write_png_folder(x, out, [f"{a.seed + i:06d}" for i in range(x.shape[0])])
     print(f"wrote {a.num_samples} samples to {out} (NFE {info['nfe']}, {info['images_per_second']:.1f} samples/s)")
     return 0
 
@@ -334,6 +375,8 @@ def _inception_setup(a) -> dict | None:
 def cmd_eval(a) -> int:
     if a.num_samples <= 1:
         raise UserError(f"--num-samples must be at least 2, got {a.num_samples}")
+    if a.out:
+        check_output_file(a.out, "--out")  # before the evaluation, not after it
     check_device(a.device)
     rank0 = _init_ranks(a.device)
     metrics = evaluate_checkpoint(a.checkpoint, steps=a.steps, sampler=a.sampler, num_samples=a.num_samples,
@@ -375,6 +418,8 @@ def cmd_convert_teacher(a) -> int:
 
 def cmd_export(a) -> int:
     if a.format == "diffusers":
+        if Path(a.out).exists() and (not Path(a.out).is_dir() or any(Path(a.out).iterdir())):
+            raise UserError(f"export --format diffusers writes a new folder: {a.out} already exists and is not empty")
         _, state = load_for_sampling(a.checkpoint)
         info = export_diffusers(state, a.out)
         print(f"wrote {a.out}/unet, scheduler/, diffdistill_sampling.json ({info['role']}, {len(info['steps'])} "
@@ -382,6 +427,7 @@ def cmd_export(a) -> int:
         return 0
     if not a.out.endswith(".safetensors"):
         raise UserError(f"export writes safetensors: give an output path ending in .safetensors, not {a.out!r}")
+    check_output_file(a.out, "export OUT")
     meta = export_checkpoint(a.checkpoint, a.out)
     print(f"wrote {a.out} ({meta['role']}, method {meta['method']}, step {meta['step']})")
     return 0
@@ -415,6 +461,10 @@ def cmd_compare(a) -> int:
 
 
 def cmd_demo(a) -> int:
+    for flag, v, lo in (("--num-samples", a.num_samples, 2), ("--distill-iters", a.distill_iters, 1),
+                        ("--teacher-steps", a.teacher_steps, 1)):
+        if v is not None and v < lo:  # before the teacher evaluation, naming the flag
+            raise UserError(f"demo {flag} must be at least {lo}, got {v}")
     run_demo(out=a.out, retrain_teacher=a.train_teacher, teacher_steps=a.teacher_steps,
              num_samples=a.num_samples, device=a.device, progress=not a.no_progress,
              distill_iters=a.distill_iters)

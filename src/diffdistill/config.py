@@ -38,7 +38,8 @@ class RunOptions(Options):
                                        "(0: off)", ge=0)
     grad_clip: Optional[float] = option(None, "max gradient norm per phase (null: off)", gt=0)
     progress: bool = option(True, "progress bar")
-    resume: Optional[str] = option(None, "'auto' (newest valid checkpoint) or a checkpoint path")
+    resume: Optional[str] = option(None, "'auto' (newest valid checkpoint) or a checkpoint path", flag="--resume")
+    overwrite: bool = option(False, "a new run may replace another run's files in its folder", flag="--overwrite")
     max_minutes: Optional[float] = option(None, "wall-clock budget of the training loop (evaluation excluded)", gt=0,
                                           flag="--budget-minutes")
     precision: str = option("fp32", "fp32, or bf16 autocast around the losses (weights stay fp32)",

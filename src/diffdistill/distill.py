@@ -3,8 +3,8 @@ method's preset for the data kind, and hand everything to the one Trainer."""
 
 from __future__ import annotations
 
-from .config import (RUN_DEFAULTS, apply_overrides, check_device, deep_update, given_keys, load_config_file,
-                     load_preset, preset_path, validate_run)
+from .config import (RUN_DEFAULTS, apply_overrides, check_device, deep_update, given_keys, list_presets,
+                     load_config_file, load_preset, preset_path, validate_run)
 from .io import load_teacher
 from .methods.embedding_loss import embedding_loss_from_config
 from .methods.registry import get_method
@@ -25,10 +25,13 @@ def distill_config(method: str, teacher_state: dict, flags=None, config_file=Non
     cls = get_method(method)
     tcfg = teacher_state["config"]
     file_cfg = load_config_file(config_file) if config_file else {}
-    preset = preset or file_cfg.get("preset") or teacher_kind(teacher_state)
+    preset = preset or file_cfg.get("preset")
+    if preset is None:  # the teacher's kind, when the method has a preset for it (else the dataclass defaults)
+        preset = teacher_kind(teacher_state) if teacher_kind(teacher_state) in list_presets(cls.name) else "none"
     cfg = {"run": deep_update(RUN_DEFAULTS, {"out": f"runs/{cls.name}"}), "data": dict(tcfg.get("data") or {}),
            "net": teacher_state["net_config"], "method": {}}
-    cfg = deep_update(cfg, load_preset(cls.name, preset))
+    if preset != "none":
+        cfg = deep_update(cfg, load_preset(cls.name, preset))
     cfg = deep_update(cfg, {k: v for k, v in file_cfg.items() if k != "preset"})
     cfg = deep_update(cfg, flags or {})
     cfg = apply_overrides(cfg, overrides)
@@ -36,7 +39,7 @@ def distill_config(method: str, teacher_state: dict, flags=None, config_file=Non
     cls.resolve_schedule(cfg["run"], cfg["method"], given_keys(file_cfg, flags, overrides=overrides))
     cfg["run"] = validate_run(cfg["run"])
     cfg["method"] = {"name": cls.name, **cls.Options.from_dict(cfg["method"], owner=cls.name).to_dict()}
-    cfg["preset"] = {"name": preset, "file": str(preset_path(cls.name, preset))}
+    cfg["preset"] = {"name": preset, "file": str(preset_path(cls.name, preset)) if preset != "none" else None}
     return cfg
 
 

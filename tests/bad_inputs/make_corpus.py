@@ -39,6 +39,10 @@ def main():
     torch.save({"weights": torch.zeros(3)}, HERE / "not_a_checkpoint.pt")  # a torch file, but not diffdistill's
     (HERE / "broken.yaml").write_text("run: [steps: 10\n")
     (HERE / "list.yaml").write_text("- run\n- data\n")
+    (HERE / "typo_section.yaml").write_text("mehtod:\n  lr: 1.0e-4\n")
+    (HERE / "lr_fast.yaml").write_text("method:\n  lr: fast\n")
+    (HERE / "folder.safetensors").mkdir(exist_ok=True)
+    (HERE / "folder.safetensors/.keep").write_text("a folder whose name looks like an output file\n")
 
 
 if __name__ == "__main__":

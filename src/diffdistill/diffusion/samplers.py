@@ -110,17 +110,29 @@ def multistep_sampler(denoiser, noise, sigmas, labels=None, generator=None):
 
 
 @torch.no_grad()
-def consistency_sampler(denoiser, noise, sigmas, labels=None, generator=None):
-    """Consistency-model sampling (Song et al. 2023, "Consistency Models", Algorithm 1): x = f(σ_0·z, σ_0), then for
-    each later τ in ``sigmas``: x = f(x + √(τ² − ε²)·z', τ) with fresh z'. f is ``consistency_function`` of the
+def consistency_sampler(denoiser, noise, sigmas, labels=None, generator=None, clip_denoised: bool | None = None):
+    """Consistency-model sampling (Song et al. 2023, "Consistency Models", Algorithm 1): x̂ = f(σ_0·z, σ_0), then for
+    each later τ in ``sigmas``: x̂ = f(x̂ + √(τ² − ε²)·z', τ) with fresh z'. f is ``consistency_function`` of the
     denoiser (boundary-condition coefficients with ε = the denoiser's σ_min). One σ gives the one-step sample;
-    NFE = the number of positive σ's. Fresh noise comes from ``generator`` (per-sample seeds)."""
+    NFE = the number of positive σ's. Fresh noise comes from ``generator`` (per-sample seeds).
+
+    ``clip_denoised``: clamp every x̂ to [−1, 1] before it is re-noised and on return, as the official sampler does
+    by default (openai/consistency_models ``cm/karras_diffusion.py``: ``karras_sample(clip_denoised=True)`` clamps
+    the denoiser output, lines 404-408, and the final sample, line 419). None (default): clamp for images
+    (``noise`` is [N, C, H, W], pixels in [−1, 1]); not for other data such as 2-D points, whose range is not
+    [−1, 1]."""
     D = NFECounter(denoiser)
     eps, sd = float(denoiser.sigma_min), float(getattr(denoiser, "sigma_data", 0.5))
+    clip = noise.ndim == 4 if clip_denoised is None else bool(clip_denoised)
+
+    def f(x, tau):
+        x0 = consistency_function(D, x, tau, labels, eps, sd)
+        return x0.clamp(-1, 1) if clip else x0
+
     s = [v for v in _as_list(sigmas) if v > 0]
-    x = consistency_function(D, noise.to(torch.float32) * s[0], s[0], labels, eps, sd)
+    x = f(noise.to(torch.float32) * s[0], s[0])
     for tau in s[1:]:
-        x = consistency_function(D, x + (tau ** 2 - eps ** 2) ** 0.5 * randn_like(x, generator), tau, labels, eps, sd)
+        x = f(x + (tau ** 2 - eps ** 2) ** 0.5 * randn_like(x, generator), tau)
     return x, D.nfe
 
 

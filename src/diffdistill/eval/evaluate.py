@@ -53,7 +53,7 @@ def sampling_spec_for(state: dict, steps: int | None = None, sampler: str | None
         sampler = sampler or spec["sampler"]
         n = steps if steps is not None else (spec["nfe"] + 1) // 2
         nfe = 2 * n - 1 if sampler == "heun" else n
-        return {"sampler": sampler, "nfe": nfe}
+        return {"sampler": sampler, "nfe": nfe, **{k: spec[k] for k in ("seed_labels",) if k in spec}}
     return spec
 
 

@@ -1,4 +1,5 @@
-"""Pictures of samples: image grids (PNG) and 2-D scatter plots, via matplotlib (Agg backend, no display)."""
+"""Pictures of samples: image grids and per-sample PNG files (written with PIL, exact uint8 pixels by EDM's rule,
+``generate.images_to_uint8_pixels``), 2-D scatter plots and line plots via matplotlib (Agg backend, no display)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from .generate import images_to_uint8_pixels  # noqa: E402
+
 
 def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tile [N, C, H, W] images in [-1, 1] into one HxWx3 (or HxW) uint8 array."""
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    """Tile [N, C, H, W] images in [-1, 1] into one HxWx3 (or HxW) uint8 array (pixels quantised by EDM's rule)."""
+    x = images_to_uint8_pixels(x).numpy()
     n, c, h, w = x.shape
     nrow = nrow or int(math.ceil(math.sqrt(n)))
     ncol = int(math.ceil(n / nrow))
@@ -27,6 +30,28 @@ def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.nda
     return grid[..., 0] if c == 1 else grid
 
 
+def write_png(pixels: np.ndarray, path) -> None:
+    """Write an HxW (grey, PNG mode L) or HxWx3 (RGB) uint8 array exactly, as EDM's generate.py:302-305 does."""
+    from PIL import Image
+    pixels = np.ascontiguousarray(pixels)
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    Image.fromarray(pixels, "L" if pixels.ndim == 2 else "RGB").save(path)
+
+
+def write_png_folder(x: torch.Tensor, out_dir, names) -> list[Path]:
+    """One PNG per image of [N, C, H, W] float images in [−1, 1] (``names[i]`` without suffix), pixels by EDM's
+    rule; reading a file back gives exactly ``images_to_uint8_pixels(x[i])``, the uint8 the FID path scores."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pixels = images_to_uint8_pixels(x).permute(0, 2, 3, 1).numpy()
+    paths = []
+    for name, p in zip(names, pixels):
+        paths.append(out_dir / f"{name}.png")
+        write_png(p, paths[-1])
+    return paths
+
+
 def save_samples_png(x: torch.Tensor, path, title: str | None = None, reference: torch.Tensor | None = None) -> None:
     """Save images as an upscaled grid, or 2-D points as a scatter plot (over ``reference`` points if given)."""
     path = Path(path)
@@ -35,7 +60,7 @@ def save_samples_png(x: torch.Tensor, path, title: str | None = None, reference:
         grid = image_grid(x)
         scale = max(1, 512 // max(grid.shape[:2]))
         grid = np.kron(grid, np.ones((scale, scale) + ((1,) if grid.ndim == 3 else ()), dtype=np.uint8))
-        plt.imsave(path, grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255)
+        write_png(grid, path)
         return
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
     if reference is not None:

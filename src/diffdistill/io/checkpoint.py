@@ -46,6 +46,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write_fn) -> None:
     """Call ``write_fn(tmp_path)``, fsync the file, then ``os.replace`` it onto ``path``."""
     path = Path(path)
@@ -56,6 +62,7 @@ def atomic_write(path: Path, write_fn) -> None:
         write_fn(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the user's usual permissions
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:

@@ -338,7 +338,9 @@ def load_edm_snapshot(path, key: str = "ema", dropout: float | None = None) -> d
     sha = file_sha256(path)
     return {"format": "edm-pickle", "method": "edm", "role": "teacher", "step": 0, "net_config": cfg,
             "sample_net": {k: v.contiguous() for k, v in net.state_dict().items()},
-            "sampling": {"sampler": "heun", "nfe": 35}, "config": {"data": {}}, "teacher_path": None,
+            # a seed's class is drawn from its own RNG after the latent, as EDM's generate.py does (eval/generate.py)
+            "sampling": {"sampler": "heun", "nfe": 35, "seed_labels": "edm"}, "config": {"data": {}},
+            "teacher_path": None,
             "source": {"format": "NVlabs/edm pickle", "file": Path(path).name, "sha256": sha, "entry": key,
                        "class": rec.class_name, "model": rec.state.get("_modules", {}).get("model").class_name
                        if isinstance(rec.state.get("_modules", {}).get("model"), PersistentRecord) else None}}

@@ -7,30 +7,38 @@ It shares the teacher's raw network and swaps EDM's outer coefficients for bound
     f_θ(x, σ) = c_skip(σ)·x + c_out(σ)·F_θ(c_in·x, c_noise),
     c_skip = σ_d²/((σ − ε)² + σ_d²),  c_out = σ_d(σ − ε)/√(σ² + σ_d²),  ε = σ_min = 0.002,
 
-so f_θ(x, ε) = x exactly (``diffusion.precond.consistency_function``). Per iteration, on a real batch x:
+so f_θ(x, ε) = x exactly (``diffusion.consistency.consistency_function``). Per iteration, on a real batch x:
 
 * i ~ U{0..N−2} on the N-point Karras grid t_0 = T > … > t_{N−1} = ε; t = t_i, t' = t_{i+1}; x_t = x + t·z;
 * one Heun step of the frozen teacher from t to t' (no grad): x̂ = x_t + (t' − t)·(d + d')/2;
 * L = mean_b λ·d(f_θ(x_t, t), sg f_θ⁻(x̂, t')), λ ≡ 1, the same dropout masks in both calls;
-* after the step: target θ⁻ ← μθ⁻ + (1 − μ)θ, then the evaluation EMA.
+* after the optimizer step (the trainer's EMA update): target θ⁻ ← μθ⁻ + (1 − μ)θ and the evaluation EMA.
 
 Sampling (Algorithm 1): x = f(T·z, T); k steps: x ← f(x + √(τ² − ε²)·z', τ) for the later τ's
 (``diffusion.samplers.consistency_sampler``; the student is stored as a plain EDM denoiser, so ``sample``/``eval``
 rebuild it from the checkpoint and ``--steps k`` redraws the τ list with ``consistency_sigmas``).
 
-Official defaults (openai/consistency_models_cifar10, CIFAR-10; the formula sheet shared/design/sid_el_cd.md §2):
-μ = 0 (target = sg θ), LPIPS, Heun, N = 18, RAdam lr 4e-4 with a 10 M-image linear warm-up, batch 512, no clipping,
-evaluation EMA 0.9999, dropout 0 (ImageNet-64: μ = 0.95, N = 40, lr 8e-6). Deviations: LPIPS needs pretrained VGG
-weights that cannot be fetched offline, so the distances here are L2 (the default; per-sample mean of squares), L1
-and pseudo-Huber (the iCT choice, c = 0.00054·√dim). The k-step τ list is this project's rule (the paper hand-picks
-its 2-step τ). No code is copied from the official repositories (their licences differ); the formulas follow the
-sheet.
+Official defaults (``CDOptions``): the CIFAR-10 recipe of openai/consistency_models_cifar10
+(``configs/cifar10_ve_cd.py``, ``jcm/losses.py``): N = 18, Heun teacher step, μ = 0 (the consistency loss uses the
+current parameters as θ⁻ under stop-gradient, ``jcm/losses.py:305-306, 334-335``), uniform λ, RAdam lr 4e-4
+(β = 0.9, 0.999, ε = 1e-8, no weight decay) with no warm-up (the RAdam branch of ``get_optimizer``,
+``jcm/losses.py:72-82``, never reads ``optim.warmup``), batch 512, no clipping, evaluation EMA 0.9999, student
+dropout 0. μ = 0 is the default because it belongs to that recipe (N = 18, lr 4e-4); the PyTorch repository's
+ImageNet-64 / LSUN recipe (openai/consistency_models ``scripts/launch.sh:22-31``) is μ = 0.95 with N = 40 and lr
+8e-6 / 1e-5 — set ``target_ema``, ``num_scales`` and ``lr`` together for it. Both repositories update the EMA and
+the target after every optimizer step with a constant rate (``cm/train_util.py:388-394``,
+``jcm/losses.py:1028-1039``), so both are trainer-owned EMAs here (β = 0.9999 and β = μ; μ = 0 copies exactly).
+Deviations: LPIPS needs pretrained VGG weights that cannot be fetched offline, so the distances here are L2 (the
+default; per-sample mean of squares, the official ``l2`` norm), L1 and pseudo-Huber (the iCT choice,
+c = 0.00054·√dim). The k-step τ list is this project's rule (the paper hand-picks its 2-step τ). No code is copied
+from the official repositories (their licences differ).
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -38,11 +46,12 @@ from ..diffusion.consistency import consistency_function
 from ..diffusion.samplers import consistency_sigmas
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
-from ..train.ema import EMA, ema_beta
+from ..options import option
+from ..train.ema import EMAOptions
+from ..train.lr import warmup_lambda
 from .base import Method
 from .registry import register
 from .score_distill import trainable_copy
-from ..train.lr import warmup_lambda
 
 DISTANCES = ("l2", "l1", "pseudo_huber")
 HUBER_C_PER_SQRT_DIM = 0.00054      # iCT (Song & Dhariwal 2023): c = 0.00054·√d
@@ -126,6 +135,40 @@ def consistency_distillation_loss(student, target, teacher, x: torch.Tensor, noi
     return consistency_distance(f_student, f_target.detach(), distance, c).mean()
 
 
+# ------------------------------------------------------------------------------------------------ options
+@dataclass
+class CDOptions(EMAOptions):
+    """Consistency distillation (Song et al. 2023, Algorithm 2); defaults: the official CIFAR-10 recipe
+    (openai/consistency_models_cifar10 ``configs/cifar10_ve_cd.py``), see the module docstring."""
+
+    lr: float = option(4e-4, "RAdam learning rate (cifar10_ve_cd.py: 4e-4; ImageNet-64 launch.sh: 8e-6)", gt=0)
+    betas: tuple[float, float] = option((0.9, 0.999), "optimizer β1, β2 (official: 0.9, 0.999)", ge=0, lt=1)
+    eps: float = option(1e-8, "optimizer ε (official 1e-8)", gt=0)
+    weight_decay: float = option(0.0, "weight decay (official 0)", ge=0)
+    optimizer: str = option("radam", "radam (official: cm/train_util.py:82, jcm/losses.py:72) or adam",
+                            choices=("radam", "adam"))
+    warmup_kimg: float = option(0.0, "linear lr warm-up in kimg (official RAdam: none; jcm/losses.py:72-82 never "
+                                     "reads optim.warmup)", ge=0)
+    num_scales: int = option(18, "N, points of the Karras grid (CIFAR-10: 18; ImageNet-64: 40)", ge=2)
+    rho: float = option(7.0, "Karras grid exponent ρ (official 7)", gt=0)
+    target_ema: float = option(0.0, "μ, target EMA rate, θ⁻ = sg θ at 0 (CIFAR-10: 0; ImageNet-64: 0.95)",
+                               ge=0, lt=1)
+    distance: str = option("l2", "d(·,·): l2 / l1 (official norms), pseudo_huber (iCT); official lpips needs VGG "
+                                 "weights, refused offline", choices=("l2", "l1", "pseudo_huber", "lpips"))
+    huber_c: Optional[float] = option(None, "pseudo-Huber c (null: 0.00054·√dim, iCT)", gt=0)
+    ema_beta_const: Optional[float] = option(0.9999, "evaluation EMA rate (official 0.9999, constant)", ge=0, lt=1)
+    student_steps: int = option(1, "sampling steps of the saved recipe (official: 1, onestep)", ge=1)
+    sampling_sigmas: Optional[list[float]] = option(None, "explicit τ list for sampling (null: consistency_sigmas)",
+                                                    gt=0)
+
+    def validate(self):
+        if self.distance == "lpips":
+            consistency_distance(torch.zeros(1, 1), torch.zeros(1, 1), "lpips")   # raises the offline UserError
+        if not self.ema_enabled():
+            raise UserError("CD samples from its evaluation EMA: set method.ema_beta_const (official 0.9999) or "
+                            "method.ema_halflife_kimg")
+
+
 # ------------------------------------------------------------------------------------------------ method
 @register
 class ConsistencyDistillation(Method):
@@ -134,62 +177,32 @@ class ConsistencyDistillation(Method):
               "EMA target; 1 or k steps (Song et al. 2023)"
     needs_data = True
     generator_phase = "student"
+    Options = CDOptions
 
-    presets: ClassVar[dict] = {
-        # The sheet's toy settings (N = 18, Heun, L2) with ImageNet's target rate μ = 0.95: with μ = 0 (CIFAR's) the
-        # 2-D student stalled at 2-3× the teacher's sliced W2 and oscillated; μ = 0.95 converged (table below).
-        # 8×8 digits (SongUNet teacher), batch 64, ≈ 0.3-0.5 s per iteration on one CPU thread: proxy-FID (1,000
-        # samples, 1 step) 1088 / 240 / 19.0 / 17.4 at iterations 100 / 300 / 500 / 700 (teacher: 4.1 at 35 NFE).
-        "images": {
-            "run": {"steps": 1000, "batch_size": 64, "log_every": 50, "ckpt_every": 250, "sample_every": 250},
-            "method": {"lr": 1e-3, "warmup_kimg": 3.2, "target_ema": 0.95, "ema_beta_const": 0.99},
-        },
-        # ring8 teacher (MLP 128×3, sliced W2 0.036 at 35 NFE): 1-step EMA student 0.046 / 0.039 after 750 / 1,000
-        # iterations (seeds 0-2: 0.039 / 0.039 / 0.039 at 1,000); 2 steps 0.029. ≈ 30-40 s on one thread.
-        "points": {
-            "run": {"steps": 1000, "batch_size": 256, "log_every": 100, "ckpt_every": 500, "sample_every": 500},
-            "method": {"lr": 2e-3, "warmup_kimg": 25.6, "target_ema": 0.95, "ema_beta_const": 0.99},
-        },
-    }
-
-    def __init__(self, ctx, lr: float = 4e-4, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 optimizer: str = "radam", warmup_kimg: float = 10_000.0, num_scales: int = 18, rho: float = 7.0,
-                 target_ema: float = 0.0, distance: str = "l2", huber_c: float | None = None,
-                 ema_beta_const: float | None = 0.9999, ema_halflife_kimg: float = 500.0,
-                 ema_rampup: float | None = 0.05, student_steps: int = 1, sampling_sigmas=None):
-        super().__init__(ctx)
+    def __init__(self, ctx, opts=None, **overrides):
+        super().__init__(ctx, opts, **overrides)
+        o = self.opts
         if ctx.teacher is None:
             raise UserError("method 'cd' distils a teacher: give one with --teacher CKPT")
-        if distance not in DISTANCES:
-            consistency_distance(torch.zeros(1, 1), torch.zeros(1, 1), distance)   # raises the right UserError
-        if not 0.0 <= float(target_ema) < 1.0:
-            raise UserError(f"target_ema (μ) must lie in [0, 1), got {target_ema}")
-        if int(student_steps) < 1:
-            raise UserError(f"student_steps must be >= 1, got {student_steps}")
         self.teacher = ctx.teacher.eval().requires_grad_(False)
         self.student = trainable_copy(self.teacher).to(ctx.device)
         self.nets["student"] = self.student
-        self.target = EMA(self.student)      # θ⁻, a frozen copy; μ = 0 makes it sg(θ) at every loss call
+        # θ⁻: the trainer's EMA of the student with constant β = μ, updated after each optimizer step as the
+        # official code does (cm/train_util.py:390-394); μ = 0 makes it an exact copy, sg(θ) at every loss call.
+        self.target = self.track_ema("student", EMAOptions(ema_rampup=None, ema_beta_const=o.target_ema),
+                                     key="target")
         self.target.net.train()              # same dropout behaviour (and masks) as the student
-        self.ema = EMA(self.student)         # the evaluation EMA, which ``sample``/``eval`` use
+        self.ema = self.track_ema("student", o)   # the evaluation EMA, which ``sample``/``eval`` use
         self.shape = tuple(self.teacher.sample_shape)
         self.label_dim = int(getattr(self.teacher, "label_dim", 0) or 0)
         self.sigma_min, self.sigma_max = float(self.teacher.sigma_min), float(self.teacher.sigma_max)
-        self.grid = consistency_grid(num_scales, self.sigma_min, self.sigma_max, rho).to(torch.float32)
-        self.distance, self.huber_c = distance, huber_c
-        self.mu = float(target_ema)
-        self.ema_beta_const = None if ema_beta_const is None else float(ema_beta_const)
-        self.ema_halflife_kimg = float(ema_halflife_kimg)
-        self.ema_rampup = None if ema_rampup is None else float(ema_rampup)
-        self.sigmas = ([float(s) for s in sampling_sigmas] if sampling_sigmas is not None
-                       else consistency_sigmas(int(student_steps), self.sigma_min, self.sigma_max, rho))
-        self.rho = float(rho)
-        kw = dict(lr=float(lr), betas=tuple(float(b) for b in betas), eps=float(eps), weight_decay=float(weight_decay))
-        opts = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}
-        if optimizer not in opts:
-            raise UserError(f"optimizer must be 'radam' (official) or 'adam', got {optimizer!r}")
-        self.optimizers["student"] = opts[optimizer](self.student.parameters(), **kw)
-        warmup_steps = math.ceil(float(warmup_kimg) * 1000 / (ctx.batch_size * ctx.world_size))
+        self.grid = consistency_grid(o.num_scales, self.sigma_min, self.sigma_max, o.rho).to(torch.float32)
+        self.sigmas = (list(o.sampling_sigmas) if o.sampling_sigmas is not None
+                       else consistency_sigmas(o.student_steps, self.sigma_min, self.sigma_max, o.rho))
+        optim = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[o.optimizer]
+        self.optimizers["student"] = optim(self.student.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        warmup_steps = math.ceil(o.warmup_kimg * 1000 / (ctx.batch_size * ctx.world_size))
         self.schedulers["student"] = torch.optim.lr_scheduler.LambdaLR(self.optimizers["student"],
                                                                        warmup_lambda(warmup_steps))
 
@@ -214,26 +227,18 @@ class ConsistencyDistillation(Method):
         t, t_next = self.grid[i].to(x.device), self.grid[i + 1].to(x.device)
         noise = torch.randn(x.shape, generator=self.ctx.generator).to(x.device)
         loss = consistency_distillation_loss(self.student, self.target.net, self.teacher, x, noise, t, t_next,
-                                             self.labels_of(batch), self.distance, self.huber_c, self.sigma_min)
+                                             self.labels_of(batch), self.opts.distance, self.opts.huber_c,
+                                             self.sigma_min)
         return loss, {"cd/distance": float(loss.detach())}
 
     def generated_batch(self, batch, step):
         """A one-step sample f_θ(T·z, T) with grad into θ (fresh z), labels from the real batch: what a supplement
-        such as the embedding loss compares with real data (the formula sheet's choice for CD)."""
+        such as the embedding loss compares with real data (this project's choice; the paper pairs CD with none)."""
         n = self.ctx.batch_size if batch is None else len(batch[0])
         labels = self.labels_of(batch) if self.label_dim else None
         z = torch.randn((n,) + self.shape, generator=self.ctx.generator).to(self.ctx.device)
         x = consistency_function(self.student, z * self.sigma_max, self.sigma_max, labels, self.sigma_min)
         return x, labels
-
-    def after_step(self, step, nimg):
-        if self.mu == 0.0:
-            self.target.net.load_state_dict(self.student.state_dict())
-        else:
-            self.target.update(self.student, self.mu)
-        beta = ema_beta(self.ctx.batch_size * self.ctx.world_size, nimg, self.ema_halflife_kimg, self.ema_rampup,
-                        self.ema_beta_const)
-        self.ema.update(self.student, beta)
 
     # ---------------------------------------------------------------------------------------------- sampling
     def sampling_net(self):
@@ -244,14 +249,13 @@ class ConsistencyDistillation(Method):
 
     def sampling_variants(self):
         """1, 2 and 4 steps (the default τ rule) next to the trained recipe."""
-        out = {k: {"sampler": "consistency", "sigmas": consistency_sigmas(k, self.sigma_min, self.sigma_max, self.rho)}
+        out = {k: {"sampler": "consistency",
+                   "sigmas": consistency_sigmas(k, self.sigma_min, self.sigma_max, self.opts.rho)}
                for k in (1, 2, 4)}
         out[len(self.sigmas)] = self.sampling_spec()
         return dict(sorted(out.items()))
 
-    def extra_state(self):
-        return {"target": self.target.net.state_dict(), "ema": self.ema.net.state_dict()}
-
-    def load_extra_state(self, state):
-        self.target.net.load_state_dict(state["target"])
-        self.ema.net.load_state_dict(state["ema"])
+    def load_state_dict(self, state):
+        if "emas" not in state and "target" in state.get("extra", {}):   # a checkpoint from before trainer EMAs
+            state = {**state, "emas": {"target": state["extra"]["target"], "student": state["extra"]["ema"]}}
+        super().load_state_dict(state)

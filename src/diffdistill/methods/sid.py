@@ -1,64 +1,100 @@
 """SiD — Score identity Distillation (Zhou, Zheng, Wang, Yin & Huang, "Score identity Distillation: Exponentially
-Fast Distillation of Pretrained Diffusion Models for One-Step Generation", ICML 2024, arXiv 2404.04057).
+Fast Distillation of Pretrained Diffusion Models for One-Step Generation", ICML 2024, arXiv 2404.04057), and SiDA
+(Zhou et al., "Adversarial Score identity Distillation", arXiv 2410.14919) with ``sida=true``.
 
 Data-free. A one-step generator x_g = G_θ(σ_init·z; σ_init) (σ_init = 2.5, the same at sampling) and a fake score
 net f_ψ are both initialised from the frozen teacher f_φ. Every iteration, on two fresh batches of z:
 
 1. fake-score step (ψ): the EDM denoising loss on detached generator samples (paper §4, Algorithm 1),
-       L_ψ = Σ_pix λ(σ)·(f_ψ(x_g + σn; σ) − x_g)² / B,   ln σ ~ N(−1.2, 1.2²),  λ(σ) = (σ² + σ_d²)/(σσ_d)²;
+       L_ψ = Σ_pix λ(σ)·(f_ψ(x_g + σn) − x_g)² / B,   ln σ ~ N(−1.2, 1.2²),  λ(σ) = (σ² + σ_d²)/(σσ_d)²;
 2. generator step (θ): the α-weighted score-identity loss (paper §4 and Algorithm 1, in the official code's form),
        x_t = x_g + σn,  Δ = f_φ(x_t) − f_ψ(x_t),  w = sg(mean_pix |x_g − f_φ(x_t)|) ∨ 1e-5,
        L_G = (100/B)·Σ_b Σ_pix Δ ⊙ [(f_φ − x_g) − α·Δ] / w_b
            = (100/B)·Σ_b [(1 − α)‖Δ‖² + Δᵀ(f_ψ − x_g)] / w_b,
    with t ~ U[0, t_max/1000], t_max = 800, σ = (σ_max^{1/ρ} + (1 − t)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ
-   ∈ [0.002, 24.41]. The graph runs through x_t into both nets (their parameters are constants here);
-3. EMA of G: β = 0.5^{B / min(h, 0.05·n_img)}, h = 500 kimg; samples come from the EMA.
+   ∈ [0.002, 24.41]. The graph runs through x_t into both nets (their parameters are constants here, f_ψ in eval
+   mode);
+3. EMA of G (the trainer's, EDM's rule with n_img before the step as in the official loop), half-life 500 kimg;
+   samples come from the EMA.
 
-Official defaults (mingyuanzhou/SiD, CIFAR-10): α = 1.2, batch 256, Adam β = (0, 0.999), ε = 1e-8, lr 1e-5 for both
-nets, no clipping / weight decay / lr schedule, fp32, EMA half-life 500 kimg with ramp-up 0.05; samples with NaN
-outputs are dropped from both losses, and the gradients of both nets pass through nan_to_num(nan → 0, ±inf → ±1e5)
-before the optimizer step (here: tensor hooks on the parameters, since the trainer owns the step).
-Not reproduced: the official CIFAR-10 run uses dropout 0.13 and augmentation p = 0.12 on the fake-score input; this
-project's nets use whatever the teacher has and no augmentation (the toy scale-down turns both off). The official
-EMA update uses n_img *before* the step (β = 0 at step 0); the project's trainer passes n_img after it, so the
-first β is 0.5^20 ≈ 1e-6 instead of 0 — the same to six digits.
+Official (mingyuanzhou/SiD ``sid_train.py``, ``training/sid_training_loop.py``, ``training/sid_loss.py``; the
+defaults of ``SiDOptions`` cite the lines): samples with NaN outputs are dropped from both losses, and the gradients
+of both nets pass through nan_to_num(nan → 0, ±inf → ±1e5) before the optimizer step (here: tensor hooks on the
+parameters, since the trainer owns the step). Conditional generators get the real batch's labels when the trainer
+loaded data (as the official loop, which reads them from the data set), random one-hot labels otherwise.
+Not reproduced: the official CIFAR-10 run uses dropout 0.13 in G and f_ψ and augmentation p = 0.12 on the
+fake-score input; this project's nets use whatever the teacher has, and no augmentation.
 
-SiDA (``sida=True``; Zhou et al., "Adversarial Score identity Distillation", arXiv 2410.14919, official ``sida``
-branch) adds a GAN on real data with the fake-score network as the discriminator: its logits are the channel mean
-of f_ψ's encoder bottleneck map (a patch map for a UNet, one logit for the MLP). The critic adds
-λ(σ)·½[BCE(D(x_real + σn), 1) + BCE(D(x_g + σn), 0)] at the fake-score loss's σ (weight 1) and its gradients are
-value-clipped at 1; the generator adds 0.01·(100/B)·Σ_b BCE(clamp(D(x_t), ±10), 1)·CHW / w_b at the SiD loss's
-x_t, and L_G = ½L_SiD + ½L_adv once ``sida_gan_start_kimg`` images are seen (200 k officially); there is no
-generator step before ``sida_g_start_kimg`` (100 k). Official SiDA uses α = 1.0. Per sample the BCE is the mean over
-the logit map (our reading; the sheet does not say). SiDA reads real data, so the trainer then builds a loader.
-
-The formulas follow the project's formula sheet (shared/design/sid_el_cd.md §1); no code is copied from the official
-repository.
+SiDA (official branch ``sida``: ``sida_train.py``, ``sida_training/sida_training_loop.py``, ``sida_loss.py``)
+adds a GAN on real data with the fake-score network as the discriminator: its logits are the channel mean of f_ψ's
+encoder output (a patch map for a UNet, one logit per sample for the MLP: the mean of its last hidden layer). With
+ONE noise n and σ for both the generated and the real images, and the real batch's labels for both, the critic adds
+    L_D = mean_b(λ(σ_b))·½[BCE(D(x_real + σn), 1) + BCE(D(x_g + σn), 0)],
+each BCE a mean over every logit of the batch, read from the same f_ψ pass as L_ψ; its gradients are value-clipped
+at 1 (after nan_to_num). The generator adds, from the same eval-mode f_ψ pass as Δ,
+    L_adv = 0.01·(1/B)·Σ_b BCE(clamp(D(x_t), ±10), 1)·CHW / w_b   (the 100/B scale is the SiD term's alone),
+and L_G = ½L_SiD + ½L_adv once more than ``sida_gan_start_kimg`` images are seen (200 k officially); there is no
+generator step until more than ``sida_g_start_kimg`` (100 k). The official SiDA scripts run α = 1.0. SiDA reads
+real data, so the trainer then builds a loader. No code is copied from the official repository.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..diffusion.losses import edm_loss, edm_loss_weight
 from ..diffusion.schedules import sample_lognormal_sigma
 from ..errors import UserError
-from ..train.ema import EMA
+from ..options import option
+from ..train.ema import EMAOptions
 from .registry import register
-from .score_distill import EMAGenerator, ScoreDistillMethod, frozen
-from ..diffusion.losses import edm_loss
+from .score_distill import ScoreDistillMethod, frozen
 
-SIGMA_INIT = 2.5        # generator input noise level (official ``init_sigma``)
-T_MAX = 800             # generator-loss noise levels: t ~ U[0, T_MAX/1000]
-LOSS_SCALE_G = 100.0    # official ``loss_scaling_G``
-W_MIN = 1e-5            # lower clip of the per-sample normaliser w
+W_MIN = 1e-5            # lower clip of the per-sample normaliser w (training/sid_loss.py:54)
+
+
+@dataclass
+class SiDOptions(EMAOptions):
+    """SiD / SiDA options; defaults = mingyuanzhou/SiD (``sid_train.py`` on main, ``sida_train.py`` on ``sida``)."""
+
+    lr: float = option(1e-5, "generator Adam lr (sid_train.py:102 --glr 1e-5)", gt=0)
+    lr_critic: Optional[float] = option(None, "fake-score Adam lr; null: lr (sid_train.py:101 --lr 1e-5)", gt=0)
+    betas: tuple[float, float] = option((0.0, 0.999), "Adam β1, β2 of both nets (sid_train.py:152-153; --g_beta1 0 "
+                                                      "at :103)", ge=0, lt=1)
+    eps: float = option(1e-8, "Adam ε (sid_train.py:152-153, fp32)", gt=0)
+    alpha: float = option(1.2, "α of L_G = L2 − α·L1 (sid_train.py:99; the SiDA scripts run_sida.sh use 1.0)")
+    sigma_init: float = option(2.5, "generator input noise level, training and sampling (sid_train.py:95)", gt=0)
+    tmax: float = option(800.0, "generator-loss noise: t ~ U[0, tmax/1000] (sid_train.py:100)", ge=0, le=1000)
+    p_mean: float = option(-1.2, "fake-score loss: mean of ln σ (training/sid_loss.py:18)")
+    p_std: float = option(1.2, "fake-score loss: std of ln σ (training/sid_loss.py:18)", gt=0)
+    loss_scale_g: float = option(100.0, "generator loss × this / B (sid_train.py:98 --lsg; sid_training_loop.py"
+                                        ":332)", gt=0)
+    ema_halflife_kimg: float = option(500.0, "EMA half-life of G in kimg (sid_train.py:70 --ema 0.5 Mimg)", gt=0)
+    grad_nan_to_num: bool = option(True, "gradients through nan_to_num(0, ±1e5) before each step "
+                                         "(sid_training_loop.py:313-315, :339-341)")
+    student_steps: int = option(1, "generator steps at sampling time (SiD trains one-step generators only)", ge=1)
+    sida: bool = option(False, "SiDA: add the adversarial term on real data (sida_train.py:151 --use_gan)")
+    sida_adv_weight: float = option(0.01, "SiDA generator GAN weight (sida_train.py:149 --lsg_gan)", ge=0)
+    sida_d_weight: float = option(1.0, "SiDA discriminator loss weight (sida_train.py:148 --lsd)", ge=0)
+    sida_g_start_kimg: float = option(100.0, "SiDA: no generator step until more than this many kimg "
+                                             "(sida_training_loop.py:425)", ge=0)
+    sida_gan_start_kimg: float = option(200.0, "SiDA: L_G = ½L_SiD + ½L_adv once more than this many kimg are seen "
+                                               "(sida_training_loop.py:410)", ge=0)
+
+    def validate(self) -> None:
+        if self.student_steps != 1:
+            raise UserError(f"sid trains one-step generators only (got method.student_steps={self.student_steps}); "
+                            f"drop --student-steps")
 
 
 # ------------------------------------------------------------------------------------------------ σ schedule
 def sid_sigma(t: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """SiD's generator-loss noise level (official code; Karras et al. 2022 Eq. 5 read as a continuous map):
+    """SiD's generator-loss noise level (official training/sid_loss.py:32-33; Karras et al. 2022 Eq. 5 read as a
+    continuous map):
 
         σ(t) = (σ_max^{1/ρ} + (1 − t)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ,
 
@@ -69,7 +105,7 @@ def sid_sigma(t: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0
     return ((hi + (1.0 - t) * (lo - hi)) ** rho).to(torch.float32)
 
 
-def sample_sid_sigma(n: int, generator: torch.Generator, tmax: float = T_MAX, sigma_min: float = 0.002,
+def sample_sid_sigma(n: int, generator: torch.Generator, tmax: float = 800.0, sigma_min: float = 0.002,
                      sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
     """n noise levels σ(t), t ~ U[0, tmax/1000] continuous (official SiD); σ^{1/ρ} is then uniform on
     [σ_min^{1/ρ}, σ(tmax/1000)^{1/ρ}]. float32, shape [n]."""
@@ -82,21 +118,22 @@ def _nan_free_rows(*tensors: torch.Tensor) -> torch.Tensor:
     """[B] bool: samples with no NaN in any of the tensors (the official code drops NaN samples, not inf ones)."""
     bad = torch.zeros(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
     for t in tensors:
-        bad |= torch.isnan(t.detach()).flatten(1).any(1)
+        bad |= torch.isnan(t.detach()).reshape(len(t), -1).any(1)
     return ~bad
 
 
 def sid_weight(x: torch.Tensor, d_real: torch.Tensor, w_min: float = W_MIN) -> torch.Tensor:
-    """SiD's per-sample normaliser (official code; the same form as DMD's):
+    """SiD's per-sample normaliser (official training/sid_loss.py:54; the same form as DMD's):
     w_b = sg(mean_pix |x_b − f_φ(x_t)_b|) clipped at ≥ 1e-5. Shape [B], no grad."""
     with torch.no_grad():
         return (x.detach() - d_real.detach()).abs().flatten(1).mean(1).clamp(min=w_min)
 
 
 def sid_generator_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor, alpha: float = 1.2,
-                       weight: torch.Tensor | None = None, scale: float = LOSS_SCALE_G) -> torch.Tensor:
+                       weight: torch.Tensor | None = None, scale: float = 100.0) -> torch.Tensor:
     """SiD generator loss (Zhou et al. 2024, ICML, "Score identity Distillation", §4: the α-weighted combination of
-    the two score-identity losses, Algorithm 1, written as in the official code; defaults α = 1.2, scale 100):
+    the two score-identity losses, Algorithm 1, written as in official training/sid_loss.py:55 reduced as in
+    sid_training_loop.py:332; defaults α = 1.2, scale 100):
 
         L_G = (scale/B)·Σ_b Σ_pix Δ_b ⊙ [(f_φ − x)_b − α·Δ_b] / w_b,   Δ = f_φ(x_t) − f_ψ(x_t),
 
@@ -118,7 +155,7 @@ def sid_fake_score_loss(fake, x: torch.Tensor, sigma: torch.Tensor, noise: torch
                         labels=None) -> torch.Tensor:
     """SiD fake-score loss (Zhou et al. 2024, ICML, "Score identity Distillation", §4 / Algorithm 1: denoising score
     matching on the generator's detached samples, in the EDM form of Karras et al. 2022 Eq. 2 with λ(σ); official
-    defaults ln σ ~ N(−1.2, 1.2²), σ_d = 0.5):
+    training/sid_loss.py:58-73 reduced as in sid_training_loop.py:306; ln σ ~ N(−1.2, 1.2²), σ_d = 0.5):
 
         L_ψ = (1/B)·Σ_b λ(σ_b)·Σ_pix (f_ψ(x_b + σ_b n_b; σ_b) − x_b)²,   λ(σ) = (σ² + σ_d²)/(σσ_d)².
 
@@ -131,36 +168,49 @@ def sid_fake_score_loss(fake, x: torch.Tensor, sigma: torch.Tensor, noise: torch
     return per_sample.sum() / x.shape[0]
 
 
-def sida_logits(fake, x_t: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
-    """SiDA discriminator: the channel mean of the fake-score network's encoder bottleneck, [B, r, r] for a UNet
-    ([B, C, r, r] features), [B] for an MLP ([B, H] features)."""
-    return fake(x_t, sigma, labels, bottleneck_only=True).mean(1)
+def sida_logits(features: torch.Tensor) -> torch.Tensor:
+    """SiDA discriminator logits from the fake-score network's encoder output (official sida_networks.py: the
+    channel mean): [B, r, r] for a UNet ([B, C, r, r] features), [B] for an MLP ([B, H] features)."""
+    return features.mean(1)
+
+
+class WithLogits:
+    """The fake-score network called once for both its denoiser output and its SiDA logits (the official loss reads
+    both from one ``encoder_decoder`` pass, sida_loss.py:44, :88); ``logits`` holds the latest pass's."""
+
+    def __init__(self, net):
+        self.net, self.sigma_data, self.logits = net, getattr(net, "sigma_data", 0.5), None
+
+    def __call__(self, x_t, sigma, labels=None):
+        d, features = self.net(x_t, sigma, labels, return_bottleneck=True)
+        self.logits = sida_logits(features)
+        return d
 
 
 def sida_critic_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, sigma: torch.Tensor,
                      sigma_data: float = 0.5) -> torch.Tensor:
-    """SiDA discriminator loss (Zhou et al. 2024b, "Adversarial Score identity Distillation"; official weight 1,
-    added to L_ψ): (1/B)·Σ_b λ(σ_b)·½[BCE(l_real,b, 1) + BCE(l_fake,b, 0)], λ(σ) = (σ² + σ_d²)/(σσ_d)², BCE
-    averaged over a sample's logit map. Real and fake samples share σ_b."""
-    lam = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-    real = F.binary_cross_entropy_with_logits(logits_real, torch.ones_like(logits_real), reduction="none")
-    fake = F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake), reduction="none")
-    per_sample = 0.5 * (real.reshape(len(lam), -1).mean(1) + fake.reshape(len(lam), -1).mean(1))
-    return (lam * per_sample).sum() / len(lam)
+    """SiDA discriminator loss (official sida_loss.py:118-123 reduced as in sida_training_loop.py:365):
+    mean_b(λ(σ_b))·½[BCE(l_real, 1) + BCE(l_fake, 0)], each BCE a mean over every logit of the batch; λ the EDM
+    weight. Real and generated samples share σ_b. Samples with a NaN logit are dropped (B stays the batch size)."""
+    B = len(sigma)
+    keep = _nan_free_rows(logits_real, logits_fake)
+    lr, lf, lam = logits_real[keep], logits_fake[keep], edm_loss_weight(sigma[keep], sigma_data)
+    bce = (F.binary_cross_entropy_with_logits(lr, torch.ones_like(lr))
+           + F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf)))
+    return lam.sum() * 0.5 * bce / B
 
 
 def sida_generator_loss(logits: torch.Tensor, weight: torch.Tensor, num_pixels: int, adv_weight: float = 0.01,
-                        scale: float = LOSS_SCALE_G) -> torch.Tensor:
-    """SiDA generator adversarial term (official weight 0.01, the SiD loss's 100/B scale and normaliser w):
-    adv_weight·(scale/B)·Σ_b BCE(clamp(l_b, −10, 10), 1)·CHW / w_b, BCE averaged over a sample's logit map."""
-    B = len(weight)
-    bce = F.binary_cross_entropy_with_logits(logits.clamp(-10, 10), torch.ones_like(logits), reduction="none")
-    per_sample = bce.reshape(B, -1).mean(1) * num_pixels / weight.detach()
-    return adv_weight * per_sample.sum() * (scale / B)
+                        batch_size: int | None = None) -> torch.Tensor:
+    """SiDA generator adversarial term (official sida_loss.py:72 reduced as in sida_training_loop.py:403-404):
+    adv_weight·(1/B)·Σ_b BCE(clamp(l, −10, 10), 1)·CHW / w_b, the BCE a mean over every logit given, w the SiD
+    normaliser (detached), B = ``batch_size`` (default len(weight); the full batch when NaN samples were dropped)."""
+    bce = F.binary_cross_entropy_with_logits(logits.clamp(-10, 10), torch.ones_like(logits))
+    return adv_weight * (bce * num_pixels / weight.detach()).sum() / (batch_size or len(weight))
 
 
 def clip_grad_value_1(grad: torch.Tensor) -> torch.Tensor:
-    """SiDA's fake-score gradient guard: each gradient entry clipped to [−1, 1]."""
+    """SiDA's fake-score gradient guard: each gradient entry clipped to [−1, 1] (sida_training_loop.py:381)."""
     return grad.clamp(-1.0, 1.0)
 
 
@@ -171,165 +221,140 @@ def nan_to_num_grad(grad: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ method
 @register
-class SiD(EMAGenerator, ScoreDistillMethod):
+class SiD(ScoreDistillMethod):
     name = "sid"
     summary = "SiD: α-weighted score-identity loss with an online fake score, 1 step from σ=2.5, EMA, " \
               "data-free (Zhou et al. 2024)"
     needs_data = False
+    Options = SiDOptions
 
-    # Toy scale-down (formula sheet §1): α, t_max, σ_init, the fake-score noise, Adam β1 = 0 and the 100/B scale
-    # are kept; lr 1e-4–3e-4, batch 128–256 (points: 512, see below), EMA half-life ≈ 5–10 % of the images seen,
-    # dropout/augment off.
-    presets: ClassVar[dict] = {
-        # The official CIFAR-10 settings: batch 256, Adam 1e-5 β (0, 0.999), α 1.2, σ_init 2.5, EMA half-life 500 kimg.
-        "official": {"run": {"batch_size": 256},
-                     "method": {"lr": 1e-5, "betas": [0.0, 0.999], "alpha": 1.2, "sigma_init": 2.5,
-                                "ema_halflife_kimg": 500.0}},
-        # 8×8 digits (SongUNet teacher): 800 × 128 = 102 k images, half-life 6 kimg (≈ 6 %); 0.6–0.8 s per
-        # iteration on one CPU thread (≈ 10 min). With the shipped teacher: proxy-FID 7.8 (2000 samples; n297 19.1,
-        # real-data floor 29.4); the teacher is at 4.1 (n297 17.1) with 35 NFE, the step-0 student at 483.
-        "images": {
-            "run": {"steps": 800, "batch_size": 128, "log_every": 50, "ckpt_every": 200, "sample_every": 200},
-            "method": {"lr": 1e-4, "ema_halflife_kimg": 6.0, "ema_rampup": 0.05},
-        },
-        # 2-D mixtures (MLP teacher). On the ring8 teacher (MLP 128×3, 800 steps; sliced W2 0.034 at 35 NFE,
-        # 5000 samples) the one-step EMA student after 800 × 512 images, over run seeds 0–3, ends at 1.21 / 1.02 /
-        # 1.02 / 1.00 × the teacher's with lr 2e-4; 1.21 / 1.28 / 1.10 / 0.93 × with 1e-4; batch 256 wanders
-        # more from step to step. Half-life 20 kimg ≈ 5 % of the 410 k images; ≈ 45 s on one CPU thread.
-        "points": {
-            "run": {"steps": 800, "batch_size": 512, "log_every": 100, "ckpt_every": 400, "sample_every": 400},
-            "method": {"lr": 2e-4, "ema_halflife_kimg": 20.0, "ema_rampup": 0.05},
-        },
-    }
-
-    def __init__(self, ctx, lr: float = 1e-5, lr_critic: float | None = None, betas=(0.0, 0.999),
-                 eps: float = 1e-8, alpha: float = 1.2, sigma_init: float = SIGMA_INIT, tmax: float = T_MAX,
-                 p_mean: float = -1.2, p_std: float = 1.2, loss_scale_g: float = LOSS_SCALE_G,
-                 ema_halflife_kimg: float = 500.0, ema_rampup: float | None = 0.05, ema_beta_const=None,
-                 grad_nan_to_num: bool = True, student_steps: int = 1, sida: bool = False,
-                 sida_adv_weight: float = 0.01, sida_g_start_kimg: float = 100.0,
-                 sida_gan_start_kimg: float = 200.0):
-        super().__init__(ctx)
-        if int(student_steps) != 1:
-            raise UserError(f"sid trains one-step generators only (got student_steps={student_steps})")
-        self.sida = bool(sida)
-        self.sida_adv_weight = float(sida_adv_weight)
-        self.sida_g_start, self.sida_gan_start = 1000.0 * float(sida_g_start_kimg), 1000.0 * float(sida_gan_start_kimg)
-        self.alpha = float(alpha)
-        self.sigma_init = float(sigma_init)
-        if self.sigma_init <= 0:
-            raise UserError(f"sigma_init must be positive, got {sigma_init}")
-        self.tmax = float(tmax)
-        if not 0 <= self.tmax <= 1000:
-            raise UserError(f"tmax must lie in [0, 1000], got {tmax}")
-        self.p_mean, self.p_std = float(p_mean), float(p_std)
-        self.loss_scale_g = float(loss_scale_g)
-        self.ema_halflife_kimg = float(ema_halflife_kimg)
-        self.ema_rampup = None if ema_rampup is None else float(ema_rampup)
-        self.ema_beta_const = None if ema_beta_const is None else float(ema_beta_const)
-        self.ema = EMA(self.G)
-        adam = dict(betas=tuple(float(b) for b in betas), eps=float(eps))
+    def __init__(self, ctx, opts=None, **overrides):
+        super().__init__(ctx, opts, **overrides)
+        o = self.opts
+        self.ema = self.track_ema("generator", o)
+        adam = dict(betas=o.betas, eps=o.eps)
         self.optimizers["critic"] = torch.optim.Adam(self.fake.parameters(),
-                                                     lr=float(lr if lr_critic is None else lr_critic), **adam)
-        self.optimizers["generator"] = torch.optim.Adam(self.G.parameters(), lr=float(lr), **adam)
-        self.grad_nan_to_num = bool(grad_nan_to_num)
-        if self.grad_nan_to_num:   # after the EMA copy, so the EMA's parameters carry no hooks
+                                                     lr=o.lr if o.lr_critic is None else o.lr_critic, **adam)
+        self.optimizers["generator"] = torch.optim.Adam(self.G.parameters(), lr=o.lr, **adam)
+        if o.grad_nan_to_num:   # after the EMA copy, so the EMA's parameters carry no hooks
             for p in list(self.G.parameters()) + list(self.fake.parameters()):
                 p.register_hook(nan_to_num_grad)
-        if self.sida:  # registered after nan_to_num, so it clips the cleaned gradient
+        if o.sida:  # registered after nan_to_num, so it clips the cleaned gradient (official order, loop :376-381)
             for p in self.fake.parameters():
                 p.register_hook(clip_grad_value_1)
-        self.last_beta = None
 
     @classmethod
-    def uses_data(cls, options):
-        return bool(options.get("sida", False))  # SiD is data-free; SiDA's GAN reads real images
+    def uses_data(cls, opts):
+        return opts.sida  # SiD is data-free; SiDA's GAN reads real images
 
     def images_seen(self, step: int) -> int:
+        """Images seen before this iteration (the official loop's ``cur_nimg``)."""
         return step * self.ctx.batch_size * self.ctx.world_size
 
     def phases(self, step):
-        if self.sida and self.images_seen(step) < self.sida_g_start:
+        if self.opts.sida and self.images_seen(step) <= 1000.0 * self.opts.sida_g_start_kimg:
             return ["critic"]  # SiDA: the discriminator / fake score warms up before the first generator step
         return ["critic", "generator"]
+
+    def gan_active(self, step: int) -> bool:
+        return self.opts.sida and self.images_seen(step) > 1000.0 * self.opts.sida_gan_start_kimg
 
     def real_batch(self, batch):
         if batch is None:
             raise UserError("SiDA (sida=true) needs real data: give --data (or the teacher's data), or set sida=false")
         return batch[0].to(self.ctx.device)
 
+    def sampling_net(self):
+        return self.ema.net
+
+    def sampling_spec(self):
+        return {"sampler": "multistep", "sigmas": [self.opts.sigma_init]}
+
     # ---------------------------------------------------------------- pieces
     def generate(self, with_grad: bool, batch=None):
-        """(x_g, labels): a fresh batch x_g = G(σ_init·z; σ_init) with random one-hot labels when conditional (the
-        real batch's labels when a supplement made the trainer load data). Without grad G runs in eval mode (as the
-        official fake-score step does), with grad in train mode."""
+        """(x_g, labels): a fresh batch x_g = G(σ_init·z; σ_init) with the real batch's labels when the trainer
+        loaded data, random one-hot labels otherwise (None when unconditional). Without grad G runs in eval mode
+        (as the official fake-score step does), with grad in train mode."""
         n = self.ctx.batch_size
         labels = self.labels_for(batch, n)
         z = self.randn(n)
+        s = self.opts.sigma_init
         self.G.train(with_grad)
         with torch.set_grad_enabled(with_grad):
-            x = self.G(z * self.sigma_init, torch.full((n,), self.sigma_init, device=z.device), labels)
+            x = self.G(z * s, torch.full((n,), s, device=z.device), labels)
         self.G.train()
         return x, labels
 
     def sample_sigma(self, n: int) -> torch.Tensor:
         """Generator-loss noise levels σ(t), t ~ U[0, t_max/1000]."""
-        return sample_sid_sigma(n, self.ctx.generator, self.tmax, self.teacher.sigma_min,
+        return sample_sid_sigma(n, self.ctx.generator, self.opts.tmax, self.teacher.sigma_min,
                                 self.teacher.sigma_max).to(self.ctx.device)
 
     def lognormal_sigma(self, n: int) -> torch.Tensor:
-        return sample_lognormal_sigma(n, self.p_mean, self.p_std, generator=self.ctx.generator).to(self.ctx.device)
+        return sample_lognormal_sigma(n, self.opts.p_mean, self.opts.p_std,
+                                      generator=self.ctx.generator).to(self.ctx.device)
 
-    def denoise_pair(self, x_t: torch.Tensor, sigma: torch.Tensor, labels=None):
-        """(f_φ(x_t), f_ψ(x_t)) with the graph through x_t but none into either net's parameters; f_ψ in eval mode.
+    def denoise_pair(self, x_t: torch.Tensor, sigma: torch.Tensor, labels=None, with_logits: bool = False):
+        """(f_φ(x_t), f_ψ(x_t), SiDA logits of that f_ψ pass or None), with the graph through x_t but none into
+        either net's parameters; f_ψ in eval mode (official loops: sid_training_loop.py:311, sida :374).
 
         Each net reads its own view of x_t, so autograd first sums each net's input gradient and then adds the two:
         when f_ψ equals f_φ the two sums are exact negatives and ∇_θ L_G is exactly 0 (fed x_t directly, the
         nets' c_skip and c_in branches would be accumulated in an interleaved order and leave rounding residue)."""
         was_training = self.fake.training
         self.fake.eval()
+        fake = WithLogits(self.fake) if with_logits else self.fake
         try:
             with frozen(self.teacher, self.fake):
-                return (self.teacher(x_t.view_as(x_t), sigma, labels),
-                        self.fake(x_t.view_as(x_t), sigma, labels))
+                d_real, d_fake = self.teacher(x_t.view_as(x_t), sigma, labels), fake(x_t.view_as(x_t), sigma, labels)
         finally:
             self.fake.train(was_training)
+        return d_real, d_fake, (fake.logits if with_logits else None)
 
     # ---------------------------------------------------------------- Method interface
     def loss(self, phase, batch, step):
         if phase == "critic":
-            x, labels = self.generate(with_grad=False)
-            self.fake.train()
-            sigma = self.lognormal_sigma(len(x))
-            noise = self.randn_like(x)
-            l_fake = sid_fake_score_loss(self.fake, x, sigma, noise, labels)
-            logs = {"sid/fake_score": float(l_fake.detach())}
-            if self.sida:
-                real = self.real_batch(batch)[:len(x)]
-                real_labels = labels if labels is None else batch[1].to(x.device)[:len(x)]
-                s_ = sigma[:len(real)]
-                l_real = sida_logits(self.fake, real + self.bview(s_, real) * self.randn_like(real), s_, real_labels)
-                l_gen = sida_logits(self.fake, (x + self.bview(sigma, x) * noise)[:len(real)], s_,
-                                    None if labels is None else labels[:len(real)])
-                l_d = sida_critic_loss(l_real, l_gen, s_, getattr(self.fake, "sigma_data", 0.5))
-                l_fake = l_fake + l_d
-                logs.update({"sida/d": float(l_d.detach()), "sida/d_real_acc": float((l_real > 0).float().mean()),
-                             "sida/d_fake_acc": float((l_gen < 0).float().mean())})
-            return l_fake, logs
+            return self.critic_loss(batch)
         if phase == "generator":
-            x, labels = self.generate(with_grad=True, batch=batch)
-            self.generated, self.generated_labels = x, labels
-            sigma = self.sample_sigma(len(x))
-            x_t = x + self.bview(sigma, x) * self.randn_like(x)
-            d_real, d_fake = self.denoise_pair(x_t, sigma, labels)
-            l_g = sid_generator_loss(x, d_real, d_fake, self.alpha, scale=self.loss_scale_g)
-            logs = {"sid/generator": float(l_g.detach())}
-            if self.sida and self.images_seen(step) >= self.sida_gan_start:
-                with frozen(self.fake):
-                    logits = sida_logits(self.fake, x_t, sigma, labels)
-                l_adv = sida_generator_loss(logits, sid_weight(x, d_real), x[0].numel(), self.sida_adv_weight,
-                                            self.loss_scale_g)
-                logs["sida/g_adv"] = float(l_adv.detach())
-                l_g = 0.5 * l_g + 0.5 * l_adv
-            return l_g, logs
+            return self.generator_loss(batch, step)
         raise ValueError(f"unknown phase {phase!r}")
+
+    def critic_loss(self, batch):
+        """L_ψ, plus SiDA's L_D (weight ``sida_d_weight``) on the same σ, noise and labels for real and generated."""
+        x, labels = self.generate(with_grad=False, batch=batch)
+        self.fake.train()
+        sigma = self.lognormal_sigma(len(x))
+        noise = self.randn_like(x)
+        fake = WithLogits(self.fake) if self.opts.sida else self.fake
+        l_fake = sid_fake_score_loss(fake, x, sigma, noise, labels)
+        logs = {"sid/fake_score": float(l_fake.detach())}
+        if not self.opts.sida:
+            return l_fake, logs
+        real = self.real_batch(batch)
+        if len(real) != len(x):
+            raise UserError(f"SiDA needs a real batch of the run's batch size ({len(x)}), got {len(real)}")
+        l_real = sida_logits(self.fake(real + self.bview(sigma, real) * noise, sigma, labels, bottleneck_only=True))
+        l_gen = fake.logits
+        l_d = sida_critic_loss(l_real, l_gen, sigma, getattr(self.fake, "sigma_data", 0.5))
+        logs.update({"sida/d": float(l_d.detach()), "sida/d_real_acc": float((l_real > 0).float().mean()),
+                     "sida/d_fake_acc": float((l_gen < 0).float().mean())})
+        return l_fake + self.opts.sida_d_weight * l_d, logs
+
+    def generator_loss(self, batch, step):
+        """L_SiD, or ½L_SiD + ½L_adv once SiDA's GAN term is on."""
+        o = self.opts
+        x, labels = self.generate(with_grad=True, batch=batch)
+        self.generated, self.generated_labels = x, labels
+        sigma = self.sample_sigma(len(x))
+        x_t = x + self.bview(sigma, x) * self.randn_like(x)
+        gan = self.gan_active(step)
+        d_real, d_fake, logits = self.denoise_pair(x_t, sigma, labels, with_logits=gan)
+        l_g = sid_generator_loss(x, d_real, d_fake, o.alpha, scale=o.loss_scale_g)
+        logs = {"sid/generator": float(l_g.detach())}
+        if gan:
+            keep = _nan_free_rows(x, d_real, d_fake)   # the SiD term's samples (official sida_loss.py:48-62)
+            l_adv = sida_generator_loss(logits[keep], sid_weight(x[keep], d_real[keep]), x[0].numel(),
+                                        o.sida_adv_weight, batch_size=len(x))
+            logs["sida/g_adv"] = float(l_adv.detach())
+            l_g = 0.5 * l_g + 0.5 * l_adv
+        return l_g, logs

@@ -75,6 +75,8 @@ def find_networks(method, supplements=(), extra_roots=None):
 
     for k, net in method.nets.items():
         visit(net, k, 0)
+    for k, ema in method.emas.items():   # the trainer-owned EMA copies, named by the net they follow
+        visit(ema.net, f"ema.{k}", 0)
     visit(method, "", 0)
     for i, sup in enumerate(supplements):
         visit(sup, f"{type(sup).__name__.lower()}", 1)

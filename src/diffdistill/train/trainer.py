@@ -25,7 +25,8 @@ from ..io.checkpoint import (atomic_write, checkpoint_path, find_resume_checkpoi
 from ..methods.base import MethodContext
 from ..methods.registry import get_method
 from . import distributed as dist
-from .health import is_out_of_memory, out_of_memory_message, HealthMonitor
+from .health import HealthMonitor, is_out_of_memory, out_of_memory_message
+from .runfolder import RunLock, claim
 
 
 class DivergenceError(RuntimeError):
@@ -68,7 +69,7 @@ def _config_changes(old, new, prefix="") -> list[str]:
         out = []
         for k in sorted(set(old) | set(new), key=str):
             key = f"{prefix}.{k}" if prefix else str(k)
-            if key in ("run.resume", "run.steps", "run.progress", "run.out", "run.max_minutes"):
+            if key in ("run.resume", "run.steps", "run.progress", "run.out", "run.max_minutes", "run.overwrite"):
                 continue
             out += _config_changes(old.get(k), new.get(k), key)
         return out
@@ -387,6 +388,16 @@ class Trainer:
         """Train to ``run.steps`` (or ``run.max_minutes``); returns the final logs. ``on_sample(trainer)`` is called
         at sample steps, ``on_step(trainer)`` after every step; neither counts towards ``train_seconds``."""
         run = self.cfg["run"]
+        lock = RunLock(self.out, self._say)
+        if self.rank == 0:
+            claim(self.out, run.get("resume"), run.get("overwrite", False))
+            lock.acquire()
+        try:
+            return self._run(run, on_sample, on_step)
+        finally:
+            lock.release()
+
+    def _run(self, run, on_sample, on_step) -> dict:
         self.maybe_resume()
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
