@@ -3,7 +3,8 @@ wall-clock of each stage, in one table.
 
     OMP_NUM_THREADS=1 python benchmarks/pd_digits.py                                   # presets: 8 → 1, 500 it./halving
     OMP_NUM_THREADS=1 python benchmarks/pd_digits.py --iters-per-halving 100 --batch-size 64 --num-samples 1000
-    python benchmarks/pd_digits.py --methods rdd --set method.rdd_compat_view_bug=true
+    OMP_NUM_THREADS=1 python benchmarks/pd_digits.py --methods rdd --iters-per-halving 100 --batch-size 64 \
+        --num-samples 1000 --set method.rdd_compat_view_bug=true                    # the official enqueue rows
 
 Each row is the student a halving ends with, sampled with deterministic DDIM on its own σ grid; the first row of a
 method (N₀ steps) is the starting point, the teacher with DDIM on the N₀-step grid, and the "teacher DDIM" column is
@@ -91,6 +92,11 @@ def main() -> None:
         results["methods"][method] = {"rows": rows, "iters_per_halving": tr.method.iters_per_halving,
                                       "batch_size": tr.cfg["run"]["batch_size"], "lr": tr.cfg["method"].get("lr"),
                                       "train_seconds": tr.train_seconds}
+        # the largest gradient norm of every phase over the run (RDD: is the head's clip at run.grad_clip binding?)
+        logs = [json.loads(line) for line in (out / method / "log.jsonl").read_text().splitlines()]
+        results["methods"][method]["grad_norm_max"] = {
+            k.split("/", 1)[1]: max(r[k] for r in logs if k in r) for k in {k for r in logs for k in r}
+            if k.startswith("grad_norm_max/")}
 
     total = time.perf_counter() - t_start
     results["total_seconds"] = total
@@ -109,7 +115,8 @@ def main() -> None:
     for mth in methods:
         r = results["methods"][mth]
         print(f"{mth}: {r['iters_per_halving']} it./halving, batch {r['batch_size']}, lr {r['lr']}, "
-              f"training {r['train_seconds']:.0f} s")
+              f"training {r['train_seconds']:.0f} s; largest gradient norm per phase "
+              + ", ".join(f"{k} {v:.3g}" for k, v in sorted(r["grad_norm_max"].items())))
     print(f"total wall-clock {total:.0f} s (training, evaluation and the classifier/teacher set-up)")
 
 

@@ -1,8 +1,8 @@
 """CFD (Sun et al. 2023) and RDD (Feng et al. 2024) on top of progressive distillation: every loss against a direct
-computation of the formula sheet (shared/design/pd_rdd_cfd.md §2–3) on small tensors, the memory bank's FIFO rules,
-the official enqueue-reshape bug (compat flag) against the correct pixel layout, the pluggable classifier, the
-method wiring (what the classifier sees, where gradients go, the head's own optimizer, per-stage reset), and exact
-resume with a memory bank."""
+computation from the papers' definitions on small tensors, the memory bank's FIFO rules, the official enqueue (the
+reshape bug behind the compat flag, and the per-pixel normalisation before it) against the official code's steps,
+the pluggable classifier, the method wiring (what the classifier sees, where gradients go, the head's own phase with
+the official gradient, per-stage reset), and exact resume with a memory bank."""
 
 import itertools
 import json
@@ -224,6 +224,46 @@ def test_enqueue_reshape_correct_vs_official_view_bug():
     assert torch.equal(pixel_rows(one), pixel_rows(one, compat_view_bug=True))
 
 
+def _official_enqueue_rows(fmap, perm, K):
+    """The rows the official enqueue writes (cantbebetter2/RDD losses/losses.py): the teacher map L2-normalised
+    per pixel (:160) is passed to _dequeue_and_enqueue (:166), viewed as C × (B·H·W) without moving the channels
+    last (:133), K columns picked by a random permutation (:137-139), transposed (:140) and each row normalised
+    again before it is written (:144, :147)."""
+    t = F.normalize(fmap, p=2, dim=1)
+    C = t.shape[1]
+    feat = t.contiguous().view(C, -1)[:, perm[:K]]
+    return F.normalize(feat.t(), p=2, dim=1)
+
+
+def test_compat_queue_holds_the_official_rows_on_random_maps():
+    """Issue 17 item 8. With random maps (pixels not of unit norm) the compat queue holds exactly the official rows,
+    through a wrap of the ring pointer; the default mode holds the normalised channels-last pixels. (Normalising the
+    raw map's mixed rows instead, as before, gives rows far from the official ones.)"""
+    B, C, H, W, K, Q = 3, 5, 2, 2, 8, 20
+    g = torch.Generator().manual_seed(7)
+    maps = [torch.randn(B, C, H, W, generator=g) * 3 + 0.5 for _ in range(3)]
+    for compat in (True, False):
+        bank = PixelMemoryBank(Q, C, K, Q, torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(1)
+        want = bank.queue.clone()
+        ptr = 0
+        for fmap in maps:
+            perm = torch.randperm(B * H * W, generator=torch.Generator().set_state(gen.get_state()))
+            bank.enqueue(fmap, gen, compat_view_bug=compat)
+            rows = (_official_enqueue_rows(fmap, perm, K) if compat else
+                    F.normalize(fmap.permute(0, 2, 3, 1).reshape(-1, C)[perm[:K]], dim=1))
+            if ptr + K >= Q:                                        # losses.py:143-145
+                want[Q - K:], ptr = rows, 0
+            else:
+                want[ptr:ptr + K], ptr = rows, ptr + K
+            assert bank.ptr == ptr
+        assert torch.allclose(bank.queue, want, atol=1e-6), compat
+    # the normalisation matters for the official view only: the old order (view the raw map, then normalise) is off
+    perm = torch.randperm(B * H * W, generator=torch.Generator().manual_seed(1))
+    old = F.normalize(maps[0].contiguous().view(C, -1)[:, perm[:K]].t(), dim=1)
+    assert not torch.allclose(old, _official_enqueue_rows(maps[0], perm, K), atol=1e-2)
+
+
 def test_correct_and_compat_memory_losses_differ_exactly_when_channels_and_samples_exceed_one():
     """The two enqueues give the same M_P2P loss exactly when C = 1 or B = 1 (the official view is right there),
     and different ones otherwise, whatever the pixels per sample (HW = 1 included)."""
@@ -281,10 +321,12 @@ def test_classifier_choice_and_errors():
 
 
 # ------------------------------------------------------------------------------------------------ method wiring
-def _method(cls=CFD, cfg=UNET_CFG, batch_size=8, **opts):
+def _method(cls=CFD, cfg=UNET_CFG, batch_size=8, data_name=None, **opts):
     teacher, cfg = tiny_teacher(cfg)
     opts.setdefault("classifier", SMALL_CNN if cfg["img_resolution"] else SMALL_MLP)
-    return cls(make_ctx(teacher, cfg, batch_size=batch_size), **opts)
+    ctx = make_ctx(teacher, cfg, batch_size=batch_size)
+    ctx.data_name = data_name
+    return cls(ctx, **opts)
 
 
 def _batch(n=8, shape=(1, 8, 8), seed=0):
@@ -332,6 +374,7 @@ def test_cfd_plugs_in_from_the_8_step_teacher():
     batch = _batch()
     kinds = []
     for step in range(4):
+        m.before_step(step)
         _, logs = m.loss(m.phases(step)[0], batch, step)
         kinds.append(("pd" if "pd/mse" in logs else "cfd", m.teacher_steps))
     assert kinds == [("pd", 16), ("pd", 16), ("cfd", 8), ("cfd", 8)]
@@ -358,31 +401,69 @@ def test_rdd_loss_is_cfd_plus_relations_with_the_enqueued_bank():
     assert torch.allclose(loss, want, rtol=1e-5)
 
 
-def test_rdd_head_has_its_own_unclipped_optimizer_and_resets_each_halving():
-    m = _method(RDD, start_steps=4, iters_per_halving=2, queue_size=64, queue_adds=16, contrast_size=32)
+def _grads(module):
+    return [p.grad.clone() for p in module.parameters()]
+
+
+def test_rdd_head_is_a_trainer_phase_with_the_official_gradient():
+    """Officially one backward of L_CFD + L_IS + 0.1·L_M(head(map_S)) fills the student's and the head's gradients
+    (cantbebetter2/RDD train_rdd.py:211-219, diffusion.py:320-331), the student is clipped and stepped, and the head's
+    own Adam (train_rdd.py:173) steps unclipped with no schedule (:220-225). Here the student phase differentiates
+    w.r.t. the student only (the head's parameters held constant) and the ``rdd_head`` phase w.r.t. the head only:
+    both gradients equal the official single backward's, and the head's BatchNorm statistics move once."""
+    opts = dict(start_steps=4, iters_per_halving=2, queue_size=64, queue_adds=16, contrast_size=32)
+    m, ref = _method(RDD, **opts), _method(RDD, **opts)
+    assert m.phases(0) == ["student", "rdd_head"] and "rdd_head" not in m.schedulers
+    assert {id(p) for p in m.trainable_params("rdd_head")} == {id(p) for p in m.head.parameters()}
     assert {id(p) for p in m.trainable_params("student")} == {id(p) for p in m.student.parameters()}
-    assert "rdd_head" in m.optimizers and "rdd_head" not in m.phases(0)
     batch = _batch()
-    loss, _ = m.loss("student", batch, 0)
-    m.optimizers["student"].zero_grad(set_to_none=True)
+    state = m.ctx.generator.get_state()
+    loss, logs = m.loss("student", batch, 0)
     loss.backward()
-    head_before = [p.detach().clone() for p in m.head.parameters()]
-    assert all(p.grad is not None for p in m.head.parameters())
-    m.after_step(1, 8)
-    assert all(p.grad is None for p in m.head.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(head_before, m.head.parameters()))
-    # a new halving: the queue, its pointer, the head and its optimizer start afresh (each official stage is a run)
+    assert all(p.grad is None for p in m.head.parameters())       # the student phase leaves the head alone
+    head_loss, _ = m.loss("rdd_head", batch, 0)
+    head_loss.backward()
+    # the official computation on the twin method, one backward of the total loss
+    _, _, x_t, x_hat = _replay(ref, state, batch)
+    map_t, f_t, _ = classifier_outputs(ref.classifier, x_t)
+    map_s, f_s, _ = classifier_outputs(ref.classifier, x_hat)
+    ref.bank.enqueue(map_t, ref.ctx.generator)
+    total = (cfd_feature_kl(f_s, f_t, 0.9) + intra_sample_p2p_loss(map_s, map_t, 1.0)
+             + 0.1 * memory_p2p_loss(ref.head(map_s), map_t, ref.bank.contrast(), 0.1, 1.0))
+    total.backward()
+    assert torch.allclose(loss, total, rtol=1e-6)
+    for a, b in zip(_grads(m.student), _grads(ref.student)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-9)
+    for a, b in zip(_grads(m.head), _grads(ref.head)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-9)
+    assert float(head_loss.detach()) == pytest.approx(0.1 * logs["rdd/memory_p2p"], rel=1e-6)
+    for a, b in zip(m.head.buffers(), ref.head.buffers()):       # one running-statistics update, as officially
+        assert torch.equal(a, b)
+    # a new halving (entered by before_step): the queue, its pointer, the head and its optimizer start afresh
     old_head, old_queue = m.head, m.bank.queue.clone()
-    m.phases(2)
+    m.before_step(2)
     assert m.stage == 1 and m.bank.ptr == 0 and not torch.equal(m.bank.queue, old_queue)
     assert m.head is not old_head and m.nets["rdd_head"] is m.head and not m.optimizers["rdd_head"].state
-    # a plain-PD stage leaves the head alone
+    # a plain-PD stage has no head phase and leaves the head alone
     m2 = _method(RDD, start_steps=16, iters_per_halving=2, feature_from_steps=8, queue_size=64, queue_adds=16,
                  contrast_size=32)
-    loss, logs = m2.loss(m2.phases(0)[0], batch, 0)
+    assert m2.phases(0) == ["student"]
+    loss, logs = m2.loss("student", batch, 0)
     loss.backward()
     assert "rdd/is_p2p" not in logs and all(p.grad is None for p in m2.head.parameters())
-    m2.after_step(1, 8)
+
+
+def test_rdd_head_phase_runs_in_the_trainer(tmp_path):
+    """Through the trainer: the head's optimizer steps every iteration of a feature stage (its Adam step count),
+    with no LR schedule, and the head's gradient norm is logged (the trainer clips it at run.grad_clip too)."""
+    import diffdistill.methods.rdd  # noqa: F401
+    tr = _trainer(tmp_path, 3, "rdd", queue_size=128, queue_adds=32, contrast_size=64)
+    tr.run()
+    st = tr.method.optimizers["rdd_head"].state_dict()["state"]
+    assert st and all(int(v["step"]) == 3 for v in st.values())
+    assert tr.method.optimizers["rdd_head"].param_groups[0]["lr"] == 1e-3
+    log = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert "grad_norm/rdd_head" in log and math.isfinite(log["loss/rdd_head"])
 
 
 def test_options_and_unsupported_data():
@@ -391,6 +472,8 @@ def test_options_and_unsupported_data():
             _method(**bad)
     with pytest.raises(UserError):                                   # 2-D data other than ring8
         _method(cfg=MLP_CFG, classifier="auto", data_name="two_moons")
+    m = _method(cfg=MLP_CFG, classifier="auto", data_name="ring8", start_steps=2, iters_per_halving=2)
+    assert type(m.classifier).__name__ == "PointsComponentMLP"             # ctx.data_name picks the classifier
     with pytest.raises(UserError, match="forward_head"):
         m = _method(classifier="helpers.pd_helpers:features_only", beta=0.01, start_steps=2, iters_per_halving=2)
         m.loss(m.phases(0)[0], _batch(), 0)

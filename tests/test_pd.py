@@ -1,7 +1,8 @@
-"""Progressive Distillation (Salimans & Ho 2022) in EDM σ-space: the target against the formula sheet's oracles
-(shared/design/pd_rdd_cfd.md §1: DDIM landing, Gaussian closed form, point-mass teacher, t > t′ > t″ ordering), the
-SNR weightings against direct ε-/v-space computations, the halving bookkeeping inside the method, exact resume
-mid-schedule, the CLI flags, and ring8 end to end (64 → 1 step)."""
+"""Progressive Distillation (Salimans & Ho 2022) in EDM σ-space: the target against closed-form oracles (DDIM
+landing, Gaussian closed form, point-mass teacher, t > t′ > t″ ordering), the SNR weightings against direct ε-/v-space
+computations, the halving bookkeeping inside the method (entered in ``before_step``; ``phases`` has no side
+effects), the student's dropout (official: 0), exact resume mid-schedule, the CLI flags, and ring8 end to end
+(64 → 1 step)."""
 
 import json
 import math
@@ -11,9 +12,10 @@ import torch
 from torch import nn
 
 from helpers.dm_helpers import MLP_CFG, GaussianDenoiser, make_ctx, tiny_teacher
+from diffdistill.diffusion.samplers import ddim_sampler, ddim_step
 from diffdistill.errors import UserError
-from diffdistill.methods.pd import (ProgressiveDistillation, ddim_step, halving_stages, pd_loss, pd_loss_weight,
-                                    pd_sigma, pd_student_sigmas, pd_target)
+from diffdistill.methods.pd import (PDOptions, ProgressiveDistillation, cosine_sigma, halving_stages, pd_loss,
+                                    pd_loss_weight, pd_student_sigmas, pd_target)
 
 C2 = 0.3 ** 2   # variance of the Gaussian data in the closed-form oracles
 
@@ -60,8 +62,14 @@ def test_student_ddim_step_with_target_lands_on_two_teacher_steps_edm_and_vp():
     eps_hat = (z_t - a_t * x_t) / sig_t
     z_u = a_u * x_t + sig_u * eps_hat
     assert torch.allclose(z_u, a_u * x_next, atol=1e-4, rtol=1e-5)
-    # the same step through the project's helper
-    assert torch.allclose(ddim_step(x_s, x_t, s, s_next), x_next, atol=1e-4, rtol=1e-5)
+    # the same step through the shared helper, with a denoiser that returns x̃
+    assert torch.allclose(ddim_step(lambda x, sig, labels=None: x_t, x_s, s, s_next), x_next, atol=1e-4, rtol=1e-5)
+    # the DDIM sampler is that step on a list of σ's
+    z = torch.randn(64, 2, generator=g)
+    got, nfe = ddim_sampler(teacher, z, [80.0, 2.0, 0.5])
+    with torch.no_grad():
+        want = ddim_step(teacher, ddim_step(teacher, z * 80.0, 80.0, 2.0), 2.0, 0.5)
+    assert nfe == 2 and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("s,s_mid,s_next", [(80.0, 2.0, 0.002), (2.5, 1.0, 0.4), (0.5, 0.2, 0.0)])
@@ -180,14 +188,15 @@ def test_grid_endpoints_nesting_and_draws():
         t = pd_student_sigmas(2 * n)
         assert all(abs(a - b) <= 1e-9 * a for a, b in zip(s, t[::2]))        # the teacher's grid nests
     assert pd_student_sigmas(4)[2] == pytest.approx(_karras(0.5))
-    c = [float(v) for v in pd_sigma(torch.tensor([0.0, 1.0]), grid="cosine")]
-    assert c == pytest.approx([80.0, 0.002])
+    c = [float(v) for v in cosine_sigma(torch.tensor([0.0, 1.0]))]
+    assert c == pytest.approx([80.0, 0.002]) and pd_student_sigmas(2, grid="cosine") == pytest.approx(
+        [80.0, float(cosine_sigma(0.5)), 0.002])
     m = _pd(batch_size=4000, start_steps=8, iters_per_halving=5)
     s, sm, sn = m.stage_sigmas(4000)
     grid = torch.tensor(pd_student_sigmas(4), dtype=torch.float32)   # stage 0: a 4-step student
     idx = (s[:, None] - grid[None]).abs().argmin(1)
     assert torch.equal(s, grid[idx]) and torch.equal(sn, grid[idx + 1]) and set(idx.tolist()) == set(range(4))
-    assert torch.allclose(sm, pd_sigma((idx.double() + 0.5) / 4).float())
+    assert torch.allclose(sm, _karras((idx.double() + 0.5) / 4).float())
     assert bool((s > sm).all() and (sm > sn).all())                          # t > t′ > t″
 
 
@@ -206,6 +215,9 @@ def test_halving_bookkeeping():
     batch = (torch.randn(16, 2, generator=torch.Generator().manual_seed(7)), None)
     seen = []
     for step in range(11):
+        stage = m.stage
+        assert m.phases(step) == ["student"] and m.stage == stage      # phases() has no side effects
+        m.before_step(step)                                            # the trainer's start-of-iteration hook
         phase = m.phases(step)[0]
         if step in (3, 6):                           # a stage boundary: the new teacher is the trained student
             for a, b in zip(m.teacher.state_dict().values(), m.student.state_dict().values()):
@@ -233,7 +245,7 @@ def test_halving_bookkeeping():
     assert lrs == pytest.approx([1.0, 0.75, 0.5, 0.25])
     # a longer last halving (more --iters than the schedule) stretches its decay; earlier halvings keep K
     m3 = _pd(start_steps=4, iters_per_halving=2, lr=1.0, final_stage_iters=4)
-    m3.phases(2)
+    m3.before_step(2)
     lrs = []
     for _ in range(4):
         lrs.append(m3.optimizers["student"].param_groups[0]["lr"])
@@ -251,6 +263,51 @@ def test_options_are_checked():
     ctx = make_ctx(None, cfg)
     with pytest.raises(UserError):
         ProgressiveDistillation(ctx)
+
+
+def dropout_rates(net):
+    """Every dropout rate of ``net``: nn.Dropout modules and the float ``dropout`` of the U-Net blocks."""
+    return [float(m.p) if isinstance(m, nn.modules.dropout._DropoutNd) else float(m.dropout) for m in net.modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd)
+            or isinstance(getattr(m, "dropout", None), float)]
+
+
+def test_options_schema_and_official_defaults():
+    """The defaults are the official CIFAR-10 recipe (google-research diffusion_distillation
+    config/cifar_distill.py:22-24 8192 → 1, 50k per halving; :82-88 Adam 5e-5, no warm-up, linear decay, wd 0,
+    clip 1 (a run setting); :67 snr_trunc); bad values are refused by the schema with one line."""
+    o = PDOptions()
+    assert (o.start_steps, o.student_steps, o.iters_per_halving, o.lr, o.lr_schedule, o.weight_decay, o.weighting,
+            o.student_dropout) == (8192, 1, 50_000, 5e-5, "linear", 0.0, "truncated_snr", 0.0)
+    assert ProgressiveDistillation.planned_steps({}) == 13 * 50_000
+    for bad, match in (({"lr": 0}, "method.lr must be > 0"), ({"start_steps": 12}, "power-of-two"),
+                       ({"student_dropout": 1.0}, "student_dropout"), ({"grid": "linear"}, "one of .karras., .cosine.")):
+        with pytest.raises(UserError, match=match):
+            PDOptions.from_dict(bad)
+
+
+@pytest.mark.parametrize("method", ["pd", "cfd", "rdd"])
+def test_student_has_no_dropout_by_default(method):
+    """Issue 17 item 9. Both official PD configs train the student without dropout (google-research
+    diffusion_distillation config/cifar_distill.py:52 "same as teacher but with 0 dropout", :61 dropout=0.;
+    imagenet64_distill.py:63 dropout=0.), as do RCFD (zju-SWJ/RCFD config/CIFAR10_RCFD.txt:21 --dropout=0.) and RDD
+    (cantbebetter2/RDD config/CIFAR10_PD.txt:21). A teacher with dropout 0.13 (an EDM CIFAR-10 snapshot's) gives a
+    student whose every dropout rate is 0; student_dropout=null keeps the teacher's."""
+    from helpers.dm_helpers import UNET_CFG
+    from diffdistill.methods.registry import get_method
+    import diffdistill.methods.rdd  # noqa: F401  (registers cfd and rdd)
+    cls = get_method(method)
+    extra = {} if method == "pd" else {"classifier": "helpers.pd_helpers:random_digits_cnn"}
+    if method == "rdd":
+        extra.update(queue_size=64, queue_adds=16, contrast_size=32)
+    teacher, cfg = tiny_teacher(UNET_CFG, dropout=0.13)
+    rates = dropout_rates(teacher)
+    assert rates and all(r == pytest.approx(0.13) for r in rates)
+    m = cls(make_ctx(teacher, cfg), start_steps=2, iters_per_halving=2, **extra)
+    assert dropout_rates(m.student) == [0.0] * len(rates)
+    assert dropout_rates(teacher) == rates                        # the caller's teacher is not touched
+    keep = cls(make_ctx(teacher, cfg), start_steps=2, iters_per_halving=2, student_dropout=None, **extra)
+    assert dropout_rates(keep.student) == rates
 
 
 # ------------------------------------------------------------------------------------------------ trainer, resume
@@ -273,7 +330,7 @@ def test_resume_mid_schedule_is_bitwise_exact(tmp_path, split):
     full.run()
     _trainer(tmp_path / "split", split).run()
     ck = torch.load(sorted((tmp_path / "split" / "checkpoints").glob("*.pt"))[-1], weights_only=True)
-    assert ck["method_state"]["extra"]["stage"] == 1     # at step 8 the next stage starts lazily, in phases(8)
+    assert ck["method_state"]["extra"]["stage"] == 1     # at step 8 the next stage starts in before_step(8)
     assert ck["sampling"]["sigmas"] == pd_student_sigmas(2)
     resumed = _trainer(tmp_path / "split", 12, resume="auto")
     resumed.run()
@@ -292,7 +349,7 @@ def test_resume_mid_schedule_is_bitwise_exact(tmp_path, split):
 
 
 # ------------------------------------------------------------------------------------------------ CLI, config
-def test_distill_config_plans_the_schedule_and_cli_flags(tmp_path, capsys):
+def test_distill_config_plans_the_schedule_and_cli_flags(ring8_teacher, tmp_path, capsys):
     from diffdistill.cli import main
     from diffdistill.distill import distill_config
     tstate = {"config": {"data": {"name": "ring8"}}, "net_config": dict(MLP_CFG)}
@@ -315,13 +372,15 @@ def test_distill_config_plans_the_schedule_and_cli_flags(tmp_path, capsys):
     assert cfg["run"]["steps"] == 1800                        # a time budget keeps the preset's schedule as the cap
     with pytest.raises(UserError, match="one iteration per halving"):
         distill_config("pd", tstate, flags={"run": {"steps": 3}})
-    # the CLI: the flags reach the method; other methods refuse them
-    teacher, cfg_t = tiny_teacher(MLP_CFG)
-    assert main(["distill", "--method", "dmd2", "--teacher", "x.pt", "--start-steps", "8"]) == 2
+    # the CLI: the flags reach the method; the schema of a method without a halving schedule refuses them
+    out = str(tmp_path / "cli")
+    assert main(["distill", "--method", "dmd2", "--teacher", str(ring8_teacher.path), "--start-steps", "8",
+                 "--out", out]) == 2
     err = capsys.readouterr().err
-    assert "pd" in err and "dmd2" in err and len(err.strip().splitlines()) == 1
-    assert main(["distill", "--method", "pd", "--teacher", "x.pt", "--iters-per-halving", "0"]) == 2
-    assert "--iters-per-halving must be positive" in capsys.readouterr().err
+    assert "is not an option of dmd2" in err and len(err.strip().splitlines()) == 1
+    assert main(["distill", "--method", "pd", "--teacher", str(ring8_teacher.path), "--iters-per-halving", "0",
+                 "--out", out]) == 2
+    assert "method.iters_per_halving must be >= 1" in capsys.readouterr().err
 
 
 def test_cli_distill_pd_end_to_end(tmp_path, capsys):

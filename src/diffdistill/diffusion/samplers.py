@@ -85,8 +85,7 @@ def ddim_sampler(denoiser, noise, sigmas, labels=None, generator=None):
     s = _as_list(sigmas)
     x = noise.to(torch.float32) * s[0]
     for cur, nxt in zip(s[:-1], s[1:]):
-        x0 = _denoise(D, x, cur, labels)
-        x = x0 + (nxt / cur) * (x - x0)
+        x = ddim_step(D, x, cur, nxt, labels)
     return x, D.nfe
 
 
@@ -182,3 +181,20 @@ def sample(denoiser, noise, sampler: str = "heun", sigmas=None, nfe: Optional[in
     if sigmas is None:
         sigmas = teacher_sigmas(sampler, nfe or 35, denoiser.sigma_min, denoiser.sigma_max)
     return SAMPLERS[sampler](denoiser, noise, sigmas, labels=labels, generator=generator)
+
+
+def ddim_step(denoiser, x: torch.Tensor, sigma_from, sigma_to, labels=None) -> torch.Tensor:
+    """One deterministic DDIM (η = 0) step in σ-space (Song et al. 2021, "Denoising Diffusion Implicit Models",
+    Eq. 12 with x_σ = x + σε; Karras et al. 2022 §3 — the Euler step of dx/dσ = (x − D(x; σ))/σ):
+
+        x̂ = D(x; σ_from),   x_to = x̂ + (σ_to/σ_from)·(x − x̂).
+
+    ``sigma_from`` / ``sigma_to``: floats or per-sample tensors [B]. The denoiser sees x and σ in float32; the step
+    itself is done in the dtype of ``x`` (pass float64 for exact targets, e.g. progressive distillation's two-step
+    teacher). No gradient handling: call it under ``torch.no_grad`` when the result is a target."""
+    B, dt = x.shape[0], x.dtype
+    s_from = torch.as_tensor(sigma_from, dtype=torch.float64, device=x.device).expand(B)
+    s_to = torch.as_tensor(sigma_to, dtype=torch.float64, device=x.device).expand(B)
+    x_hat = denoiser(x.to(torch.float32), s_from.to(torch.float32), labels).to(dt)
+    ratio = (s_to / s_from).to(dt).reshape((-1,) + (1,) * (x.ndim - 1))
+    return x_hat + ratio * (x - x_hat)

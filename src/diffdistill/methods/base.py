@@ -81,6 +81,10 @@ class Method(ABC):
         self.emas[key or net_name] = ema
         return ema
 
+    def before_step(self, step: int) -> None:
+        """Called at the start of iteration ``step`` (0-based), before ``phases``: state that changes on a schedule
+        (PD enters its halving stage here), so that ``phases`` has no side effects. Default: nothing."""
+
     @abstractmethod
     def phases(self, step: int) -> list[str]:
         """Names of the optimizers to step this iteration, in order."""

@@ -10,28 +10,33 @@ penultimate features and the softmax taken over the *feature channels*:
     L_ent  = mean_b H(q_b),  L_div = Σ_c q̄_c log q̄_c,  q_b = softmax(logits(x̂_b)),  q̄ = mean_b q_b
     L_CFD  = L_feat + β·(γ·L_ent + (1 − γ)·L_div)                      (dataset-oriented loss; no pixel MSE term)
 
-Official defaults (zju-SWJ/RCFD, CIFAR-10): τ = 0.9 with DenseNet-201 (β = 0, the dataset loss off) and τ = 0.95 with
-ResNet-18 (β = 0.003, γ = 0.75); the CFD loss replaces PD's from the 8-step teacher on (8 → 4, 4 → 2, 2 → 1; plain
-PD before); Adam 5e-5 with a cosine LR over each stage, batch 128, grad clip 1, no EMA, 10k updates per stage. The
-constructor defaults are the DenseNet-201 profile (the one RDD builds on); the digits preset takes the ResNet-18
-profile's dataset loss because its classifier is a small CNN with pooled features.
+Official defaults (zju-SWJ/RCFD, CIFAR-10; ``CFDOptions``): τ = 0.9 with DenseNet-201 (β = 0, the dataset loss off)
+and τ = 0.95 with ResNet-18 (β = 0.003, γ = 0.75; README.md:45,51); the CFD loss replaces PD's from the 8-step teacher
+on (8 → 4, 4 → 2, 2 → 1; plain PD before; config/CIFAR10_RCFD.txt:30); Adam 5e-5 with a cosine LR over each stage
+(RCFD.py:151-152), batch 128, grad clip 1 (student only, RCFD.py:188), no EMA, a student without dropout
+(CIFAR10_RCFD.txt:21), 10k updates per stage (CIFAR10_RCFD.txt:12; RCFD.py:33 notes twice that for the 2- and 1-step
+students — here every stage has the same K unless you set it per run). The defaults are the DenseNet-201 profile
+(the one RDD builds on); the digits preset takes the ResNet-18 profile's dataset loss because its classifier is a
+small CNN with pooled features.
 
 The classifier is pluggable (method option ``classifier``; feature_classifiers.py): by default, for digits, a small
-CNN that is *not* the proxy-FID network. Nothing is copied from the official code; the formulas follow the project's
-formula sheet (shared/design/pd_rdd_cfd.md §2).
+CNN that is *not* the proxy-FID network. Nothing is copied from the official code.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..options import option
 from .feature_classifiers import classifier_outputs, load_feature_classifier
-from .pd import ProgressiveDistillation, pd_loss
+from .pd import PDOptions, ProgressiveDistillation, pd_loss, restate
 from .registry import register
+
+RCFD = "zju-SWJ/RCFD"
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -79,72 +84,59 @@ def cfd_loss(f_student: torch.Tensor, f_teacher: torch.Tensor, logits_student: t
     return l_feat + beta * (gamma * l_ent + (1.0 - gamma) * l_div), logs
 
 
+# ------------------------------------------------------------------------------------------------ options
+@dataclass
+class CFDOptions(PDOptions):
+    start_steps: int = restate(PDOptions, "start_steps", 8, f"CFD starts from the 8-step PD student "
+                               f"({RCFD} config/CIFAR10_RCFD.txt:30 base_ckpt .../8)")
+    iters_per_halving: int = restate(PDOptions, "iters_per_halving", 10_000, f"updates per stage "
+                                     f"({RCFD} config/CIFAR10_RCFD.txt:12 total_steps)")
+    lr_schedule: str = restate(PDOptions, "lr_schedule", "cosine", f"CosineAnnealingLR over each stage "
+                               f"({RCFD} RCFD.py:152)")
+    tau: float = option(0.9, f"teacher-feature temperature: 0.9 DenseNet-201 / 0.95 ResNet-18 ({RCFD} RCFD.py:55, "
+                        f"README.md:45,51)", gt=0)
+    beta: float = option(0.0, f"dataset-loss weight β (official flag alpha; 0 DenseNet-201, 0.003 ResNet-18; "
+                         f"{RCFD} RCFD.py:56, README.md:51)", ge=0)
+    gamma: float = option(0.75, f"entropy share γ of the dataset loss (official flag beta, 0.75 with β > 0; {RCFD} "
+                          f"README.md:51)", ge=0, le=1)
+    feature_from_steps: int = option(8, "use the classifier losses once the teacher has at most this many steps "
+                                     f"(plain PD before; {RCFD} README: PD to 8 steps, then CFD)", ge=1)
+    pd_weight: float = option(0.0, "weight of PD's pixel MSE added to the feature loss (official: none, "
+                              f"{RCFD} diffusion.py:257)", ge=0)
+    classifier: str = option("auto", "frozen feature classifier: auto, digits, ring8 or package.module:factory "
+                             "(official: CIFAR-10 DenseNet-201 / ResNet-18)")
+
+
 # ------------------------------------------------------------------------------------------------ method
 @register
 class CFD(ProgressiveDistillation):
     name = "cfd"
     summary = "CFD: progressive distillation matching a classifier's sharpened feature distribution " \
               "(Sun et al. 2023)"
+    Options = CFDOptions
 
-    presets: ClassVar[dict] = {
-        # 8×8 digits: 8 → 4 → 2 → 1 with the CFD loss in every stage; lr 2e-4, cosine LR per stage, 500 updates.
-        "images": {
-            "run": {"steps": 1500, "batch_size": 128, "grad_clip": 1.0, "log_every": 50, "ckpt_every": 500,
-                    "sample_every": 500},
-            "method": {"start_steps": 8, "iters_per_halving": 500, "lr": 2e-4, "beta": 0.003, "gamma": 0.75},
-        },
-        # ring8 (the component classifier): 8 → 1, the feature loss from the start. Other 2-D data need a classifier.
-        "points": {
-            "run": {"steps": 900, "batch_size": 512, "grad_clip": 1.0, "log_every": 100, "ckpt_every": 300,
-                    "sample_every": 0},
-            "method": {"start_steps": 8, "iters_per_halving": 300, "lr": 1e-3},
-        },
-        # CIFAR-10 (zju-SWJ/RCFD, DenseNet-201 profile): each stage from the 8-step PD teacher, 10k updates,
-        # Adam 5e-5 with a cosine LR, batch 128, clip 1; τ = 0.9, dataset loss off. (Needs a CIFAR classifier:
-        # method.classifier=package.module:factory.)
-        "official": {
-            "run": {"batch_size": 128, "grad_clip": 1.0},
-            "method": {"start_steps": 8, "iters_per_halving": 10_000, "lr": 5e-5, "lr_schedule": "cosine",
-                       "tau": 0.9, "beta": 0.0},
-        },
-    }
-
-    def __init__(self, ctx, start_steps: int = 8, iters_per_halving: int = 10_000, student_steps: int = 1,
-                 lr: float = 5e-5, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 lr_schedule: str = "cosine", weighting: str = "truncated_snr", grid: str = "karras",
-                 rho: float = 7.0, final_stage_iters: int | None = None, tau: float = 0.9, beta: float = 0.0, gamma: float = 0.75,
-                 feature_from_steps: int = 8, pd_weight: float = 0.0, classifier: str = "auto",
-                 data_name: str | None = None):
-        super().__init__(ctx, start_steps=start_steps, iters_per_halving=iters_per_halving,
-                         student_steps=student_steps, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         lr_schedule=lr_schedule, weighting=weighting, grid=grid, rho=rho,
-                         final_stage_iters=final_stage_iters)
-        if float(tau) <= 0:
-            raise UserError(f"tau must be positive, got {tau}")
-        if not 0.0 <= float(gamma) <= 1.0:
-            raise UserError(f"gamma must lie in [0, 1], got {gamma}")
-        self.tau, self.beta, self.gamma = float(tau), float(beta), float(gamma)
-        self.feature_from_steps = int(feature_from_steps)
-        self.pd_weight = float(pd_weight)
-        self.classifier = load_feature_classifier(str(classifier), self.shape, data_name).to(ctx.device)
+    def __init__(self, ctx, opts=None, **overrides):
+        super().__init__(ctx, opts, **overrides)
+        self.classifier = load_feature_classifier(self.opts.classifier, self.shape, ctx.data_name).to(ctx.device)
 
     def feature_stage(self) -> bool:
         """Whether the current halving uses the classifier losses (teacher steps ≤ ``feature_from_steps``)."""
-        return self.teacher_steps <= self.feature_from_steps
+        return self.teacher_steps <= self.opts.feature_from_steps
 
     def distill_loss(self, x_hat, x_target, sigma, step):
         if not self.feature_stage():
             return super().distill_loss(x_hat, x_target, sigma, step)
+        o = self.opts
         with torch.no_grad():
             map_t, f_t, _ = classifier_outputs(self.classifier, x_target)
         map_s, f_s, logits_s = classifier_outputs(self.classifier, x_hat)
-        loss, logs = cfd_loss(f_s, f_t, logits_s, self.tau, self.beta, self.gamma)
+        loss, logs = cfd_loss(f_s, f_t, logits_s, o.tau, o.beta, o.gamma)
         extra, extra_logs = self.relational_loss(map_s, map_t)
         loss = loss + extra
         logs.update(extra_logs)
-        if self.pd_weight:
-            l_pd = pd_loss(x_hat, x_target, sigma, self.weighting, self.sigma_data)
-            loss = loss + self.pd_weight * l_pd
+        if o.pd_weight:
+            l_pd = pd_loss(x_hat, x_target, sigma, o.weighting, self.sigma_data)
+            loss = loss + o.pd_weight * l_pd
             logs["pd/mse"] = float(l_pd.detach())
         return loss, logs
 

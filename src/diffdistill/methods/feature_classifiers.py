@@ -11,9 +11,9 @@
 * ``package.module:factory``: any importable callable returning an ``nn.Module`` with ``forward_features`` (and
   ``forward_head`` for CFD's dataset loss), already trained; the module is frozen and put in eval mode.
 
-Official recipe scaled down (formula sheet §2: CIFAR-10 DenseNet-201 / ResNet-18, SGD 0.1, momentum 0.9, wd 5e-4,
-step decay, crop + flip + AutoAugment + Cutout, trained on mean/std-normalised inputs but fed raw [−1, 1] images
-during distillation). Here: SGD 0.05, momentum 0.9, wd 5e-4, cosine decay, ±1-pixel shifts, and trained on the same
+Official recipe scaled down (zju-SWJ/RCFD classifier/train.py: CIFAR-10 DenseNet-201 / ResNet-18, SGD 0.1 (:30,
+:104), momentum 0.9, wd 5e-4, ÷10 at 1/2 and 3/4 of 300 epochs (:110), crop + flip + AutoAugment + Cutout (:70),
+trained on mean/std-normalised inputs (:65) but fed raw [−1, 1] images during distillation, diffusion.py:242). Here: SGD 0.05, momentum 0.9, wd 5e-4, cosine decay, ±1-pixel shifts, and trained on the same
 [−1, 1] pixels the distillation feeds it (no normalisation quirk).
 """
 
@@ -31,7 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.digits import digits_split
+from ..data.toy2d import ring8_gmm
 from ..errors import UserError
+from ..eval.features import _deterministic_cpu, _shift_augment, default_cache_dir
 from ..nets.feature_classifier import DigitsFeatureCNN, PointsComponentMLP
 
 DIGITS_RECIPE = {"name": "cfd_digits_feature_cnn", "version": 1, "seed": 1, "epochs": 20, "batch": 64, "lr": 0.05,
@@ -59,7 +62,6 @@ def freeze(clf: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------------ digits
 def _digits_cache_path(cache_dir=None) -> Path:
-    from ..eval.features import default_cache_dir
     key = hashlib.sha256(json.dumps(DIGITS_RECIPE, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     return root / f"cfd_digits_feature_cnn-{key}.safetensors"
@@ -68,8 +70,6 @@ def _digits_cache_path(cache_dir=None) -> Path:
 def train_digits_feature_cnn() -> DigitsFeatureCNN:
     """Train ``DigitsFeatureCNN`` on the 1,500 training digits, bitwise-reproducibly on CPU (seeded RNGs, the
     global RNG forked, one thread while training). Returns it frozen, in eval mode."""
-    from ..data.digits import digits_split
-    from ..eval.features import _deterministic_cpu, _shift_augment
     r = DIGITS_RECIPE
     train, _ = digits_split(r["heldout"], seed=0)
     x, y = train.x, train.labels
@@ -118,8 +118,6 @@ def load_or_train_digits_feature_cnn(cache_dir=None) -> DigitsFeatureCNN:
 def train_ring8_component_mlp() -> PointsComponentMLP:
     """``PointsComponentMLP`` trained to tell which of ring8's 8 Gaussians a point came from (fresh draws of the
     exact mixture each step; Adam; deterministic on CPU). Frozen, eval mode."""
-    from ..data.toy2d import ring8_gmm
-    from ..eval.features import _deterministic_cpu
     r = RING8_RECIPE
     gmm = ring8_gmm()
     with _deterministic_cpu(r["seed"]):

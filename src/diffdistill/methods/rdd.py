@@ -17,33 +17,50 @@ pooled features come from:
   student pixel through a projection head (Conv1×1 → BN → ReLU → Conv1×1, no biases, then normalised);
   L_M = τ_kd²·(1/(B·HW)) Σ_{b,i} KL(softmax(ℓ^T/τ_kd) ‖ softmax(ℓ^S/τ_kd)).
 
-Official defaults [code]: Q = 20 000, adds 128, M = 4096, τ_c = 0.1, τ_kd = 1, weights 1.0 (IS) and 0.1 (M), CFD τ
-0.9 with DenseNet-201 (β = 0), Adam 5e-5 with a cosine LR, clip 1 (student only), batch 128, 20 000 updates for the
-8 → 4 stage; the head has its own Adam (lr 5e-5, wd 0, no schedule, no clip), SyncBN in the head. Here the head is
-stepped by this method after the trainer's student step (``after_step``), from the gradients of the same backward
-pass, unclipped (as officially); with several ranks its gradients are averaged; the head uses plain BatchNorm.
-Each official stage is a separate run, so the queue, the head and its optimizer start afresh at every halving here.
+Official defaults (cantbebetter2/RDD; ``RDDOptions``): Q = 20 000, adds 128, M = 4096, τ_c = 0.1 (losses.py:82-83,97),
+τ_kd = 1, weights 1.0 (IS) and 0.1 (M) (train_rdd.py:148,157), CFD τ 0.9 with DenseNet-201 (β = 0; train_rdd.sh:7),
+Adam 5e-5 with a cosine LR, clip 1 on the student only (train_rdd.py:171,176,220), batch 128, a student without
+dropout (config/CIFAR10_PD.txt:21), 20 000 updates for the 8 → 4 stage (train_rdd.sh:5); the projection head has its
+own Adam (lr 5e-5, wd 0, no schedule, not clipped; train_rdd.py:173,223), SyncBN in the head (losses.py:91).
 
-**Known bug of the official code (the enqueue reshape).** The official enqueue takes the B×C×H×W teacher map and
-views it as C × (B·H·W) without moving the channels last, so each queued "pixel" mixes channels of different samples;
-it is right only at B = 1 (or C = 1). This implementation queues true pixel vectors (channels last, then flatten);
-``rdd_compat_view_bug=True`` reproduces the official behaviour, for comparison with published numbers only.
+**The head's update.** Officially one backward of the total loss fills the gradients of the student and of the head
+(train_rdd.py:219), then each optimizer steps. Here the head is a trainer phase (``rdd_head``, after ``student``), so
+the trainer's NaN guard, gradient averaging and optimizer stepping cover it. The ``student`` phase computes the whole
+official loss with the head's parameters held constant (the student's gradient flows *through* the head into its
+map) and keeps the student's map, the teacher's map and the contrast set it used; the ``rdd_head`` phase evaluates
+0.1·L_M on those same (detached) inputs with the head's parameters free. Only L_M depends on the head, and nothing
+the head reads changes between the phases (the student step does not touch it), so the head's gradient is exactly
+the official one; its BatchNorm running statistics are updated once per iteration (in the student phase) as
+officially. One deviation: the trainer clips every phase at ``run.grad_clip`` (1 in the presets), so the head is
+clipped at 1 too, where the official head is not; its gradient norm (logged as ``grad_norm_max/rdd_head``) stayed
+below 1 in every step of the digits benchmark (max 0.82; benchmarks/notes/rdd.md), so the clip did not bind there. The head uses plain
+BatchNorm; with several ranks the teacher maps are all-gathered for the queue and the head's gradients averaged by
+the trainer. Each official stage is a separate run, so the queue, the head and its optimizer start afresh at every
+halving here.
 
-Nothing is copied from the official code; the formulas follow the project's formula sheet
-(shared/design/pd_rdd_cfd.md §3).
+**Known bug of the official code (the enqueue reshape).** The official enqueue takes the B×C×H×W teacher map, whose
+pixels it has L2-normalised (losses.py:160), and views it as C × (B·H·W) without moving the channels last
+(losses.py:133), so each queued "pixel" mixes channels of different samples; it is right only at B = 1 (or C = 1).
+This implementation queues true pixel vectors (channels last, then flatten); ``rdd_compat_view_bug=True`` reproduces
+the official rows (normalise per pixel, view, pick, normalise again), for comparison with published numbers only.
+
+Nothing is copied from the official code.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..options import option
 from ..train import distributed as dist
-from .cfd import CFD
+from .cfd import CFD, CFDOptions
+from .pd import restate
 from .feature_classifiers import classifier_outputs
 from .registry import register
 from .score_distill import shared_randint
@@ -103,8 +120,9 @@ class PixelMemoryBank:
     @torch.no_grad()
     def enqueue(self, fmap: torch.Tensor, generator: torch.Generator, compat_view_bug: bool = False) -> int:
         """Write K random pixels of ``fmap`` [B, C, H, W] (channels-last rows, or the official view with
-        ``compat_view_bug``); returns K."""
-        rows = pixel_rows(fmap.detach(), compat_view_bug)
+        ``compat_view_bug``); returns K. The map is L2-normalised per pixel first (as officially, losses.py:160:
+        it matters only for the official view, whose rows mix pixels) and every written row again (:144/:147)."""
+        rows = pixel_rows(F.normalize(fmap.detach(), dim=1), compat_view_bug)
         K = min(rows.shape[0], self.adds)
         pick = shared_randperm(rows.shape[0], generator, rows.device)[:K]
         feats = F.normalize(rows[pick], dim=1).to(self.queue.dtype)
@@ -181,105 +199,111 @@ class ProjectionHead(nn.Module):
         return self.conv2(F.relu(self.bn(self.conv1(x))))
 
 
+# ------------------------------------------------------------------------------------------------ options
+RDD_CODE = "cantbebetter2/RDD"
+
+
+@dataclass
+class RDDOptions(CFDOptions):
+    iters_per_halving: int = restate(CFDOptions, "iters_per_halving", 20_000, f"updates for the 8 → 4 stage "
+                                     f"({RDD_CODE} train_rdd.sh:5 --total_steps 20000)")
+    is_weight: float = option(1.0, f"weight of the cross-sample pixel-to-pixel KL ({RDD_CODE} train_rdd.py:157)",
+                              ge=0)
+    is_tau: float = option(1.0, f"its temperature ({RDD_CODE} train_rdd.py:157)", gt=0)
+    memory_weight: float = option(0.1, f"weight of the memory-bank KL ({RDD_CODE} train_rdd.py:148 factor)", ge=0)
+    contrast_tau: float = option(0.1, f"memory logits temperature τ_c ({RDD_CODE} losses.py:83)", gt=0)
+    kd_tau: float = option(1.0, f"memory KL temperature τ_kd ({RDD_CODE} train_rdd.py:148)", gt=0)
+    queue_size: int = option(20_000, f"pixel queue length Q ({RDD_CODE} losses.py:82)", ge=1)
+    queue_adds: int = option(128, f"pixels enqueued per step ({RDD_CODE} losses.py:97)", ge=1)
+    contrast_size: int = option(4096, f"fixed contrast subset M of the queue ({RDD_CODE} losses.py:82,106)", ge=1)
+    head_lr: Optional[float] = option(None, f"the projection head's Adam lr; null = lr ({RDD_CODE} "
+                                      f"train_rdd.py:173)", gt=0)
+    rdd_compat_view_bug: bool = option(False, "queue the official enqueue's mixed-channel rows (losses.py:133) "
+                                       "instead of true pixel vectors; for comparisons with published numbers")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.queue_adds > self.queue_size or self.contrast_size > self.queue_size:
+            raise UserError(f"method.queue_adds and method.contrast_size must be <= method.queue_size, got "
+                            f"queue_size={self.queue_size}, queue_adds={self.queue_adds}, "
+                            f"contrast_size={self.contrast_size}")
+
+
 # ------------------------------------------------------------------------------------------------ method
 @register
 class RDD(CFD):
     name = "rdd"
     summary = "RDD: CFD + cross-sample pixel-to-pixel relations and a pixel memory bank (Feng et al. 2024)"
+    Options = RDDOptions
 
-    presets: ClassVar[dict] = {
-        # 8×8 digits: 8 → 1 with the digits feature CNN (final map 64×4×4); memory scaled to 2048 / 32 / 512
-        # (formula sheet §4); lr 2e-4, batch 128, 500 updates per halving; β = 0 (RDD's DenseNet-201 profile).
-        "images": {
-            "run": {"steps": 1500, "batch_size": 128, "grad_clip": 1.0, "log_every": 50, "ckpt_every": 500,
-                    "sample_every": 500},
-            "method": {"start_steps": 8, "iters_per_halving": 500, "lr": 2e-4, "queue_size": 2048,
-                       "queue_adds": 32, "contrast_size": 512},
-        },
-        # ring8 with the component MLP (HW = 1, so IS_P2P is 0 and the memory term relates samples).
-        "points": {
-            "run": {"steps": 900, "batch_size": 512, "grad_clip": 1.0, "log_every": 100, "ckpt_every": 300,
-                    "sample_every": 0},
-            "method": {"start_steps": 8, "iters_per_halving": 300, "lr": 1e-3, "queue_size": 1024,
-                       "queue_adds": 32, "contrast_size": 256},
-        },
-        # CIFAR-10 (cantbebetter2/RDD): 20k updates per stage, Adam 5e-5 cosine, batch 128 (4 × 32), clip 1;
-        # memory 20 000 / 128 / 4096, τ_c 0.1, τ_kd 1, weights 1 and 0.1. (Needs a CIFAR DenseNet-201:
-        # method.classifier=package.module:factory.)
-        "official": {
-            "run": {"batch_size": 128, "grad_clip": 1.0},
-            "method": {"start_steps": 8, "iters_per_halving": 20_000, "lr": 5e-5, "lr_schedule": "cosine",
-                       "tau": 0.9, "beta": 0.0, "is_weight": 1.0, "memory_weight": 0.1, "queue_size": 20_000,
-                       "queue_adds": 128, "contrast_size": 4096, "contrast_tau": 0.1, "kd_tau": 1.0},
-        },
-    }
-
-    def __init__(self, ctx, start_steps: int = 8, iters_per_halving: int = 20_000, student_steps: int = 1,
-                 lr: float = 5e-5, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 lr_schedule: str = "cosine", weighting: str = "truncated_snr", grid: str = "karras",
-                 rho: float = 7.0, final_stage_iters: int | None = None, tau: float = 0.9, beta: float = 0.0, gamma: float = 0.75,
-                 feature_from_steps: int = 8, pd_weight: float = 0.0, classifier: str = "auto",
-                 data_name: str | None = None, is_weight: float = 1.0, is_tau: float = 1.0,
-                 memory_weight: float = 0.1, contrast_tau: float = 0.1, kd_tau: float = 1.0,
-                 queue_size: int = 20_000, queue_adds: int = 128, contrast_size: int = 4096,
-                 head_lr: float | None = None, rdd_compat_view_bug: bool = False):
-        super().__init__(ctx, start_steps=start_steps, iters_per_halving=iters_per_halving,
-                         student_steps=student_steps, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         lr_schedule=lr_schedule, weighting=weighting, grid=grid, rho=rho,
-                         final_stage_iters=final_stage_iters, tau=tau, beta=beta,
-                         gamma=gamma, feature_from_steps=feature_from_steps, pd_weight=pd_weight,
-                         classifier=classifier, data_name=data_name)
-        self.is_weight, self.is_tau = float(is_weight), float(is_tau)
-        self.memory_weight, self.contrast_tau, self.kd_tau = float(memory_weight), float(contrast_tau), float(kd_tau)
-        self.compat_view_bug = bool(rdd_compat_view_bug)
-        self.queue_args = (int(queue_size), int(queue_adds), int(contrast_size))
-        self.head_opt_kwargs = dict(lr=float(lr if head_lr is None else head_lr), betas=tuple(float(b) for b in betas),
-                                    eps=float(eps))
+    def __init__(self, ctx, opts=None, **overrides):
+        super().__init__(ctx, opts, **overrides)
+        o = self.opts
+        self.head_opt_kwargs = dict(lr=o.lr if o.head_lr is None else o.head_lr, betas=o.betas, eps=o.eps)
         with torch.no_grad():
             probe = torch.zeros((2,) + self.shape, device=ctx.device)
             self.channels = classifier_outputs(self.classifier, probe)[0].shape[1]
+        self._head_inputs = None
         self.fresh_memory()
 
     def fresh_memory(self) -> None:
         """A new queue (random unit vectors, pointer 0), projection head and head optimizer — at the start and at
         every halving, as each official stage is a separate run. Seeded by one draw of the method's generator
         (rank 0's, broadcast; the global RNG is left alone), so all ranks agree and resuming reproduces them."""
+        o = self.opts
         seed = shared_randint(2 ** 62, self.ctx.generator)
-        self.bank = PixelMemoryBank(*self.queue_args[:1], self.channels, *self.queue_args[1:],
+        self.bank = PixelMemoryBank(o.queue_size, self.channels, o.queue_adds, o.contrast_size,
                                     generator=torch.Generator().manual_seed(seed), device=self.ctx.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.head = ProjectionHead(self.channels).to(self.ctx.device).train()
         self.nets["rdd_head"] = self.head
-        # Its own Adam, stepped in after_step (not a trainer phase): no LR schedule, no clipping (official).
+        # Its own Adam (official: no LR schedule), stepped by the trainer in the ``rdd_head`` phase.
         self.optimizers["rdd_head"] = torch.optim.Adam(self.head.parameters(), **self.head_opt_kwargs)
 
     def advance_stage(self):
         super().advance_stage()
         self.fresh_memory()
 
+    def phases(self, step):
+        """``student``, then ``rdd_head`` in the stages that use the classifier losses."""
+        return ["student", "rdd_head"] if self.feature_stage() else ["student"]
+
     def relational_loss(self, map_student, map_teacher):
-        self.head.zero_grad(set_to_none=True)
-        self.bank.enqueue(gather_batch(map_teacher.detach()), self.ctx.generator, self.compat_view_bug)
-        l_is = intra_sample_p2p_loss(map_student, map_teacher, self.is_tau)
-        l_m = memory_p2p_loss(self.head(map_student), map_teacher, self.bank.contrast(), self.contrast_tau,
-                              self.kd_tau)
+        o = self.opts
+        self.bank.enqueue(gather_batch(map_teacher.detach()), self.ctx.generator, o.rdd_compat_view_bug)
+        contrast = self.bank.contrast()
+        l_is = intra_sample_p2p_loss(map_student, map_teacher, o.is_tau)
+        # The head with its parameters held constant: the student's gradient flows through it; the head's own
+        # gradient comes from the ``rdd_head`` phase, on these same inputs.
+        frozen = {k: v.detach() for k, v in self.head.named_parameters()}
+        proj = torch.func.functional_call(self.head, frozen, (map_student,))
+        l_m = memory_p2p_loss(proj, map_teacher, contrast, o.contrast_tau, o.kd_tau)
+        self._head_inputs = (map_student.detach(), map_teacher.detach(), contrast)
         logs = {"rdd/is_p2p": float(l_is.detach()), "rdd/memory_p2p": float(l_m.detach()),
                 "rdd/queue_ptr": float(self.bank.ptr)}
-        return self.is_weight * l_is + self.memory_weight * l_m, logs
+        return o.is_weight * l_is + o.memory_weight * l_m, logs
 
-    def after_step(self, step, nimg):
-        """Step the projection head from the gradients the trainer's backward pass left on it (unclipped)."""
-        params = [p for p in self.head.parameters() if p.grad is not None]
-        if not params:          # a plain-PD stage: the head was not used
-            return
-        dist.average_gradients(params)
-        if all(bool(torch.isfinite(p.grad).all()) for p in params):
-            self.optimizers["rdd_head"].step()
-        else:
-            print(f"[diffdistill] WARNING: non-finite gradient in the RDD projection head at step {step}; "
-                  f"head step skipped", flush=True)
-        self.head.zero_grad(set_to_none=True)
+    def head_loss(self):
+        """The ``rdd_head`` phase's loss: memory_weight·L_M on the student phase's maps and contrast set, the head's
+        parameters free (the only term of the official loss that depends on them). BatchNorm statistics were
+        updated by the student phase's forward and are left alone here."""
+        if self._head_inputs is None:
+            raise RuntimeError("the rdd_head phase runs after the student phase of the same iteration")
+        map_s, map_t, contrast = self._head_inputs
+        self._head_inputs = None
+        o = self.opts
+        # copies of the BatchNorm buffers: the statistics update of this forward is discarded (and the module's own
+        # buffers, which the student phase's graph saved, are not modified in place)
+        buffers = {k: v.clone() for k, v in self.head.named_buffers()}
+        proj = torch.func.functional_call(self.head, buffers, (map_s,))
+        l_m = memory_p2p_loss(proj, map_t, contrast, o.contrast_tau, o.kd_tau)
+        return o.memory_weight * l_m, {}
+
+    def loss(self, phase, batch, step):
+        if phase == "rdd_head":
+            return self.head_loss()
+        return super().loss(phase, batch, step)
 
     def extra_state(self):
         return {**super().extra_state(), "memory_bank": self.bank.state_dict()}

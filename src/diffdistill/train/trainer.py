@@ -321,6 +321,7 @@ class Trainer:
     def train_step(self) -> dict | None:
         batch = self.batch(self.step)
         logs = {}
+        self.method.before_step(self.step)
         for phase in self.method.phases(self.step):
             self.phase = phase
             opt = self.method.optimizers[phase]
