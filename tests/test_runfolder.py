@@ -3,6 +3,7 @@ ways in, and a lock file keeps a second live run out while the first is unaffect
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ import time
 import pytest
 
 from diffdistill.cli import main
-from diffdistill.io.checkpoint import list_checkpoints
+from diffdistill.io.checkpoint import list_checkpoints, load_checkpoint
 from diffdistill.train.runfolder import LOCK
 
 TINY = ["train-teacher", "--preset", "ring8", "--batch-size", "16", "--no-progress", "--set", "net.kwargs.hidden=16",
@@ -48,20 +49,22 @@ def test_a_stale_lock_is_taken_over(tmp_path, capsys):
 def test_a_second_live_run_is_refused_and_the_first_is_unaffected(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    first = subprocess.Popen([sys.executable, "-m", "diffdistill.cli", *TINY, "--out", str(out), "--iters", "400",
+    first = subprocess.Popen([sys.executable, "-m", "diffdistill.cli", *TINY, "--out", str(out), "--iters", "1000000",
                               "--set", "run.ckpt_every=50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=env)
     t0 = time.time()
     while time.time() - t0 < 120 and not list_checkpoints(out / "checkpoints"):
         time.sleep(0.05)
-    assert first.poll() is None, "the first run is still training"
     second = subprocess.run([sys.executable, "-m", "diffdistill.cli", *TINY, "--out", str(out), "--iters", "400",
                              "--resume", "auto"], capture_output=True, text=True, env=env)
+    assert first.poll() is None, "the first run was still training while the second tried"
     assert second.returncode == 2, second.stderr
     err = second.stderr.strip()
     assert len(err.splitlines()) == 1 and f"another run (process {first.pid}" in err, err
-    _, stderr = first.communicate(timeout=150)
-    assert first.returncode == 0, stderr[-2000:]
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=60)
+    assert first.returncode == 143, stderr[-2000:]
     steps = [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 401)), "the first run's log is whole and in order"
+    assert steps == list(range(1, steps[-1] + 1)), "the first run's log is whole and in order"
+    assert load_checkpoint(list_checkpoints(out / "checkpoints")[-1])["step"] == steps[-1]
     assert not (out / LOCK).exists()
