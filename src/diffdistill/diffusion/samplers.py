@@ -56,6 +56,24 @@ def euler_sampler(denoiser, noise, sigmas, labels=None, generator=None):
     return x, D.nfe
 
 
+def heun_step(D, x: torch.Tensor, sigma, sigma_next, labels=None) -> torch.Tensor:
+    """One step of EDM Algorithm 1 on dx/dσ = (x − D(x; σ))/σ from σ to σ' (2nd-order Heun; a plain Euler step
+    when σ' = 0). σ, σ' are Python floats (one level for the batch) or per-sample tensors [B]."""
+    def level(v):
+        return v.reshape((-1,) + (1,) * (x.ndim - 1)) if torch.is_tensor(v) else v
+
+    def denoise(x_, v):
+        return D(x_, v if torch.is_tensor(v) else torch.full((x_.shape[0],), v, dtype=torch.float32,
+                                                              device=x_.device), labels)
+    cur, nxt = level(sigma), level(sigma_next)
+    d = (x - denoise(x, sigma)) / cur
+    x_next = x + (nxt - cur) * d
+    if torch.is_tensor(sigma_next) or sigma_next > 0:
+        d_next = (x_next - denoise(x_next, sigma_next)) / nxt
+        x_next = x + (nxt - cur) * (0.5 * d + 0.5 * d_next)
+    return x_next
+
+
 @torch.no_grad()
 def heun_sampler(denoiser, noise, sigmas, labels=None, generator=None):
     """EDM Algorithm 1 (deterministic Heun, 2nd order). With N σ's > 0 and a trailing 0: NFE = 2N − 1,
@@ -64,12 +82,7 @@ def heun_sampler(denoiser, noise, sigmas, labels=None, generator=None):
     s = _as_list(sigmas)
     x = noise.to(torch.float32) * s[0]
     for cur, nxt in zip(s[:-1], s[1:]):
-        d = (x - _denoise(D, x, cur, labels)) / cur
-        x_next = x + (nxt - cur) * d
-        if nxt > 0:
-            d_next = (x_next - _denoise(D, x_next, nxt, labels)) / nxt
-            x_next = x + (nxt - cur) * (0.5 * d + 0.5 * d_next)
-        x = x_next
+        x = heun_step(D, x, cur, nxt, labels)
     return x, D.nfe
 
 

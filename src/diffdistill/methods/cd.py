@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 
 from ..diffusion.consistency import consistency_function
-from ..diffusion.samplers import consistency_sigmas
+from ..diffusion.samplers import consistency_sigmas, heun_step
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
 from ..options import option
@@ -69,15 +69,10 @@ def consistency_grid(num_scales: int, sigma_min: float = 0.002, sigma_max: float
 
 @torch.no_grad()
 def heun_teacher_step(teacher, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, labels=None):
-    """One Heun step of the teacher's PF-ODE dx/dσ = (x − D(x; σ))/σ from t to t' (per-sample σ's, no grad):
-
-        d = (x_t − D(x_t, t))/t,  x̃ = x_t + (t' − t)·d,  x̂ = x_t + (t' − t)·(d + (x̃ − D(x̃, t'))/t')/2."""
-    b = (-1,) + (1,) * (x_t.ndim - 1)
-    tb, nb = t.reshape(b), t_next.reshape(b)
-    d = (x_t - teacher(x_t, t, labels)) / tb
-    x_euler = x_t + (nb - tb) * d
-    d_next = (x_euler - teacher(x_euler, t_next, labels)) / nb
-    return x_t + (nb - tb) * (d + d_next) / 2
+    """One Heun step of the teacher's PF-ODE from t to t' (per-sample σ's, no grad; official
+    ``karras_diffusion.py:142-160``): d = (x_t − D(x_t, t))/t, x̃ = x_t + (t' − t)·d,
+    x̂ = x_t + (t' − t)·(d + (x̃ − D(x̃, t'))/t')/2 — the shared ``heun_step``."""
+    return heun_step(teacher, x_t, t, t_next, labels)
 
 
 def pseudo_huber_c(dim: int) -> float:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion.losses import edm_loss, edm_loss_weight
-from ..diffusion.schedules import sample_lognormal_sigma
+from ..diffusion.schedules import karras_sigma, sample_lognormal_sigma
 from ..errors import UserError
 from ..options import option
 from ..train.ema import EMAOptions
@@ -100,9 +100,7 @@ def sid_sigma(t: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0
 
     so t = 0 → σ_min and t = 1 → σ_max; t_max = 0.8 gives σ ≈ 24.41. Computed in float64, returned as float32
     (t = 0 gives exactly float32(0.002))."""
-    t = torch.as_tensor(t, dtype=torch.float64)
-    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
-    return ((hi + (1.0 - t) * (lo - hi)) ** rho).to(torch.float32)
+    return karras_sigma(1.0 - torch.as_tensor(t, dtype=torch.float64), sigma_min, sigma_max, rho).to(torch.float32)
 
 
 def sample_sid_sigma(n: int, generator: torch.Generator, tmax: float = 800.0, sigma_min: float = 0.002,
