@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..options import option
 from ..train.ema import EMAOptions
 from .registry import register
-from .score_distill import ScoreDistillMethod, ScoreDistillOptions, fake_score_loss, in_mode, paired_denoise
+from .score_distill import FakeScoreMethod, ScoreDistillOptions, fake_score_loss, in_mode, paired_denoise
 
 
 def ikl_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ class DiffInstructOptions(ScoreDistillOptions, EMAOptions):
 
 
 @register
-class DiffInstruct(ScoreDistillMethod):
+class DiffInstruct(FakeScoreMethod):
     name = "diff_instruct"
     summary = "Diff-Instruct: integral-KL gradient from an online fake score, 1 step, EMA, data-free (Luo et al. 2023)"
     needs_data = False

@@ -41,7 +41,7 @@ from ..options import option
 from ..train import distributed as dist
 from ..train.lr import warmup_lambda
 from .registry import register
-from .score_distill import DMDFamilyOptions, ScoreDistillMethod, set_dropout
+from .score_distill import DMDFamilyOptions, DistributionMatchingMethod, set_dropout
 
 
 def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -130,7 +130,7 @@ class DMDOptions(DMDFamilyOptions):
 
 
 @register
-class DMD(ScoreDistillMethod):
+class DMD(DistributionMatchingMethod):
     name = "dmd"
     summary = "DMD: distribution matching + regression to teacher ODE pairs, 1 step, data-free (Yin et al. 2024)"
     needs_data = False

@@ -38,7 +38,7 @@ from ..train.ema import EMAOptions
 from ..train.lr import warmup_lambda
 from .registry import register
 from .score_distill import (CRITIC_T_MAX, CRITIC_T_MIN, DM_T_MAX, DM_T_MIN, GRID_SIZE, DMDFamilyOptions,
-                            ScoreDistillMethod, dmd_sigma_grid, frozen, set_dropout, shared_randint)
+                            DistributionMatchingMethod, dmd_sigma_grid, frozen, set_dropout, shared_randint)
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -167,7 +167,7 @@ class DMD2Options(DMDFamilyOptions, EMAOptions):
 
 # ------------------------------------------------------------------------------------------------ method
 @register
-class DMD2(ScoreDistillMethod):
+class DMD2(DistributionMatchingMethod):
     name = "dmd2"
     summary = "DMD2: distribution matching + two-time-scale critic + diffusion-GAN; 1 or K steps (Yin et al. 2024)"
     needs_data = True  # the GAN term reads real data; without it (gan_weight = 0) DMD2 is data-free

@@ -1,12 +1,13 @@
-"""Shared pieces of the distribution-matching family (DMD, DMD2, Diff-Instruct): a generator and an online
-"fake" score network, both initialised from the teacher, and the gradient that pushes the generator's
-distribution toward the teacher's.
+"""Shared pieces of the score-distillation methods (DMD, DMD2, Diff-Instruct, SiD): a generator and an online
+"fake" score network, both initialised from the teacher (``FakeScoreMethod``), and, for DMD and DMD2, the
+distribution-matching gradient that pushes the generator's distribution toward the teacher's
+(``DistributionMatchingMethod``).
 
 Notation: D_real is the frozen teacher, D_fake the fake-score network trained with a denoising loss on the
 generator's own samples, x a generated sample, x_t = x + σε. The score is s = (D − x)/σ², so
 s_fake − s_real = (D_fake − D_real)/σ² and every gradient below is written with the denoiser difference.
 
-This module holds only what the three methods share (and the shared option blocks ``ScoreDistillOptions`` and
+This module holds only what these methods share (and the shared option blocks ``ScoreDistillOptions`` and
 ``DMDFamilyOptions``); each method file holds its own losses. The official repositories (tianweiy/DMD2,
 pkulwj1994/diff_instruct) are CC BY-NC-SA: nothing here is copied from them; the formulas follow the papers.
 """
@@ -26,7 +27,6 @@ from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
 from ..options import Options, option
 from ..train import distributed as dist
-from ..train.ema import ema_beta
 from .base import Method, MethodContext
 
 # Grid-index ranges of DMD/DMD2 (in σ space, so they stay fixed when the model is scaled down).
@@ -223,9 +223,10 @@ def shared_randint(high: int, generator: torch.Generator) -> int:
     return int(k)
 
 
-class ScoreDistillMethod(Method):
-    """Common set-up of the family: ``self.teacher`` (frozen D_real), ``self.G`` and ``self.fake`` (trainable
-    copies of the teacher), the sample shape, labels and noise drawn from the trainer's generator."""
+class FakeScoreMethod(Method):
+    """What DMD, DMD2, Diff-Instruct and SiD share: ``self.teacher`` (the frozen D_real), ``self.G`` and
+    ``self.fake`` (a generator and an online fake-score network, both trainable copies of the teacher), the sample
+    shape, and noise / labels drawn from the trainer's checkpointed generator."""
 
     role = "student"
     generator_phase = "generator"
@@ -241,11 +242,6 @@ class ScoreDistillMethod(Method):
         self.nets["fake_score"] = self.fake
         self.shape = tuple(self.teacher.sample_shape)
         self.label_dim = int(getattr(self.teacher, "label_dim", 0) or 0)
-        self.grid = dmd_sigma_grid(self.teacher.sigma_min, self.teacher.sigma_max)
-        # Grid-index ranges of the DM gradient and of the fake-score loss (official; a method may narrow them).
-        self.dm_t_range, self.critic_t_range = (DM_T_MIN, DM_T_MAX), (CRITIC_T_MIN, CRITIC_T_MAX)
-        # The mode both nets run in for the paired DM/IKL call (None: teacher eval, fake score as it is).
-        self.paired_training: Optional[bool] = None
         # The generator phase's samples, with grad (set by each method's generator loss; see ``generated_batch``).
         self.generated = None
         self.generated_labels = None
@@ -278,6 +274,23 @@ class ScoreDistillMethod(Method):
             return None
         return random_onehot(n, self.label_dim, self.ctx.generator).to(self.ctx.device)
 
+    @staticmethod
+    def bview(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return v.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+class DistributionMatchingMethod(FakeScoreMethod):
+    """DMD and DMD2: noise levels on DMD2's reversed 1000-point Karras grid, the DM generator loss and the
+    fake-score denoising loss on that grid."""
+
+    def __init__(self, ctx: MethodContext, opts=None, **overrides):
+        super().__init__(ctx, opts, **overrides)
+        self.grid = dmd_sigma_grid(self.teacher.sigma_min, self.teacher.sigma_max)
+        # Grid-index ranges of the DM gradient and of the fake-score loss (official; a method may narrow them).
+        self.dm_t_range, self.critic_t_range = (DM_T_MIN, DM_T_MAX), (CRITIC_T_MIN, CRITIC_T_MAX)
+        # The mode both nets run in for the paired DM call (None: teacher eval, fake score as it is).
+        self.paired_training: Optional[bool] = None
+
     def grid_sigma(self, n: int, lo: int, hi: int, grid: torch.Tensor):
         """(indices, σ = grid[indices]) with indices uniform on {lo..hi}."""
         t = sample_grid_index(n, lo, hi, self.ctx.generator)
@@ -298,37 +311,3 @@ class ScoreDistillMethod(Method):
         ``self.critic_t_range``)."""
         _, sigma = self.grid_sigma(x.shape[0], *self.critic_t_range, self.grid)
         return fake_score_loss(self.fake, x.detach(), sigma, self.randn_like(x), labels, reduction)
-
-    @staticmethod
-    def bview(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return v.reshape((-1,) + (1,) * (x.ndim - 1))
-
-
-class EMAGenerator:
-    """Mixin for one-step methods that update their own EMA of the generator in ``after_step`` (SiD until it moves
-    to the trainer-owned ``Method.track_ema``; Diff-Instruct no longer uses it): EDM's half-life
-    rule β = 0.5^(B/h), h = min(half-life, ramp-up·n_img) with B the global batch, or a constant β. Expects
-    ``self.G``, ``self.ema``, ``self.sigma_init``, ``self.ema_halflife_kimg``, ``self.ema_rampup`` and
-    ``self.ema_beta_const``."""
-
-    def ema_beta(self, nimg: int) -> float:
-        """β = 0.5^(B/h), h = min(half-life, ramp-up·n_img) images (EDM's rule, as in the official code), with B
-        the global batch; or the constant ``ema_beta_const``."""
-        return ema_beta(self.ctx.batch_size * self.ctx.world_size, nimg, self.ema_halflife_kimg, self.ema_rampup,
-                        self.ema_beta_const)
-
-    def after_step(self, step, nimg):
-        self.last_beta = self.ema_beta(nimg)
-        self.ema.update(self.G, self.last_beta)
-
-    def sampling_net(self):
-        return self.ema.net
-
-    def sampling_spec(self):
-        return {"sampler": "multistep", "sigmas": [self.sigma_init]}
-
-    def extra_state(self):
-        return {"ema": self.ema.net.state_dict()}
-
-    def load_extra_state(self, state):
-        self.ema.net.load_state_dict(state["ema"])

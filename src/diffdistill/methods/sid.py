@@ -52,7 +52,7 @@ from ..errors import UserError
 from ..options import option
 from ..train.ema import EMAOptions
 from .registry import register
-from .score_distill import ScoreDistillMethod, frozen
+from .score_distill import FakeScoreMethod, frozen
 
 W_MIN = 1e-5            # lower clip of the per-sample normaliser w (training/sid_loss.py:54)
 
@@ -219,7 +219,7 @@ def nan_to_num_grad(grad: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ method
 @register
-class SiD(ScoreDistillMethod):
+class SiD(FakeScoreMethod):
     name = "sid"
     summary = "SiD: α-weighted score-identity loss with an online fake score, 1 step from σ=2.5, EMA, " \
               "data-free (Zhou et al. 2024)"
