@@ -40,50 +40,55 @@ def _as_list(sigmas):
     return [float(s) for s in (sigmas.tolist() if torch.is_tensor(sigmas) else sigmas)]
 
 
-def _denoise(D, x, sigma, labels):
-    return D(x, torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device), labels)
+def _level(v, x: torch.Tensor):
+    """σ as a Python float (one level for the batch) or a per-sample tensor [B] broadcast over x."""
+    return v.reshape((-1,) + (1,) * (x.ndim - 1)) if torch.is_tensor(v) else v
 
 
-@torch.no_grad()
-def euler_sampler(denoiser, noise, sigmas, labels=None, generator=None):
-    """First-order Euler on the probability-flow ODE dx/dσ = (x − D(x; σ))/σ. NFE = number of steps."""
-    D = NFECounter(denoiser)
-    s = _as_list(sigmas)
-    x = noise.to(torch.float32) * s[0]
-    for cur, nxt in zip(s[:-1], s[1:]):
-        d = (x - _denoise(D, x, cur, labels)) / cur
-        x = x + (nxt - cur) * d
-    return x, D.nfe
+def _denoise(D, x: torch.Tensor, sigma, labels):
+    return D(x, sigma if torch.is_tensor(sigma) else torch.full((x.shape[0],), sigma, dtype=torch.float32,
+                                                                device=x.device), labels)
+
+
+def euler_step(D, x: torch.Tensor, sigma, sigma_next, labels=None) -> torch.Tensor:
+    """One Euler step of the probability-flow ODE dx/dσ = (x − D(x; σ))/σ from σ to σ'."""
+    cur, nxt = _level(sigma, x), _level(sigma_next, x)
+    return x + (nxt - cur) * ((x - _denoise(D, x, sigma, labels)) / cur)
 
 
 def heun_step(D, x: torch.Tensor, sigma, sigma_next, labels=None) -> torch.Tensor:
     """One step of EDM Algorithm 1 on dx/dσ = (x − D(x; σ))/σ from σ to σ' (2nd-order Heun; a plain Euler step
     when σ' = 0). σ, σ' are Python floats (one level for the batch) or per-sample tensors [B]."""
-    def level(v):
-        return v.reshape((-1,) + (1,) * (x.ndim - 1)) if torch.is_tensor(v) else v
-
-    def denoise(x_, v):
-        return D(x_, v if torch.is_tensor(v) else torch.full((x_.shape[0],), v, dtype=torch.float32,
-                                                              device=x_.device), labels)
-    cur, nxt = level(sigma), level(sigma_next)
-    d = (x - denoise(x, sigma)) / cur
+    cur, nxt = _level(sigma, x), _level(sigma_next, x)
+    d = (x - _denoise(D, x, sigma, labels)) / cur
     x_next = x + (nxt - cur) * d
     if torch.is_tensor(sigma_next) or sigma_next > 0:
-        d_next = (x_next - denoise(x_next, sigma_next)) / nxt
+        d_next = (x_next - _denoise(D, x_next, sigma_next, labels)) / nxt
         x_next = x + (nxt - cur) * (0.5 * d + 0.5 * d_next)
     return x_next
+
+
+def _ode_sampler(step, denoiser, noise, sigmas, labels):
+    """x_0 = σ_0·noise, then ``step`` from each σ to the next; returns (x, NFE)."""
+    D = NFECounter(denoiser)
+    s = _as_list(sigmas)
+    x = noise.to(torch.float32) * s[0]
+    for cur, nxt in zip(s[:-1], s[1:]):
+        x = step(D, x, cur, nxt, labels)
+    return x, D.nfe
+
+
+@torch.no_grad()
+def euler_sampler(denoiser, noise, sigmas, labels=None, generator=None):
+    """First-order Euler on the probability-flow ODE dx/dσ = (x − D(x; σ))/σ. NFE = number of steps."""
+    return _ode_sampler(euler_step, denoiser, noise, sigmas, labels)
 
 
 @torch.no_grad()
 def heun_sampler(denoiser, noise, sigmas, labels=None, generator=None):
     """EDM Algorithm 1 (deterministic Heun, 2nd order). With N σ's > 0 and a trailing 0: NFE = 2N − 1,
     because the last step (to σ = 0) is a plain Euler step."""
-    D = NFECounter(denoiser)
-    s = _as_list(sigmas)
-    x = noise.to(torch.float32) * s[0]
-    for cur, nxt in zip(s[:-1], s[1:]):
-        x = heun_step(D, x, cur, nxt, labels)
-    return x, D.nfe
+    return _ode_sampler(heun_step, denoiser, noise, sigmas, labels)
 
 
 @torch.no_grad()
@@ -94,12 +99,7 @@ def ddim_sampler(denoiser, noise, sigmas, labels=None, generator=None):
     it is kept as its own function because its form (keep the predicted noise, move the clean estimate) is the
     one users know. NFE = number of steps.
     """
-    D = NFECounter(denoiser)
-    s = _as_list(sigmas)
-    x = noise.to(torch.float32) * s[0]
-    for cur, nxt in zip(s[:-1], s[1:]):
-        x = ddim_step(D, x, cur, nxt, labels)
-    return x, D.nfe
+    return _ode_sampler(ddim_step, denoiser, noise, sigmas, labels)
 
 
 @torch.no_grad()
