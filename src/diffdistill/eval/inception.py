@@ -44,7 +44,7 @@ from ..data.images import load_npz
 from ..errors import UserError
 from ..io.checkpoint import file_sha256 as digest_and_size
 from ..nets.inception_fidelity import fidelity_state_dict_problems, load_fidelity_weights, InceptionV3Fidelity
-from .generate import generate
+from .generate import generate, images_to_uint8_pixels
 from .metrics import frechet_distance, kid as kid_score, precision_recall, FeatureStats
 
 
@@ -78,7 +78,7 @@ def resolve_inception_path(path=None) -> Path | None:
 def images_to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] float in [−1, 1] (or uint8) → uint8 RGB, quantised like EDM's generate.py; grey → 3 channels."""
     if x.dtype != torch.uint8:
-        x = (x.float() * 127.5 + 128).clip(0, 255).to(torch.uint8)
+        x = images_to_uint8_pixels(x)
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise UserError(f"Inception metrics need images [N, 1|3, H, W], got shape {tuple(x.shape)}")
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
