@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import yaml
 
 from . import __version__
-
 from .compare import compare
-from .config import check_device, list_presets, load_preset, preset_path, resolve, RunOptions, TEACHER_PRESETS
+from .config import TEACHER_PRESETS, RunOptions, check_device, list_presets, load_preset, preset_path, resolve
 from .demo import run_demo
 from .distill import distill
 from .errors import UserError
@@ -27,13 +25,13 @@ from .eval.inception import compute_reference, load_extractor, load_reference, r
 from .eval.plots import write_png_folder
 from .io import convert_teacher, export_checkpoint, load_for_sampling
 from .io.diffusers import export_diffusers
+from .io.paths import check_output_file
 from .methods.embedding_loss import ELOptions
 from .methods.registry import get_method, list_methods
 from .train.distributed import init_distributed, rank
 from .train.health import is_out_of_memory, out_of_memory_message
 from .train.memory import dry_run_report
 from .train.trainer import DivergenceError, OutOfMemoryStop, Trainer
-
 
 # Exit codes: 0 done; 2 bad input (one line naming the fix); 3 diverged (NaN/inf, nan_policy=stop); 4 out of
 # memory; 128 + signal number (130 SIGINT, 143 SIGTERM) when a signal stopped training after a final checkpoint.
@@ -88,19 +86,6 @@ def _run_flags(a) -> dict:
     return {"run": run}
 
 
-def check_output_file(path, flag: str) -> Path:
-    """Refuse, before any work, an output file path that names a folder, sits below a file, or cannot be written."""
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{flag} {p} is a folder: give a file path (e.g. {p / 'out'}{p.suffix or ''})")
-    parent = next((q for q in [p.parent, *p.parent.parents] if q.exists()), Path("."))
-    if not parent.is_dir():
-        raise UserError(f"{flag} {p}: {parent} is a file, not a folder; choose another output path")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{flag} {p}: {parent} is not writable; choose another output path")
-    return p
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="diffdistill", description="Distill diffusion teachers into one-step / few-step students.")
     p.add_argument("--version", action="version", version=f"diffdistill {__version__}")
@@ -124,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", choices=["edm", "mod"], help="class of each seed: edm (drawn from the seed's RNG "
                    "as NVlabs/edm generate.py) or mod (seed mod classes); default: the checkpoint's (edm for EDM "
                    ".pkl teachers)")
+    s.add_argument("--batch-size", type=int, default=256, help="samples generated at once (lower it on out of memory)")
     s.add_argument("--device", default="cpu")
 
     e = sub.add_parser("eval", help="measure a checkpoint: proxy-FID/KID (images), sliced W2/MMD (2-D), images/s")
@@ -327,14 +313,16 @@ def cmd_sample(a) -> int:
     import numpy as np
     if a.num_samples <= 0:
         raise UserError(f"--num-samples must be positive, got {a.num_samples}")
+    if a.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {a.batch_size}")
     check_device(a.device)
     net, state = load_for_sampling(a.checkpoint, a.device)
     spec = sampling_spec_for(state, a.steps, a.sampler)
     out = Path(a.out)
     if out.suffix != ".npz" and not net.img_resolution:  # refuse before sampling, not after
         raise UserError("PNG output is for images; use --out FILE.npz for 2-D points")
-    x, labels, info = generate(net, range(a.seed, a.seed + a.num_samples), spec, device=a.device,
-                               label_rule=a.labels)
+    x, labels, info = generate(net, range(a.seed, a.seed + a.num_samples), spec, batch_size=a.batch_size,
+                               device=a.device, label_rule=a.labels)
     if x.ndim == 4 and not a.raw:  # images are float32 in [-1, 1]; 2-D points keep their own range
         x = x.clamp(-1, 1)
     if out.suffix == ".npz":

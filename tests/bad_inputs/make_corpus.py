@@ -33,6 +33,9 @@ def main():
     np.savez(HERE / "unlabelled_8x8.npz", x=u8(4, 1, 8, 8))
     np.savez(HERE / "rgb_8x8.npz", x=u8(4, 3, 8, 8))
     np.savez(HERE / "gray_16x16.npz", x=u8(4, 1, 16, 16))
+    nan = rng.uniform(-1, 1, (4, 1, 8, 8)).astype(np.float32)
+    nan[2, 0, 3, 3] = np.nan
+    np.savez(HERE / "nan_8x8.npz", x=nan)
     (HERE / "garbage.pt").write_bytes(rng.integers(0, 256, 512, dtype=np.uint8).tobytes())
     (HERE / "garbage.safetensors").write_bytes(rng.integers(0, 256, 512, dtype=np.uint8).tobytes())
     import torch

@@ -7,9 +7,10 @@ from diffdistill.data.base import Dataset
 from diffdistill.data.digits import DIGITS_HELDOUT, digits_split, load_digits_dataset
 from diffdistill.data.images import (BUILTIN_NAMES, IMAGE_EXTENSIONS, load_dataset, load_edm_zip, load_image_folder,
                                      load_npz)
-from diffdistill.errors import UserError
 from diffdistill.data.toy2d import (GMM, RING8_RADIUS, RING8_STD, TOY2D_NAMES, gmm_denoiser, make_toy2d,
                                     mode_assignments, ring8_gmm, ring8_modes)
+from diffdistill.errors import UserError
+from diffdistill.options import nearest
 
 __all__ = [
     "Dataset", "load_dataset", "BUILTIN_NAMES", "IMAGE_EXTENSIONS",
@@ -20,10 +21,17 @@ __all__ = [
 ]
 
 
+# The keys of a config's ``data`` section.
+DATA_KEYS = ("name", "path", "split", "heldout", "n", "seed")
+
+
 def dataset_from_config(cfg: dict) -> Dataset:
     """The ``data`` section of a run config: ``{'name': 'digits', 'split': 'train'|'heldout'|'all'}``,
     ``{'name': 'ring8', 'n': 20000, 'seed': 0}`` or ``{'path': 'my_images/'}``."""
     cfg = dict(cfg or {})
+    for k in cfg:
+        if k not in DATA_KEYS:
+            raise UserError(f"data.{k} is not a data option{nearest(k, DATA_KEYS)}; valid: {', '.join(DATA_KEYS)}")
     spec = cfg.get("path") or cfg.get("name")
     if not spec:
         raise UserError("no data given: set --data (digits, ring8, checkerboard, two_moons, or a path)")

@@ -231,6 +231,10 @@ def load_npz(path: PathLike) -> Dataset:
             arr, labels = data[key], (data[lkey] if lkey else None)
         except Exception as e:
             raise UserError(f"cannot read arrays from {str(p)!r} ({type(e).__name__}); re-save the file") from None
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).reshape(len(arr), -1).any(1).sum())
+        raise UserError(f"{str(p)!r}: {bad} image(s) contain NaN or inf values; remove or fix them (data must be "
+                        f"finite, in [-1, 1] or uint8)")
     x = _npz_images(arr, repr(str(p)))
     if labels is not None and not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
         raise UserError(f"labels in {str(p)!r} have dtype {labels.dtype}; store integer class indices 0..K-1")

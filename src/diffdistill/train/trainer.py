@@ -20,8 +20,18 @@ from ..data import dataset_from_config as load_dataset
 from ..errors import UserError
 from ..eval.generate import generate
 from ..eval.plots import save_samples_png
-from ..io.checkpoint import (atomic_write, checkpoint_path, find_resume_checkpoint, list_checkpoints, load_checkpoint,
-                             prune_checkpoints, remove_stale_files, save_checkpoint, verify_checkpoint)
+from ..io.checkpoint import (
+    atomic_write,
+    checkpoint_path,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    remove_stale_files,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from ..io.paths import check_output_dir
 from ..methods.base import MethodContext
 from ..methods.registry import get_method
 from . import distributed as dist
@@ -85,10 +95,15 @@ def _set_rng_state(gen: torch.Generator, state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_data_matches_net(shape: tuple, num_classes: int, net_cfg: dict) -> None:
-    """Refuse data whose shape or label count does not fit the network, naming the fix."""
+def check_data_matches_net(shape: tuple, num_classes: int, net_cfg: dict, teacher_net: bool = False) -> None:
+    """Refuse data whose shape or label count does not fit the network, naming the fix. ``teacher_net``: the
+    network is a teacher's (distillation), whose shape cannot change — the data must fit it."""
     C, R, L = net_cfg.get("img_channels"), net_cfg.get("img_resolution", 0), net_cfg.get("label_dim", 0)
     want = (C, R, R) if R else (C,)
+    if tuple(shape) != want and teacher_net:
+        raise UserError(f"data samples have shape {tuple(shape)} but the teacher's network takes {want}, and a "
+                        f"trained teacher's shape cannot change: give --data with {want} samples (resize or "
+                        f"convert the images), or a teacher trained on this data")
     if tuple(shape) != want:
         fix = (f"--set net.img_channels={shape[0]} --set net.img_resolution={shape[-1]}" if len(shape) == 3
                else f"--set net.img_channels={shape[0]} --set net.img_resolution=0")
@@ -107,8 +122,7 @@ class Trainer:
         self.cfg = cfg
         run = cfg["run"]
         self.out = Path(run["out"])
-        if self.out.exists() and not self.out.is_dir():
-            raise UserError(f"--out {self.out} is a file, not a folder: give a new or existing run directory")
+        check_output_dir(self.out)
         check_device(run["device"])
         self.device = torch.device(run["device"])
         run["batch_size"] = per_process_batch(run, dist.launched_world_size())
@@ -142,7 +156,7 @@ class Trainer:
         net_cfg = cfg.get("net", {})
         shape = tuple(self.dataset.sample_shape) if self.dataset is not None else ()
         if shape and net_cfg:
-            check_data_matches_net(shape, getattr(self.dataset, "num_classes", 0), net_cfg)
+            check_data_matches_net(shape, getattr(self.dataset, "num_classes", 0), net_cfg, teacher is not None)
         ctx = MethodContext(device=self.device, generator=self.gen, batch_size=run["batch_size"],
                             world_size=self.world, net_config=net_cfg, teacher=teacher, teacher_path=teacher_path,
                             sample_shape=shape, num_classes=getattr(self.dataset, "num_classes", 0),
