@@ -144,3 +144,14 @@ def test_old_flag_spellings_still_work_with_a_deprecation_line(capsys):
     a = build_parser().parse_args(["distill", "--method", "dmd2", "--teacher", "t.pt", "--student-steps", "2",
                                    "--iters", "7", "--budget-minutes", "1.5"])
     assert (a.student_steps, a.iters, a.budget_minutes) == (2, 7, 1.5) and capsys.readouterr().err == ""
+
+
+def test_demo_reports_progress_and_headline_and_runs_again(tmp_path, capsys):
+    from diffdistill.cli import main
+    args = ["demo", "--out", str(tmp_path / "demo"), "--num-samples", "40", "--distill-iters", "2", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[1/6] teacher, Heun, 18 steps (NFE 35)" in out and "resume auto" not in out
+    assert "dmd2 student, 1 NFE: proxy-FID" in out and "× the teacher's" in out and "demo done in" in out
+    assert (tmp_path / "demo" / "report.md").is_file()
+    assert main(args) == 0, "a second demo into the same folder continues its own runs"

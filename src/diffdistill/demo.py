@@ -40,13 +40,19 @@ def _get_teacher(out: Path, retrain: bool, teacher_steps, device, progress, timi
         return teacher, SHIPPED_TEACHER
     if retrain and (out / "teacher").exists():  # keep the old run: never overwrite work
         (out / "teacher").rename(out / f"teacher.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    flags = {"run": {"out": str(out / "teacher"), "device": device, "progress": progress, "resume": "auto"}}
+    flags = {"run": {"out": str(out / "teacher"), "device": device, "progress": progress,
+                     **_continue_or_restart(out / "teacher")}}
     if teacher_steps:
         flags["run"]["steps"] = teacher_steps
     trainer = Trainer(resolve("digits", flags=flags))
-    trainer.run()  # resumes (run.resume=auto) when the run directory already holds checkpoints
+    trainer.run()
     timings["teacher training"] = time.perf_counter() - t0
     return trainer.method.sampling_net().eval(), list_checkpoints(trainer.ckpt_dir)[-1]
+
+
+def _continue_or_restart(run_dir: Path) -> dict:
+    """A demo run again continues its own runs; one stopped before its first checkpoint starts over."""
+    return {"resume": "auto"} if list_checkpoints(run_dir / "checkpoints") else {"overwrite": True}
 
 
 def run_demo(out="runs/demo", retrain_teacher: bool = False, teacher_steps=None, num_samples: int = 2000,
@@ -58,10 +64,14 @@ def run_demo(out="runs/demo", retrain_teacher: bool = False, teacher_steps=None,
     teacher, teacher_ckpt = _get_teacher(out, retrain_teacher, teacher_steps, device, progress, timings)
 
     t0 = time.perf_counter()
+    say(f"evaluating the teacher at {len(TEACHER_SPECS)} step counts ({num_samples} samples each; the 35-NFE one "
+        f"takes the longest)")
     ref = digits_floor_and_ceiling()
-    for name, spec in TEACHER_SPECS:
+    for i, (name, spec) in enumerate(TEACHER_SPECS):
         m = evaluate_net(teacher, spec, data_cfg, num_samples, seed=0, device=device)
         rows.append({"model": f"teacher ({name})", **m})
+        say(f"  [{i + 1}/{len(TEACHER_SPECS)}] teacher, {name} (NFE {m['nfe']}): proxy-FID {m['proxy_fid']:.2f} "
+            f"({time.perf_counter() - t0:.0f} s)")
     x, _, _ = generate(teacher, range(64), TEACHER_SPECS[0][1], device=device)
     save_samples_png(x, out / "teacher_samples.png")
     timings["teacher evaluation"] = time.perf_counter() - t0
@@ -75,7 +85,9 @@ def run_demo(out="runs/demo", retrain_teacher: bool = False, teacher_steps=None,
             m = evaluate_net(net, trainer.method.sampling_spec(), data_cfg, 500, seed=0, device=device)
             curve.append((trainer.step, m["proxy_fid"]))
 
-        flags = {"run": {"out": str(out / DEMO_METHOD), "device": device, "progress": progress, "resume": "auto"}}
+        flags = {"run": {"out": str(out / DEMO_METHOD), "device": device, "progress": progress,
+                         **_continue_or_restart(out / DEMO_METHOD)}}
+        say(f"distilling a 1-step {DEMO_METHOD} student")
         if distill_iters:
             flags["run"]["steps"] = distill_iters
         tr = distill(DEMO_METHOD, teacher_ckpt, flags=flags, on_sample=track)
@@ -95,8 +107,23 @@ def run_demo(out="runs/demo", retrain_teacher: bool = False, teacher_steps=None,
                "timings_seconds": {k: round(v, 1) for k, v in timings.items()}}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(out, metrics)
-    print(f"[diffdistill] demo done: {out / 'report.md'}")
+    teacher_fid = rows[0]["proxy_fid"]
+    say(f"teacher, 35 NFE: proxy-FID {teacher_fid:.2f}; teacher, 1 NFE: {rows[len(TEACHER_SPECS) - 1]['proxy_fid']:.1f}")
+    if len(rows) > len(TEACHER_SPECS):
+        s = rows[-1]
+        say(f"{DEMO_METHOD} student, 1 NFE: proxy-FID {s['proxy_fid']:.2f} ({s['proxy_fid'] / teacher_fid:.1f}× the "
+            f"teacher's), {s['images_per_second'] / rows[0]['images_per_second']:.0f}× its images/s")
+    say(f"demo done in {sum(timings.values()) / 60:.1f} min: {out / 'report.md'}")
     return metrics
+
+
+def say(msg: str) -> None:
+    print(f"[diffdistill] {msg}", flush=True)
+
+
+def _num(v, digits: int) -> str:
+    """A table cell: the number, or '–' when it was not measured (e.g. @297 with fewer samples)."""
+    return "–" if v is None else f"{v:.{digits}f}"
 
 
 def write_report(out: Path, metrics: dict) -> None:
@@ -113,8 +140,9 @@ def write_report(out: Path, metrics: dict) -> None:
         f"| real held-out digits (floor) | – | {n} | – | {ref['floor_proxy_fid']:.3f} | – | – |",
     ]
     for r in metrics["rows"]:
-        lines.append(f"| {r['model']} | {r['nfe']} | {r['num_samples']} | {r['proxy_fid']:.3f} | "
-                     f"{r[f'proxy_fid_n{n}']:.3f} | {r['kid']:.4f} | {r['images_per_second']:.0f} |")
+        lines.append(f"| {r['model']} | {r['nfe']} | {r['num_samples']} | {_num(r['proxy_fid'], 3)} | "
+                     f"{_num(r.get(f'proxy_fid_n{n}'), 3)} | {_num(r.get('kid'), 4)} | "
+                     f"{_num(r['images_per_second'], 0)} |")
     lines += [f"| Gaussian noise (ceiling) | – | {ref['noise_n']} | {ref['noise_proxy_fid']:.1f} | – | – | – |", "",
               "Teacher, Heun 35 NFE:", "", "![teacher samples](teacher_samples.png)", ""]
     if (out / "student_samples.png").exists():
