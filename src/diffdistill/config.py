@@ -37,6 +37,8 @@ class RunOptions(Options):
     spike_factor: float = option(10.0, "log a spike when a loss / grad norm exceeds this × its running median "
                                        "(0: off)", ge=0)
     grad_clip: Optional[float] = option(None, "max gradient norm per phase (null: off)", gt=0)
+    collapse_steps: int = option(50, "stop as diverged (exit 3) after this many steps with every loss and gradient "
+                                     "norm exactly 0 or a loss frozen at one value (0: off)", ge=0)
     progress: bool = option(True, "progress bar")
     resume: Optional[str] = option(None, "'auto' (newest valid checkpoint) or a checkpoint path", flag="--resume")
     overwrite: bool = option(False, "a new run may replace another run's files in its folder", flag="--overwrite")

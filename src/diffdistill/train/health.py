@@ -23,9 +23,12 @@ WATCHED = ("loss/", "grad_norm/")
 
 class HealthMonitor:
     def __init__(self, path: Path | None, factor: float = 10.0, window: int = 100, min_count: int = 20,
-                 say=print):
+                 say=print, collapse_steps: int = 50):
         self.path, self.factor, self.window, self.min_count, self.say = path, float(factor or 0), int(window), \
             int(min_count), say
+        self.collapse_steps = int(collapse_steps or 0)
+        self.zero_run = 0                   # consecutive steps whose every loss and gradient norm was exactly 0
+        self.frozen: dict[str, list] = {}   # key → [last value, consecutive repeats]
         self.history: dict[str, deque] = {}
         self.last_warned: dict[str, int] = {}
         self.interval_max: dict[str, float] = {}
@@ -62,6 +65,27 @@ class HealthMonitor:
             hist.append(value)
         return spikes
 
+    def collapse(self, logs: dict) -> str | None:
+        """A collapsed run — every loss and gradient norm exactly 0, or a loss frozen at one value — for
+        ``collapse_steps`` steps in a row: the reason, else None. (Noise draws change every step, so a healthy
+        loss never repeats exactly; 0 disables the check.)"""
+        if not self.collapse_steps:
+            return None
+        watched = {k: float(v) for k, v in logs.items() if k.startswith(WATCHED)}
+        if not watched:
+            return None
+        self.zero_run = self.zero_run + 1 if all(v == 0 for v in watched.values()) else 0
+        if self.zero_run >= self.collapse_steps:
+            return f"every loss and gradient norm has been exactly 0 for {self.zero_run} steps"
+        for k, v in watched.items():
+            if not k.startswith("loss/"):
+                continue
+            last = self.frozen.get(k)
+            self.frozen[k] = [v, last[1] + 1] if last and last[0] == v else [v, 1]
+            if self.frozen[k][1] >= self.collapse_steps and v != 0:
+                return f"{k} has been exactly {v:.6g} for {self.frozen[k][1]} steps"
+        return None
+
     def pop_interval_max(self) -> dict:
         out, self.interval_max = self.interval_max, {}
         return out
@@ -69,12 +93,15 @@ class HealthMonitor:
     # ---------------------------------------------------------------- checkpointed, so a resumed run logs alike
     def state_dict(self) -> dict:
         return {"history": {k: list(v) for k, v in self.history.items()}, "last_warned": dict(self.last_warned),
-                "interval_max": dict(self.interval_max)}
+                "interval_max": dict(self.interval_max), "zero_run": self.zero_run,
+                "frozen": {k: list(v) for k, v in self.frozen.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = {k: deque(v, maxlen=self.window) for k, v in state.get("history", {}).items()}
         self.last_warned = dict(state.get("last_warned", {}))
         self.interval_max = dict(state.get("interval_max", {}))
+        self.zero_run = int(state.get("zero_run", 0))
+        self.frozen = {k: list(v) for k, v in state.get("frozen", {}).items()}
 
 
 # ------------------------------------------------------------------------------------------------ out of memory

@@ -117,6 +117,11 @@ def check_data_matches_net(shape: tuple, num_classes: int, net_cfg: dict, teache
                         f"use --set net.label_dim=0 or give labelled data (class sub-folders / dataset.json)")
 
 
+def np_list(v) -> list:
+    """A hyper-parameter (scalar or tuple) as a list, for comparison."""
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
 class Trainer:
     def __init__(self, cfg: dict, teacher=None, teacher_path: str | None = None, dataset=None, supplements=()):
         self.cfg = cfg
@@ -174,7 +179,8 @@ class Trainer:
         self.stopped_by_signal = None  # the signal number when SIGINT/SIGTERM ended run() early
         self.phase = None              # the phase being computed (named by the NaN guard and OOM messages)
         self.health = HealthMonitor(self.out / "health.jsonl" if self.rank == 0 else None,
-                                    factor=run.get("spike_factor", 10.0), say=self._say)
+                                    factor=run.get("spike_factor", 10.0), say=self._say,
+                                    collapse_steps=run.get("collapse_steps", 50))
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -219,12 +225,15 @@ class Trainer:
         dist.barrier()
         return path
 
-    def last_good_checkpoint(self) -> str:
-        """The newest checkpoint that matches its manifest (named by the NaN guard and OOM messages)."""
-        for p in reversed(list_checkpoints(self.ckpt_dir)):
-            if verify_checkpoint(p)[0] is not False:
-                return str(p)
-        return "none yet"
+    def last_good_checkpoint(self, diverged: bool = False) -> str:
+        """The newest checkpoint that matches its manifest (named by the OOM message). After a divergence, the one
+        before it: the newest state is the one that went on to produce the NaN."""
+        valid = [p for p in list_checkpoints(self.ckpt_dir) if verify_checkpoint(p)[0] is not False]
+        if not valid:
+            return "none yet"
+        if diverged and len(valid) >= 2:
+            return str(valid[-2])
+        return str(valid[-1])
 
     def maybe_resume(self) -> None:
         what = self.cfg["run"].get("resume")
@@ -242,14 +251,48 @@ class Trainer:
             path = Path(what)
             state = load_checkpoint(path)
             why = "given by --resume"
+        fresh = self._optimizer_settings()   # as this run's config built them, before the checkpoint's overwrite
         self.load_state_dict(state)
         self._say(f"resumed from {path} at step {self.step}: {why}")
         changes = _config_changes(state.get("config", {}), self.cfg)
         if changes:
             self._say("WARNING: the configuration differs from the checkpoint's, so the run will not continue "
                       "exactly: " + "; ".join(changes[:6]) + (" …" if len(changes) > 6 else ""))
+        applied = self._apply_optimizer_settings(fresh)
+        if applied:
+            self._say("changed optimizer settings applied on resume: " + "; ".join(applied))
         if self.rank == 0:
             self._truncate_logs()
+
+    _HYPER = ("initial_lr", "betas", "eps", "weight_decay", "momentum")
+
+    def _optimizer_settings(self) -> dict:
+        return {name: [{k: g[k] for k in ("lr",) + self._HYPER if k in g} for g in opt.param_groups]
+                for name, opt in self.method.optimizers.items()}
+
+    def _apply_optimizer_settings(self, fresh: dict) -> list[str]:
+        """Give the resumed optimizers this run's learning rates and other hyper-parameters where the config
+        changed them (the checkpoint's state otherwise keeps the old ones); the LR schedule's position is kept, so
+        a changed base rate scales the scheduled rate. Returns what changed, for the log."""
+        applied = []
+        for name, opt in self.method.optimizers.items():
+            sched = self.method.schedulers.get(name)
+            for i, (g, f) in enumerate(zip(opt.param_groups, fresh.get(name, []))):
+                base_new, base_old = f.get("initial_lr", f["lr"]), g.get("initial_lr", g["lr"])
+                if base_new != base_old and "initial_lr" in f:
+                    g["lr"] *= base_new / base_old
+                    g["initial_lr"] = base_new
+                    if sched is not None and hasattr(sched, "base_lrs"):
+                        sched.base_lrs[i] = base_new
+                    applied.append(f"{name} lr {base_old:.4g} → {base_new:.4g}")
+                elif "initial_lr" not in f and f["lr"] != g["lr"]:
+                    applied.append(f"{name} lr {g['lr']:.4g} → {f['lr']:.4g}")
+                    g["lr"] = f["lr"]
+                for k in ("betas", "eps", "weight_decay", "momentum"):
+                    if k in f and tuple(np_list(f[k])) != tuple(np_list(g[k])):
+                        applied.append(f"{name} {k} {g[k]} → {f[k]}")
+                        g[k] = f[k]
+        return applied
 
     def _truncate_logs(self) -> None:
         """Drop log/health records written after the resumed step (by the run that was killed), so the logs read
@@ -293,9 +336,15 @@ class Trainer:
         if self.cfg["run"]["nan_policy"] == "skip":
             print(f"[diffdistill] WARNING: {msg}; skipping this step (nan_policy=skip)", flush=True)
             return True
-        raise DivergenceError(f"{msg}; stopped (nan_policy=stop). Last good checkpoint: "
-                              f"{self.last_good_checkpoint()}. Lower the learning rate (or set run.grad_clip) and "
-                              f"resume from it, or use --set run.nan_policy=skip")
+        raise DivergenceError(f"{msg}; stopped (nan_policy=stop). {self.divergence_advice()}, or use --set "
+                              f"run.nan_policy=skip")
+
+    def divergence_advice(self) -> str:
+        good = self.last_good_checkpoint(diverged=True)
+        if good == "none yet":
+            return "No checkpoint yet: lower the learning rate (--set method.lr=...) or set run.grad_clip and start again"
+        return (f"Last good checkpoint: {good}. Resume from it with a lower learning rate: --resume {good} --set "
+                f"method.lr=... (changed optimizer settings apply on resume), or set run.grad_clip")
 
     def _prepare_networks(self, teacher) -> None:
         """GPU-throughput options, applied to every trained network and the teacher: NHWC memory format and
@@ -435,6 +484,13 @@ class Trainer:
                     self.method.after_step(self.step, self.nimg)
                     last_logs.update(logs)  # latest value of every key (TTUR phases do not run every step)
                     self.health.observe(self.step, logs)
+                    collapsed = self.health.collapse(logs)
+                    if dist.any_true(collapsed is not None):
+                        self.health.event(self.step, "collapse", reason=collapsed)
+                        raise DivergenceError(f"training collapsed at step {self.step}: {collapsed or 'on a rank'} "
+                                              f"(a run that learns never repeats a loss exactly). "
+                                              f"{self.divergence_advice()}, or --set run.collapse_steps=0 to "
+                                              f"turn the check off")
                 self.train_seconds += time.perf_counter() - t_step
                 if on_step:
                     on_step(self)
