@@ -8,6 +8,7 @@ from .config import (RUN_DEFAULTS, apply_overrides, check_device, deep_update, g
 from .io import load_teacher
 from .methods.embedding_loss import embedding_loss_from_config
 from .methods.registry import get_method
+from .train.distributed import launched_rank
 from .train.trainer import Trainer
 
 
@@ -50,8 +51,9 @@ def distill(method: str, teacher_path, flags=None, config_file=None, overrides=N
     check_device(device)  # before the teacher is moved there
     teacher, tstate = load_teacher(teacher_path, device)
     cfg = distill_config(method, tstate, flags, config_file, overrides, preset=preset)
-    print(f"[diffdistill] {get_method(method).name}: preset {cfg['preset']['name']!r} ({cfg['preset']['file']})"
-          + (f" + {config_file}" if config_file else ""), flush=True)
+    if launched_rank() == 0:
+        print(f"[diffdistill] {get_method(method).name}: preset {cfg['preset']['name']!r} "
+              f"({cfg['preset']['file']})" + (f" + {config_file}" if config_file else ""), flush=True)
     cfg["teacher"] = {"path": str(teacher_path), "step": tstate["step"], "sampling": tstate["sampling"]}
     # Supplements named in the config (the ``el`` section: --el-weight / --set el.KEY=...) join the given ones.
     el = embedding_loss_from_config(cfg.get("el"), get_method(method))

@@ -40,6 +40,14 @@ def _reduce_device() -> torch.device:
     return torch.device("cpu")
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (its RANK), known before the process group exists."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def launched_world_size() -> int:
     """The number of processes torchrun started (its WORLD_SIZE), known before the process group exists."""
     try:
