@@ -3,18 +3,8 @@ method's preset for the data kind, and hand everything to the one Trainer."""
 
 from __future__ import annotations
 
-from .config import (
-    RUN_DEFAULTS,
-    apply_overrides,
-    check_device,
-    deep_update,
-    given_keys,
-    list_presets,
-    load_config_file,
-    load_preset,
-    preset_path,
-    validate_run,
-)
+from .config import (RUN_DEFAULTS, apply_overrides, check_device, deep_update, given_keys, list_presets,
+                     load_config_file, load_preset, preset_path, validate_run)
 from .io import load_teacher
 from .methods.embedding_loss import embedding_loss_from_config
 from .methods.registry import get_method
