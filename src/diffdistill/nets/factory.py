@@ -10,6 +10,9 @@ from .mlp import MLPDenoiserNet
 from .songunet import SongUNet
 
 ARCHS = ("songunet", "dhariwalunet", "mlp", "diffusers_unet2d")
+# Architecture arguments that are sizes (a zero or negative value is a mistake, refused before torch sees it).
+SIZE_KWARGS = ("model_channels", "channel_mult", "channel_mult_emb", "channel_mult_noise", "num_blocks", "hidden",
+               "depth")
 
 
 def build_denoiser(cfg: dict) -> Precond:
@@ -22,14 +25,24 @@ def build_denoiser(cfg: dict) -> Precond:
     C, R, L = int(cfg["img_channels"]), int(cfg.get("img_resolution", 0)), int(cfg.get("label_dim", 0))
     if arch == "diffusers_unet2d":  # a diffusers UNet2DModel: its preconditioning comes from its scheduler
         return build_diffusers_denoiser(cfg)
-    if arch == "songunet":
-        model = SongUNet(img_resolution=R, in_channels=C, out_channels=C, label_dim=L, **kw)
-    elif arch == "dhariwalunet":
-        model = DhariwalUNet(img_resolution=R, in_channels=C, out_channels=C, label_dim=L, **kw)
-    elif arch == "mlp":
-        model = MLPDenoiserNet(dim=C, label_dim=L, **kw)
-    else:
+    builders = {"songunet": lambda: SongUNet(img_resolution=R, in_channels=C, out_channels=C, label_dim=L, **kw),
+                "dhariwalunet": lambda: DhariwalUNet(img_resolution=R, in_channels=C, out_channels=C, label_dim=L,
+                                                     **kw),
+                "mlp": lambda: MLPDenoiserNet(dim=C, label_dim=L, **kw)}
+    if arch not in builders:
         raise UserError(f"unknown network architecture {arch!r}; use one of {', '.join(ARCHS)}")
+    sizes = [(k, v) for k, v in kw.items() if k in SIZE_KWARGS]
+    bad = [f"{k}={v!r}" for k, v in sizes
+           if any(not isinstance(x, bool) and isinstance(x, (int, float)) and x <= 0
+                  for x in (v if isinstance(v, (list, tuple)) else [v]))]
+    if C <= 0 or R < 0 or L < 0 or bad:
+        raise UserError(f"net: sizes must be positive, got {', '.join(bad) or f'img_channels={C}, img_resolution={R}'}"
+                        f"; fix net.kwargs / the net section")
+    try:
+        model = builders[arch]()
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError, AssertionError) as e:
+        raise UserError(f"cannot build the {arch} network from net.kwargs {kw}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else ''}; fix net.kwargs") from None
     kind = cfg.get("precond", "edm")
     if kind not in PRECONDS:
         raise UserError(f"unknown preconditioning {kind!r}; use one of {', '.join(PRECONDS)}")
