@@ -156,7 +156,7 @@ def test_nan_gradient_skip_policy_warns_and_keeps_params(tmp_path, capsys):
 
 def test_cli_divergence_names_the_loss_and_exits_3(teacher, tmp_path, monkeypatch, capsys):
     """A NaN in DMD2's distribution-matching term: exit 3, one line with the step, phase, the NaN loss's name and the
-    last good checkpoint."""
+    last good checkpoint (the one before the newest, which went on to diverge)."""
     from diffdistill.methods.dmd2 import DMD2
     orig, calls = DMD2.distribution_matching_loss, []
 
@@ -173,7 +173,9 @@ def test_cli_divergence_names_the_loss_and_exits_3(teacher, tmp_path, monkeypatc
     assert rc == 3 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     # generator phases run at steps 0, 5, 10 (TTUR ratio 5): the third one is step 10
     assert err.startswith("diffdistill: diverged: non-finite loss in phase 'generator' at step 10"), err
-    assert "dmd2/dm=nan" in err and "ckpt-00000010.pt" in err, err
+    # the newest checkpoint (step 10) is the state that produced the NaN: the one before it is named
+    assert "dmd2/dm=nan" in err and "Last good checkpoint:" in err and "ckpt-00000005.pt" in err, err
+    assert "ckpt-00000010.pt" not in err, err
 
 
 # ------------------------------------------------------------------------------------------------ health
