@@ -20,17 +20,8 @@ from ..data import dataset_from_config as load_dataset
 from ..errors import UserError
 from ..eval.generate import generate
 from ..eval.plots import save_samples_png
-from ..io.checkpoint import (
-    atomic_write,
-    checkpoint_path,
-    find_resume_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    prune_checkpoints,
-    remove_stale_files,
-    save_checkpoint,
-    verify_checkpoint,
-)
+from ..io.checkpoint import (atomic_write, checkpoint_path, find_resume_checkpoint, list_checkpoints, load_checkpoint,
+                             prune_checkpoints, remove_stale_files, save_checkpoint, verify_checkpoint)
 from ..io.paths import check_output_dir
 from ..methods.base import MethodContext
 from ..methods.registry import get_method
@@ -70,6 +61,10 @@ def _rng_state(gen: torch.Generator) -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def _config_changes(old, new, prefix="") -> list[str]:
@@ -115,11 +110,6 @@ def check_data_matches_net(shape: tuple, num_classes: int, net_cfg: dict, teache
     if L and not num_classes:
         raise UserError(f"the network is class-conditional (label_dim={L}) but the data has no labels: "
                         f"use --set net.label_dim=0 or give labelled data (class sub-folders / dataset.json)")
-
-
-def np_list(v) -> list:
-    """A hyper-parameter (scalar or tuple) as a list, for comparison."""
-    return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
 class Trainer:
@@ -289,7 +279,7 @@ class Trainer:
                     applied.append(f"{name} lr {g['lr']:.4g} → {f['lr']:.4g}")
                     g["lr"] = f["lr"]
                 for k in ("betas", "eps", "weight_decay", "momentum"):
-                    if k in f and tuple(np_list(f[k])) != tuple(np_list(g[k])):
+                    if k in f and _plain(f[k]) != _plain(g[k]):   # β may come back from a checkpoint as a list
                         applied.append(f"{name} {k} {g[k]} → {f[k]}")
                         g[k] = f[k]
         return applied
