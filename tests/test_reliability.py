@@ -197,6 +197,19 @@ def test_spike_monitor_logs_spikes_once_per_window(tmp_path):
     assert list(h2.history["loss/g"]) == list(h.history["loss/g"])
 
 
+def test_recurring_spikes_of_a_healthy_run_are_logged_not_printed(tmp_path):
+    """Healthy GAN / TTUR gradient norms reach 10-20× their median every few hundred steps: such a value is a
+    logged spike event, but a warning needs it to exceed 3× the window's largest value too (SPIKE_OVER_MAX)."""
+    said = []
+    h = HealthMonitor(tmp_path / "health.jsonl", factor=10, window=100, min_count=20, say=said.append)
+    for s in range(300):
+        h.observe(s, {"grad_norm/critic": 18.0 if s % 50 == 5 else 1.0 + 0.1 * (s % 5)})
+    events = [json.loads(line) for line in (tmp_path / "health.jsonl").read_text().splitlines()]
+    assert len(events) == 5 and not said           # steps 55, 105, …: 18× the median, not past 3 × 18
+    h.observe(300, {"grad_norm/critic": 80.0})     # a value past 3 × the window's largest is printed
+    assert len(said) == 1 and "grad_norm/critic = 80 at step 300" in said[0]
+
+
 def test_log_has_interval_max_grad_norm(tmp_path):
     Trainer(tiny_points_cfg(tmp_path, steps=20, log_every=10)).run()
     recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]

@@ -3,9 +3,14 @@ method's preset for the data kind, and hand everything to the one Trainer."""
 
 from __future__ import annotations
 
+import torch
+
 from .config import (RUN_DEFAULTS, apply_overrides, check_device, deep_update, given_keys, list_presets,
                      load_config_file, load_preset, preset_path, validate_run)
 from .io import load_teacher
+from .data import dataset_from_config
+from .errors import UserError
+from .eval.generate import generate
 from .methods.embedding_loss import embedding_loss_from_config
 from .methods.registry import get_method
 from .train.distributed import launched_rank
@@ -44,12 +49,54 @@ def distill_config(method: str, teacher_state: dict, flags=None, config_file=Non
     return cfg
 
 
+def announce_data(method: str, cfg: dict, tstate: dict, supplements=()) -> bool:
+    """Say, before anything runs, whether this run reads real data and which; refuse a run that needs data when
+    none is given or recorded by the teacher. Returns whether it reads data."""
+    cls = get_method(method)
+    reads = cls.uses_data(cls.Options.from_dict({k: v for k, v in cfg["method"].items() if k != "name"},
+                                                owner=cls.name)) \
+        or any(getattr(s, "needs_data", False) for s in supplements)
+    data = cfg.get("data") or {}
+    name = data.get("path") or data.get("name")
+    recorded = (tstate["config"].get("data") or {})
+    if reads and not name:
+        raise UserError(f"method {cls.name} reads real data with these options, and the teacher records no data "
+                        f"set: give --data NAME|PATH (digits, ring8, …, an image folder or a .npz/.pt file)")
+    if launched_rank() == 0:
+        origin = "the teacher's checkpoint" if name and name == (recorded.get("path") or recorded.get("name")) \
+            else "--data"
+        print(f"[diffdistill] data: {name} (from {origin})" if reads
+              else f"[diffdistill] data: none (data-free with these options)", flush=True)
+    return reads
+
+
+@torch.no_grad()
+def measure_sigma_data(cfg: dict, teacher, reads_data: bool, n: int = 2048) -> float:
+    """σ_d, the data's standard deviation over every value, for a teacher that does not state it: from the run's
+    data when given, else from 512 of the teacher's own samples (its recorded sampling recipe); printed."""
+    data = cfg.get("data") or {}
+    if reads_data or data.get("path") or data.get("name"):
+        x = dataset_from_config(data).x
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
+        origin = f"the data ({data.get('path') or data.get('name')})"
+    else:
+        spec = (cfg.get("teacher") or {}).get("sampling") or {"sampler": "heun", "nfe": 35}
+        x, _, _ = generate(teacher, range(512), spec, device=next(teacher.parameters()).device)
+        origin = "512 of the teacher's samples"
+    sigma_data = round(float(x.float().std()), 4)
+    if launched_rank() == 0:
+        print(f"[diffdistill] σ_data = {sigma_data} measured from {origin} (the teacher does not state it; "
+              f"set --set net.sigma_data=S to fix it)", flush=True)
+    return sigma_data
+
+
 def distill(method: str, teacher_path, flags=None, config_file=None, overrides=None, supplements=(), on_sample=None,
             on_step=None, dry_run: bool = False, preset: str | None = None):
     """Build the trainer and train; with ``dry_run`` return the built trainer without training or writing."""
     device = ((flags or {}).get("run") or {}).get("device", "cpu")
     check_device(device)  # before the teacher is moved there
     teacher, tstate = load_teacher(teacher_path, device)
+    sigma_data_stated = tstate["net_config"].get("sigma_data") is not None
     cfg = distill_config(method, tstate, flags, config_file, overrides, preset=preset)
     if launched_rank() == 0:
         print(f"[diffdistill] {get_method(method).name}: preset {cfg['preset']['name']!r} "
@@ -60,8 +107,15 @@ def distill(method: str, teacher_path, flags=None, config_file=None, overrides=N
     if el:
         cfg["el"] = el[0].options()   # the run's config records every EL option, defaults included
     supplements = list(supplements) + el
+    reads_data = announce_data(method, cfg, tstate, supplements)
+    if not sigma_data_stated:   # a teacher that does not state σ_d (DDPM-family diffusers): --set net.sigma_data
+        given = cfg["net"].get("sigma_data")
+        sigma_data = float(given) if given is not None else measure_sigma_data(cfg, teacher, reads_data)
+        cfg["net"] = {**cfg["net"], "sigma_data": sigma_data}
+        teacher.sigma_data = sigma_data
     trainer = Trainer(cfg, teacher=teacher, teacher_path=str(teacher_path), supplements=supplements)
     if dry_run:
+        trainer.start_check()
         return trainer
     trainer.run(on_sample=on_sample, on_step=on_step)
     return trainer

@@ -67,6 +67,19 @@ class Precond(nn.Module):
         """Keyword arguments that rebuild this preconditioner (stored as ``net_config['precond_kwargs']``)."""
         return {}
 
+    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """λ(σ) of this network's own training objective, on the x₀ error ‖D − x‖²: 1/c_out(σ)², i.e. unit weight
+        on the error of the raw output F (EDM §5, Eq. 8: the weighting that makes the effective training target
+        uniform). It is EDM's λ for EDM networks, the ε-MSE for ε-prediction (VP, DDPM: 1/σ²), the v-MSE for
+        v-prediction ((1 + σ²)/σ²) and the plain x₀-MSE for x₀-prediction (1)."""
+        return 1 / self.coefficients(sigma)[1].square()
+
+    def output_gain(self, sigma: float) -> float:
+        """|c_out(σ)|: how much an error of the raw output F is amplified in D(x; σ) — ≤ σ_d for EDM networks at
+        every σ, < 1 for v-prediction, 1 for x₀-prediction, but σ itself for ε-prediction (so a one-step output
+        D(σ_max·z; σ_max) of an ε-network multiplies every error of ε̂ by σ_max)."""
+        return float(torch.as_tensor(self.coefficients(torch.tensor([float(sigma)]))[1]).abs().reshape(-1)[0])
+
     @property
     def sample_shape(self) -> tuple:
         """Shape of one sample: (C, H, W) for images, (C,) for flat data."""
@@ -103,6 +116,29 @@ class Precond(nn.Module):
         return (D, feats) if return_bottleneck else D
 
 
+MAX_OUTPUT_GAIN = 2.5   # SiD's σ_init (sid_train.py:95): the one-step input noise level of its generator
+
+
+def conditioned_sigma_max(teacher, max_gain: float = MAX_OUTPUT_GAIN) -> float:
+    """The highest input noise level ≤ the teacher's σ_max at which a student initialised from the teacher has a
+    one-step output D(σ·z; σ) whose error is amplified at most ``max_gain``× the error of the raw network output
+    (|c_out(σ)| ≤ max_gain, ``Precond.output_gain``).
+
+    EDM, v- and x₀-prediction teachers have |c_out| ≤ 1 everywhere, so this is their σ_max — DMD/DMD2's official
+    input. An ε-prediction teacher (DDPM, VP, Stable Diffusion) has |c_out| = σ: at σ_max = 80 every error of ε̂ is
+    multiplied by 80 and the student starts far off the data's scale (the teacher's own one-step output spans
+    −15..22 on data in [−1, 1] for a DDPM digits UNet), so its ceiling becomes σ = 2.5, where the gain is that of
+    the noise level SiD and Diff-Instruct feed their one-step generators (σ_init 2.5 and 1.0)."""
+    hi, lo = float(teacher.sigma_max), float(teacher.sigma_min)
+    gain = getattr(teacher, "output_gain", None)
+    if gain is None or gain(hi) <= max_gain:
+        return hi
+    for _ in range(60):   # |c_out| increases with σ for every preconditioning here: bisect in ln σ
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if gain(mid) <= max_gain else (lo, mid)
+    return lo
+
+
 class EDMPrecond(Precond):
     """EDM preconditioning (Karras et al. 2022, Table 1 "Ours"; σ_d = 0.5 by default)."""
 
@@ -110,6 +146,9 @@ class EDMPrecond(Precond):
 
     def coefficients(self, sigma):
         return edm_coefficients(sigma, self.sigma_data)
+
+    def loss_weight(self, sigma):
+        return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2   # = 1/c_out², EDM's form
 
 
 def vp_sigma(t, beta_d: float = 19.9, beta_min: float = 0.1) -> torch.Tensor:

@@ -137,11 +137,34 @@ def quality(samples: torch.Tensor, data_cfg: dict | None, seed: int = 0) -> dict
     return {"note": "no built-in feature space for this data; FID needs an Inception weights file"}
 
 
+def parse_seeds(text: str) -> list[int]:
+    """EDM's seed lists (generate.py ``--seeds``): '0-1999', '5,7,100-199'; ranges include both ends."""
+    seeds = []
+    for part in str(text).split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
+        except ValueError:
+            raise UserError(f"--seeds: {part!r} is not a seed or an A-B range (e.g. 0-1999 or 0-999,5000-5999)") \
+                from None
+        if sep and int(hi) < int(lo):
+            raise UserError(f"--seeds: the range {part!r} is empty (A-B needs A <= B)")
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text!r}: seeds must be non-negative and distinct")
+    return seeds
+
+
 def evaluate_net(net, spec: dict, data_cfg: dict | None, num_samples: int = 2000, seed: int = 0, device="cpu",
-                 batch_size: int = 500) -> dict:
+                 batch_size: int = 500, seeds=None) -> dict:
+    """Quality of ``net`` sampled with ``spec``: one sample per seed, ``seeds`` or seed, seed+1, …,
+    seed+num_samples−1 (a second run with other seeds must not overlap: give a disjoint ``seeds`` range)."""
     t0 = time.perf_counter()
-    x, _, info = generate(net, range(seed, seed + num_samples), spec, batch_size=batch_size, device=device)
+    seeds = list(seeds) if seeds is not None else list(range(seed, seed + num_samples))
+    num_samples, seed = len(seeds), seeds[0]
+    x, _, info = generate(net, seeds, spec, batch_size=batch_size, device=device)
     out = {"nfe": info["nfe"], "num_samples": num_samples, "seed": seed,
+           "seeds": f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else "list",
            "images_per_second": round(info["images_per_second"], 2), **describe_spec(spec, net)}
     out.update(quality(x, data_cfg, seed))
     out["eval_seconds"] = round(time.perf_counter() - t0, 2)
@@ -149,20 +172,25 @@ def evaluate_net(net, spec: dict, data_cfg: dict | None, num_samples: int = 2000
 
 
 def evaluate_checkpoint(path, steps=None, sampler=None, num_samples=2000, seed=0, device="cpu",
-                        inception: dict | None = None) -> dict:
+                        inception: dict | None = None, seeds=None, data: dict | None = None) -> dict:
     """metrics.json of a checkpoint. ``inception`` (``{'extractor': TorchScriptExtractor, 'reference': Reference,
     'kid': bool, 'pr': bool, 'batch_size': int}``) replaces the data kind's built-in figures with Inception
-    FID/KID/precision-recall and their recipe (eval/inception.py)."""
+    FID/KID/precision-recall and their recipe (eval/inception.py). ``data`` (a data section, e.g. ``{'name':
+    'digits'}``) replaces the data recorded in the checkpoint — a diffusers teacher or a data-free student of one
+    records none. ``seeds`` (a list) replaces seed..seed+num_samples−1."""
     net, state = load_for_sampling(path, device)
     spec = sampling_spec_for(state, steps, sampler)
-    data_cfg = state["config"].get("data")
+    data_cfg = data or state["config"].get("data")
+    if seeds is not None:
+        seeds = list(seeds)
+        num_samples, seed = len(seeds), seeds[0]
     if inception is not None:
         m = evaluate_inception(net, spec, inception["extractor"], inception["reference"], num_samples, seed, device,
                                batch_size=inception.get("batch_size", 250), kid=inception.get("kid", True),
-                               pr=inception.get("pr", True))
+                               pr=inception.get("pr", True), seeds=seeds)
         m.update(describe_spec(spec, net))
         m["fid_recipe"].update({"checkpoint_sha256": _sha256(path), **describe_spec(spec, net)})
     else:
-        m = evaluate_net(net, spec, data_cfg, num_samples, seed, device)
+        m = evaluate_net(net, spec, data_cfg, num_samples, seed, device, seeds=seeds)
     return {"dataset": (data_cfg or {}).get("name") or (data_cfg or {}).get("path"), "role": state["role"],
             "method": state["method"], "checkpoint": str(Path(path)), "step": state["step"], **m}

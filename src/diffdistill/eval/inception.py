@@ -401,11 +401,12 @@ def inception_scores(gen_stats: FeatureStats, gen_feats: torch.Tensor | None, re
 
 def evaluate_inception(net, spec: dict, extractor: Extractor, ref: Reference, num_samples: int,
                        seed: int = 0, device="cpu", batch_size: int = 250, kid: bool = True, pr: bool = True,
-                       pr_max: int = 10_000) -> dict:
-    """Generate ``num_samples`` images (sample i from seed ``seed + i``; under torchrun rank r makes i ≡ r mod world)
-    and score them against ``ref``. Returns the scores, timing and the full recipe."""
+                       pr_max: int = 10_000, seeds=None) -> dict:
+    """Generate ``num_samples`` images (sample i from seed ``seed + i``, or from ``seeds[i]``; under torchrun rank r
+    makes i ≡ r mod world) and score them against ``ref``. Returns the scores, timing and the full recipe."""
     rank, world = _rank_world()
-    seeds = list(range(seed, seed + num_samples))[rank::world]
+    all_seeds = list(range(seed, seed + num_samples) if seeds is None else seeds)
+    seeds = all_seeds[rank::world]
     stats, feats = FeatureStats(), []
     t0, gen_secs, nfe = time.perf_counter(), 0.0, None
     for i in range(0, len(seeds), batch_size):
@@ -424,7 +425,7 @@ def evaluate_inception(net, spec: dict, extractor: Extractor, ref: Reference, nu
     if not kid:
         scores = {k: v for k, v in scores.items() if not k.startswith("kid")}
     recipe = {**extractor.recipe(), **ref.describe(), "num_samples": stats.n,
-              "seeds": f"{seed}..{seed + num_samples - 1} (sample i from seed i)", "world_size": world,
+              "seeds": f"{all_seeds[0]}..{all_seeds[-1]} ({len(all_seeds)} seeds, sample i from seed i)", "world_size": world,
               "statistics": "float64 sums over all ranks; unbiased covariance", "fid_formula":
               "|mu1-mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)"}
     if "kid" in scores:

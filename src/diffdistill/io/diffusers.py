@@ -57,7 +57,8 @@ def load_diffusers_teacher(path, dropout: float | None = None) -> dict:
     C, R, L = _check_unet(kw, unet_dir)
     net = DiffusersPrecond(UNet2DAdapter(unet, C), C, R, L, schedule=schedule, prediction_type=pred)
     cfg = {"arch": "diffusers_unet2d", "img_channels": C, "img_resolution": R, "label_dim": L,
-           "sigma_data": net.sigma_data, "sigma_min": net.sigma_min, "sigma_max": net.sigma_max, "kwargs": kw,
+           # σ_d: EDM-family schedulers state it; a DDPM-family one does not, so a run measures it (None here)
+           "sigma_data": net.sigma_data if schedule["family"] == "edm" else None, "sigma_min": net.sigma_min, "sigma_max": net.sigma_max, "kwargs": kw,
            "precond": "diffusers", "precond_kwargs": net.precond_config()}
     weights = sorted(unet_dir.glob("diffusion_pytorch_model*.safetensors")) or sorted(unet_dir.glob("*.bin"))
     return {"format": "diffusers", "method": "diffusers", "role": "teacher", "step": 0, "net_config": cfg,

@@ -48,6 +48,9 @@ class Method(ABC):
     generator_phase: ClassVar[Optional[str]] = None
     # The option schema: a dataclass whose defaults are the official recipe (see ``options.py``).
     Options: ClassVar[type] = Options
+    # The option that sets the student's one-step input noise level, named by the start-of-run health check when
+    # the student's initial samples are off the data's scale (None: the method has no such option).
+    input_sigma_option: ClassVar[Optional[str]] = None
 
     @classmethod
     def uses_data(cls, opts) -> bool:

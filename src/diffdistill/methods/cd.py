@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 
 from ..diffusion.consistency import consistency_function
+from ..diffusion.precond import conditioned_sigma_max
 from ..diffusion.samplers import consistency_sigmas, heun_step
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
@@ -146,6 +147,9 @@ class CDOptions(EMAOptions):
                                      "reads optim.warmup)", ge=0)
     num_scales: int = option(18, "N, points of the Karras grid (CIFAR-10: 18; ImageNet-64: 40)", ge=2)
     rho: float = option(7.0, "Karras grid exponent ρ (official 7)", gt=0)
+    sigma_max: Optional[float] = option(None, "T, the top of the grid and the one-step input σ; null: the teacher's "
+                                              "σ_max (official), or below it where the teacher's output gain |c_out| "
+                                              "exceeds 2.5 (ε-prediction: T = 2.5)", gt=0)
     target_ema: float = option(0.0, "μ, target EMA rate, θ⁻ = sg θ at 0 (CIFAR-10: 0; ImageNet-64: 0.95)",
                                ge=0, lt=1)
     distance: str = option("l2", "d(·,·): l2 / l1 (official norms), pseudo_huber (iCT); official lpips needs VGG "
@@ -173,6 +177,7 @@ class ConsistencyDistillation(Method):
     needs_data = True
     generator_phase = "student"
     Options = CDOptions
+    input_sigma_option = "sigma_max"
 
     def __init__(self, ctx, opts=None, **overrides):
         super().__init__(ctx, opts, **overrides)
@@ -190,7 +195,13 @@ class ConsistencyDistillation(Method):
         self.ema = self.track_ema("student", o)   # the evaluation EMA, which ``sample``/``eval`` use
         self.shape = tuple(self.teacher.sample_shape)
         self.label_dim = int(getattr(self.teacher, "label_dim", 0) or 0)
-        self.sigma_min, self.sigma_max = float(self.teacher.sigma_min), float(self.teacher.sigma_max)
+        self.sigma_min = float(self.teacher.sigma_min)
+        # T: an ε-teacher's consistency function at σ_max = 80 would be x − 80·ε̂, every error of ε̂ ×80
+        # (``conditioned_sigma_max``), so its grid and one-step input stop lower unless T is given.
+        if o.sigma_max is not None and not self.sigma_min < o.sigma_max <= self.teacher.sigma_max:
+            raise UserError(f"method.sigma_max must lie in ({self.sigma_min}, {self.teacher.sigma_max}], "
+                            f"got {o.sigma_max}")
+        self.sigma_max = conditioned_sigma_max(self.teacher) if o.sigma_max is None else float(o.sigma_max)
         self.grid = consistency_grid(o.num_scales, self.sigma_min, self.sigma_max, o.rho).to(torch.float32)
         self.sigmas = (list(o.sampling_sigmas) if o.sampling_sigmas is not None
                        else consistency_sigmas(o.student_steps, self.sigma_min, self.sigma_max, o.rho))

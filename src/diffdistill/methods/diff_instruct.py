@@ -78,6 +78,7 @@ class DiffInstruct(FakeScoreMethod):
     summary = "Diff-Instruct: integral-KL gradient from an online fake score, 1 step, EMA, data-free (Luo et al. 2023)"
     needs_data = False
     Options = DiffInstructOptions
+    input_sigma_option = "sigma_init"
 
     def __init__(self, ctx, opts=None, **overrides):
         super().__init__(ctx, opts, **overrides)
@@ -112,7 +113,7 @@ class DiffInstruct(FakeScoreMethod):
         if phase == "critic":
             x, labels = self.generate(with_grad=False)
             l_fake = fake_score_loss(self.fake, x, self.lognormal_sigma(len(x)), self.randn_like(x), labels,
-                                     self.opts.critic_reduction)
+                                     self.opts.critic_reduction, self.opts.fake_score_weighting)
             return l_fake, {"di/fake_score": float(l_fake.detach())}
         if phase == "generator":
             x, labels = self.generate(with_grad=True, batch=batch)

@@ -135,6 +135,7 @@ class DMD(DistributionMatchingMethod):
     summary = "DMD: distribution matching + regression to teacher ODE pairs, 1 step, data-free (Yin et al. 2024)"
     needs_data = False
     Options = DMDOptions
+    input_sigma_option = "student_sigma_max"
 
     def __init__(self, ctx, opts=None, **overrides):
         super().__init__(ctx, opts, **overrides)
@@ -142,7 +143,7 @@ class DMD(DistributionMatchingMethod):
         if o.dropout is not None:   # DMD2's edm_network.py: every net without dropout (the teacher runs in eval)
             set_dropout(self.G, o.dropout)
             set_dropout(self.fake, o.dropout)
-        self.sigma_max = float(self.teacher.sigma_max)
+        self.sigma_max = self.student_sigma_max   # the one-step input σ (regression pairs keep the teacher's)
         self.reg_batch_size = o.reg_batch_size or ctx.batch_size
         pairs_path = o.pairs_path
         if pairs_path is None and ctx.run_dir is not None:

@@ -138,9 +138,6 @@ class DMD2Options(DMDFamilyOptions, EMAOptions):
                                              "full rate after warmup_steps / processes iterations)")
     sigmas: Optional[list[float]] = option(None, "the student's σ's, one per step, decreasing; null: DMD2's grid "
                                                  "indices [999, 749, 499, 249][:K]", gt=0)
-    student_sigma_max: Optional[float] = option(None, "the student's noise ceiling (its K grid indices on a grid "
-                                                      "ending here; K = 1: input σ·z); null: the teacher's σ_max",
-                                                gt=0)
     gan_t_min: int = option(CRITIC_T_MIN, "lowest grid index of the GAN's noise (official 0)", **_GRID)
     gan_t_max: int = option(CRITIC_T_MAX, "highest grid index of the GAN's noise (official 999, "
                                           "--diffusion_gan_max_timestep 1000)", **_GRID)
@@ -172,6 +169,7 @@ class DMD2(DistributionMatchingMethod):
     summary = "DMD2: distribution matching + two-time-scale critic + diffusion-GAN; 1 or K steps (Yin et al. 2024)"
     needs_data = True  # the GAN term reads real data; without it (gan_weight = 0) DMD2 is data-free
     Options = DMD2Options
+    input_sigma_option = "student_sigma_max"
 
     @classmethod
     def resolve_schedule(cls, run: dict, method: dict, given: set) -> None:
@@ -193,17 +191,13 @@ class DMD2(DistributionMatchingMethod):
             set_dropout(self.G, o.dropout)
             set_dropout(self.fake, o.dropout)
         # The student's σ's: DMD2's grid indices by default; ``sigmas`` sets them explicitly — e.g. a 1-step
-        # generator fed σ = 2.5·z as SiD does, instead of σ_max·z. ``student_sigma_max`` lowers the student's noise
-        # ceiling: its K σ's are the same grid indices on a grid that ends at student_sigma_max instead of the
-        # teacher's σ_max (K = 1: the input is student_sigma_max·z, as Diff-Instruct's σ_init). The DM and critic
-        # noise levels keep the teacher's grid.
+        # generator fed σ = 2.5·z as SiD does, instead of σ_max·z. Below the teacher's σ_max, the student's noise
+        # ceiling (``self.student_sigma_max``: explicit, or lowered for an ε-teacher) puts its K σ's on the same
+        # grid indices of a grid that ends there (K = 1: the input is student_sigma_max·z, as Diff-Instruct's
+        # σ_init). The DM and critic noise levels keep the teacher's grid.
         student_grid = self.grid
-        if o.student_sigma_max is not None:
-            top = o.student_sigma_max
-            if not self.teacher.sigma_min < top <= self.teacher.sigma_max:
-                raise UserError(f"method.student_sigma_max must lie in ({self.teacher.sigma_min}, "
-                                f"{self.teacher.sigma_max}], got {top}")
-            student_grid = dmd_sigma_grid(self.teacher.sigma_min, top)
+        if self.student_sigma_max < self.teacher.sigma_max:
+            student_grid = dmd_sigma_grid(self.teacher.sigma_min, self.student_sigma_max)
         self.sigmas = list(o.sigmas) if o.sigmas is not None else student_sigmas(o.student_steps, student_grid)
         # Noise levels as grid[U{lo..hi}]: the GAN's (a lower cap keeps the discriminator on noise levels where a
         # small image still carries evidence), the DM gradient's and the fake-score loss's.

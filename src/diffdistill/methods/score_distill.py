@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..diffusion.losses import edm_loss
+from ..diffusion.losses import WEIGHTINGS, edm_loss, loss_weight
+from ..diffusion.precond import conditioned_sigma_max
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
 from ..options import Options, option
@@ -36,6 +37,11 @@ CRITIC_T_MIN, CRITIC_T_MAX = 0, 999   # fake-score and GAN noise levels: t ~ U{0
 
 
 # ------------------------------------------------------------------------------------------------ options
+FAKE_SCORE_WEIGHTING_DOC = ("λ(σ) of the fake-score loss: 'teacher' = the teacher's own training weighting, "
+                            "1/c_out² (EDM teachers: EDM's λ, the official setting; ε-prediction: the ε-MSE of DMD2's "
+                            "SD code, sd_guidance.py compute_loss_fake); 'edm' = EDM's λ for any teacher")
+
+
 @dataclass
 class ScoreDistillOptions(Options):
     """Options every method of the family has: two optimizers (generator, fake score), the student's step count
@@ -51,6 +57,7 @@ class ScoreDistillOptions(Options):
     critic_reduction: str = option("mean", "fake-score loss: 'mean' over pixels (DMD2 edm_guidance.py) or 'sum' "
                                            "over pixels, mean over the batch (EDM, Diff-Instruct)",
                                    choices=("mean", "sum"))
+    fake_score_weighting: str = option("teacher", FAKE_SCORE_WEIGHTING_DOC, choices=WEIGHTINGS)
 
     def critic_lr(self) -> float:
         return self.lr if self.lr_critic is None else self.lr_critic
@@ -67,9 +74,14 @@ class DMDFamilyOptions(ScoreDistillOptions):
     dropout: Optional[float] = option(0.0, "dropout of the generator and fake score, and the teacher runs without "
                                            "dropout (DMD2 edm_network.py: 0 for every net); null: keep the "
                                            "teacher's dropout in the trained copies", ge=0, lt=1)
+    student_sigma_max: Optional[float] = option(None, "the student's noise ceiling (its K grid indices on a grid "
+                                                      "ending here; K = 1: input σ·z); null: the teacher's σ_max "
+                                                      "(official), or below it where the teacher's output gain "
+                                                      "|c_out| exceeds 2.5 (ε-prediction: σ = 2.5)", gt=0)
 
 
 # ------------------------------------------------------------------------------------------------ σ grid
+
 def dmd_sigma_grid(sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                    n: int = GRID_SIZE) -> torch.Tensor:
     """The DMD2 EDM-port noise grid: the n-point Karras grid *reversed*, so index j = 0 is σ_min and j = n−1 is
@@ -109,16 +121,18 @@ def dm_pseudo_loss(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ critic
 def fake_score_loss(fake, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, labels=None,
-                    reduction: str = "mean") -> torch.Tensor:
-    """Denoising loss of the fake-score network on *detached* generator samples, with EDM's weighting
-    λ(σ) = 1/σ² + 1/σ_d² (Karras et al. 2022, Eq. 2 and Table 1; DMD trains its fake score with this denoising loss):
+                    reduction: str = "mean", weighting: str = "teacher") -> torch.Tensor:
+    """Denoising loss of the fake-score network on *detached* generator samples (DMD trains its fake score with
+    this denoising loss; Karras et al. 2022, Eq. 2):
 
         L_fake = E[ λ(σ)·‖D_fake(x + σε; σ) − x‖² ]
 
+    λ: the teacher's own weighting (``weighting='teacher'``, 1/c_out²: for an EDM teacher EDM's λ(σ) = 1/σ² + 1/σ_d²
+    as DMD2's edm_guidance.py; for an ε-teacher the ε-MSE as DMD2's sd_guidance.py) or EDM's (``'edm'``).
     ``reduction='mean'`` averages over batch and pixels (DMD2's ImageNet code path); ``'sum'`` sums over pixels
     and averages over the batch (EDM, Diff-Instruct)."""
     x = x.detach()
-    per_sample = edm_loss(fake, x, sigma, noise, labels, getattr(fake, "sigma_data", 0.5))
+    per_sample = edm_loss(fake, x, sigma, noise, labels, weight=loss_weight(fake, sigma, weighting))
     if reduction == "sum":
         return per_sample.mean()
     if reduction == "mean":
@@ -286,6 +300,13 @@ class DistributionMatchingMethod(FakeScoreMethod):
     def __init__(self, ctx: MethodContext, opts=None, **overrides):
         super().__init__(ctx, opts, **overrides)
         self.grid = dmd_sigma_grid(self.teacher.sigma_min, self.teacher.sigma_max)
+        # The student's noise ceiling (its one-step input σ): explicit, or the teacher's σ_max unless the teacher's
+        # parameterisation makes a one-step output there ill-conditioned (``conditioned_sigma_max``).
+        top = self.opts.student_sigma_max
+        if top is not None and not self.teacher.sigma_min < top <= self.teacher.sigma_max:
+            raise UserError(f"method.student_sigma_max must lie in ({self.teacher.sigma_min}, "
+                            f"{self.teacher.sigma_max}], got {top}")
+        self.student_sigma_max = conditioned_sigma_max(self.teacher) if top is None else float(top)
         # Grid-index ranges of the DM gradient and of the fake-score loss (official; a method may narrow them).
         self.dm_t_range, self.critic_t_range = (DM_T_MIN, DM_T_MAX), (CRITIC_T_MIN, CRITIC_T_MAX)
         # The mode both nets run in for the paired DM call (None: teacher eval, fake score as it is).
@@ -310,4 +331,5 @@ class DistributionMatchingMethod(FakeScoreMethod):
         """Fake-score loss on detached samples at σ = grid[U{0..999}] (DMD2's EDM code path;
         ``self.critic_t_range``)."""
         _, sigma = self.grid_sigma(x.shape[0], *self.critic_t_range, self.grid)
-        return fake_score_loss(self.fake, x.detach(), sigma, self.randn_like(x), labels, reduction)
+        return fake_score_loss(self.fake, x.detach(), sigma, self.randn_like(x), labels, reduction,
+                               self.opts.fake_score_weighting)

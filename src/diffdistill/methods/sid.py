@@ -46,13 +46,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..diffusion.losses import edm_loss, edm_loss_weight
+from ..diffusion.losses import WEIGHTINGS, edm_loss, edm_loss_weight, loss_weight
 from ..diffusion.schedules import karras_sigma, sample_lognormal_sigma
 from ..errors import UserError
 from ..options import option
 from ..train.ema import EMAOptions
 from .registry import register
-from .score_distill import FakeScoreMethod, frozen
+from .score_distill import FAKE_SCORE_WEIGHTING_DOC, FakeScoreMethod, frozen
 
 W_MIN = 1e-5            # lower clip of the per-sample normaliser w (training/sid_loss.py:54)
 
@@ -71,6 +71,7 @@ class SiDOptions(EMAOptions):
     tmax: float = option(800.0, "generator-loss noise: t ~ U[0, tmax/1000] (sid_train.py:100)", ge=0, le=1000)
     p_mean: float = option(-1.2, "fake-score loss: mean of ln σ (training/sid_loss.py:18)")
     p_std: float = option(1.2, "fake-score loss: std of ln σ (training/sid_loss.py:18)", gt=0)
+    fake_score_weighting: str = option("teacher", FAKE_SCORE_WEIGHTING_DOC, choices=WEIGHTINGS)
     loss_scale_g: float = option(100.0, "generator loss × this / B (sid_train.py:98 --lsg; sid_training_loop.py"
                                         ":332)", gt=0)
     ema_halflife_kimg: float = option(500.0, "EMA half-life of G in kimg (sid_train.py:70 --ema 0.5 Mimg)", gt=0)
@@ -150,16 +151,17 @@ def sid_generator_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tens
 
 
 def sid_fake_score_loss(fake, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
-                        labels=None) -> torch.Tensor:
+                        labels=None, weighting: str = "teacher") -> torch.Tensor:
     """SiD fake-score loss (Zhou et al. 2024, ICML, "Score identity Distillation", §4 / Algorithm 1: denoising score
     matching on the generator's detached samples, in the EDM form of Karras et al. 2022 Eq. 2 with λ(σ); official
     training/sid_loss.py:58-73 reduced as in sid_training_loop.py:306; ln σ ~ N(−1.2, 1.2²), σ_d = 0.5):
 
         L_ψ = (1/B)·Σ_b λ(σ_b)·Σ_pix (f_ψ(x_b + σ_b n_b; σ_b) − x_b)²,   λ(σ) = (σ² + σ_d²)/(σσ_d)².
 
-    Samples whose loss is NaN are dropped (B stays the full batch size)."""
+    Samples whose loss is NaN are dropped (B stays the full batch size). λ is the teacher's own weighting
+    (``weighting='teacher'``: EDM's λ above for EDM teachers, as the official code; ε-MSE for ε-teachers) or EDM's."""
     x = x.detach()
-    per_sample = edm_loss(fake, x, sigma, noise, labels, getattr(fake, "sigma_data", 0.5))
+    per_sample = edm_loss(fake, x, sigma, noise, labels, weight=loss_weight(fake, sigma, weighting))
     keep = ~torch.isnan(per_sample.detach())
     if not bool(keep.all()):
         per_sample = per_sample[keep]
@@ -225,6 +227,7 @@ class SiD(FakeScoreMethod):
               "data-free (Zhou et al. 2024)"
     needs_data = False
     Options = SiDOptions
+    input_sigma_option = "sigma_init"
 
     def __init__(self, ctx, opts=None, **overrides):
         super().__init__(ctx, opts, **overrides)
@@ -324,7 +327,7 @@ class SiD(FakeScoreMethod):
         sigma = self.lognormal_sigma(len(x))
         noise = self.randn_like(x)
         fake = WithLogits(self.fake) if self.opts.sida else self.fake
-        l_fake = sid_fake_score_loss(fake, x, sigma, noise, labels)
+        l_fake = sid_fake_score_loss(fake, x, sigma, noise, labels, self.opts.fake_score_weighting)
         logs = {"sid/fake_score": float(l_fake.detach())}
         if not self.opts.sida:
             return l_fake, logs

@@ -194,7 +194,7 @@ def build_diffusers_denoiser(cfg: dict) -> DiffusersPrecond:
     pk = dict(cfg.get("precond_kwargs") or {})
     return DiffusersPrecond(UNet2DAdapter(unet, C), C, R, L, schedule=pk["schedule"],
                             prediction_type=pk.get("prediction_type", "epsilon"),
-                            sigma_data=cfg.get("sigma_data", 0.5), sigma_min=cfg.get("sigma_min"),
+                            sigma_data=cfg.get("sigma_data") or 0.5, sigma_min=cfg.get("sigma_min"),
                             sigma_max=cfg.get("sigma_max"))
 
 

@@ -3,7 +3,8 @@
 Cheap and generic (it sees only the trainer's per-phase ``loss/<phase>`` and ``grad_norm/<phase>`` scalars): each
 key keeps a window of its last ``window`` values; a finite value whose magnitude exceeds ``factor`` × the window's
 median magnitude is a *spike*. Spikes, skipped non-finite steps and divergence stops are events, one JSON object a
-line in ``RUN/health.jsonl``; spikes also print a warning (at most one per key per window). The per-interval
+line in ``RUN/health.jsonl``; a spike that also exceeds ``SPIKE_OVER_MAX`` × the window's largest magnitude prints
+a warning (at most one per key per window). The per-interval
 maximum gradient norm of every phase goes into ``log.jsonl`` as ``grad_norm_max/<phase>``.
 """
 
@@ -19,6 +20,7 @@ import torch
 from ..config import RUN_DEFAULTS
 
 WATCHED = ("loss/", "grad_norm/")
+SPIKE_OVER_MAX = 3.0   # a printed spike also exceeds this × the largest value of its window
 
 
 class HealthMonitor:
@@ -58,7 +60,11 @@ class HealthMonitor:
                     ev = {"key": key, "value": value, "median": median, "ratio": abs(value) / median}
                     spikes.append(ev)
                     self.event(step, "spike", **ev)
-                    if step - self.last_warned.get(key, -10 ** 9) >= self.window:
+                    # Printed only past SPIKE_OVER_MAX × the window's largest value too: healthy GAN / TTUR runs
+                    # have gradient norms 10-20× their median every few hundred steps, never far beyond the window's
+                    # own maximum.
+                    beyond = abs(value) > SPIKE_OVER_MAX * max(abs(v) for v in hist)
+                    if beyond and step - self.last_warned.get(key, -10 ** 9) >= self.window:
                         self.last_warned[key] = step
                         self.say(f"WARNING: {key} = {value:.4g} at step {step} is {abs(value) / median:.0f}× its "
                                  f"running median {median:.3g} (more in health.jsonl)")
@@ -129,3 +135,34 @@ def memory_knobs() -> str:
 def out_of_memory_message(e: BaseException, where: str = "") -> str:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
     return f"out of memory{(' ' + where) if where else ''} ({first}): {memory_knobs()}"
+
+
+# ---------------------------------------------------------------- start of a distillation run
+# The student's initial samples are "off scale" when their spread exceeds the reference's by this factor. The EDM
+# teachers' one-step outputs sit inside the data's range (a blurred mean at σ_max); an ε-teacher's one-step output
+# at σ_max = 80 spans ~20× the data's range.
+OFF_SCALE = 3.0
+
+
+def spread(x: torch.Tensor, center: torch.Tensor | None = None) -> tuple[float, float]:
+    """(std, 99.9 % quantile of |x − center|) over every value: the scale and the range of a batch of samples."""
+    x = x.detach().float().flatten(1)
+    center = x.mean(0) if center is None else center
+    dev = (x - center).abs().flatten()
+    dev = dev[torch.randperm(dev.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
+    return float(x.std()), float(torch.quantile(dev, 0.999))
+
+
+def initial_output_check(student_x: torch.Tensor, reference_x: torch.Tensor, what: str, hint: str) -> str | None:
+    """A one-line warning when the student's initial samples are far off the reference's scale (std or range more
+    than ``OFF_SCALE``× the reference's, or not finite), else None. ``what`` names the reference, ``hint`` the fix."""
+    ref = reference_x.detach().float().flatten(1)
+    center = ref.mean(0)
+    s_std, s_range = spread(student_x, center) if torch.isfinite(student_x).all() else (float("inf"),) * 2
+    r_std, r_range = spread(ref, center)
+    ratio = max(s_std / max(r_std, 1e-12), s_range / max(r_range, 1e-12))
+    if ratio <= OFF_SCALE:
+        return None
+    return (f"health check: the student's initial samples have std {s_std:.3g} and range ±{s_range:.3g} around "
+            f"the {what}'s mean, {ratio:.0f}× the {what}'s (std {r_std:.3g}, ±{r_range:.3g}); training starts far "
+            f"off the data's scale and may never recover. {hint}")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import check_device, per_process_batch
+from ..diffusion.precond import conditioned_sigma_max
 from ..data import dataset_from_config as load_dataset
 from ..errors import UserError
 from ..eval.generate import generate
@@ -26,7 +27,7 @@ from ..io.paths import check_output_dir
 from ..methods.base import MethodContext
 from ..methods.registry import get_method
 from . import distributed as dist
-from .health import HealthMonitor, is_out_of_memory, out_of_memory_message
+from .health import HealthMonitor, initial_output_check, is_out_of_memory, out_of_memory_message
 from .runfolder import RunLock, claim
 
 
@@ -157,6 +158,7 @@ class Trainer:
                             sample_shape=shape, num_classes=getattr(self.dataset, "num_classes", 0),
                             run_dir=str(self.out), data_name=(cfg.get("data") or {}).get("name"))
         self.method = method_cls(ctx, opts)
+        self.teacher = teacher
         for net in self.method.nets.values():
             dist.broadcast_module(net)
         self._prepare_networks(teacher)
@@ -463,6 +465,8 @@ class Trainer:
         bar = self._progress(run["steps"])
         previous_handlers = self._install_signal_handlers()
         t_last, steps_since, last_logs = time.perf_counter(), 0, {}
+        if self.step == 0:
+            self.start_check()
         try:
             while self.step < run["steps"]:
                 t_step = time.perf_counter()
@@ -538,6 +542,37 @@ class Trainer:
         if not max_minutes:
             return False
         return dist.any_true(self.train_seconds >= 60.0 * max_minutes)  # every rank stops at the same step
+
+    @torch.no_grad()
+    def start_check(self, n: int = 256) -> str | None:
+        """Start-of-run health check of a distillation: the student's initial samples (its own sampling recipe)
+        against the data, or, for a data-free run, the teacher's own samples. Prints and returns a one-line warning
+        naming the fix when they are far off the data's scale (``health.initial_output_check``), else None."""
+        if self.teacher is None or self.rank != 0:
+            return None
+        spec = self.method.sampling_spec()
+        x, _, _ = generate(self.method.sampling_net(), range(n), spec, device=self.device)
+        if self.data_x is not None:
+            pick = torch.randperm(len(self.data_x), generator=torch.Generator().manual_seed(0))[:max(n, 1024)]
+            ref, what = self.data_x[pick.to(self.data_x.device)].cpu(), "data"
+        else:
+            teacher_spec = (self.cfg.get("teacher") or {}).get("sampling") or {"sampler": "heun", "nfe": 35}
+            ref, _, _ = generate(self.teacher, range(n), teacher_spec, device=self.device)
+            what = "teacher's samples"
+        hint = "Check the teacher's parameterisation and the method's input noise level."
+        sigma = (spec.get("sigmas") or [None])[0]
+        gain = getattr(self.teacher, "output_gain", None)
+        if sigma is not None and gain is not None:
+            hint = (f"Its input noise level σ = {sigma:.3g} is where the teacher's output gain |c_out| is "
+                    f"{gain(sigma):.3g} (every error of the network's output ×{gain(sigma):.3g})")
+            opt = self.method_cls.input_sigma_option
+            good = conditioned_sigma_max(self.teacher)
+            hint += (f": lower it, e.g. --set method.{opt}={good:.3g}" if opt and good < sigma else ".")
+        warning = initial_output_check(x, ref, what, hint)
+        if warning:
+            self._say("WARNING: " + warning)
+            self.health.event(0, "start_check", message=warning)
+        return warning
 
     def save_sample_grid(self) -> None:
         net = self.method.sampling_net()

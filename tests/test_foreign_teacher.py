@@ -1,0 +1,101 @@
+"""Teachers of other parameterisations (issue: an ε-prediction DDPM teacher must distil out of the box).
+
+* the fake score is trained in the teacher's own weighting: for a diffusers ε-teacher, ``fake_score_loss`` is the
+  ε-MSE that DMD2's Stable Diffusion code computes (tianweiy/DMD2 ``main/sd_guidance.py``, ``compute_loss_fake``:
+  ``add_noise`` at t ~ U{0..999}, loss = mean((ε̂ − ε)²)), computed here with diffusers' own scheduler and UNet;
+  for EDM teachers it is EDM's λ, bit for bit as before;
+* the student's input noise level follows the teacher's output gain |c_out| (``conditioned_sigma_max``);
+* the start-of-run health check fires on a student whose initial samples are off the data's scale.
+"""
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
+
+from diffdistill.diffusion.losses import edm_loss_weight, loss_weight  # noqa: E402
+from diffdistill.diffusion.precond import EDMPrecond, VPPrecond, conditioned_sigma_max  # noqa: E402
+from diffdistill.io.diffusers import load_diffusers_teacher  # noqa: E402
+from diffdistill.methods.score_distill import fake_score_loss  # noqa: E402
+from diffdistill.nets.factory import build_denoiser  # noqa: E402
+from diffdistill.nets.mlp import MLPDenoiserNet  # noqa: E402
+from diffdistill.train.health import initial_output_check  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def ddpm_teacher(tmp_path, pred="epsilon", beta_schedule="linear", seed=0):
+    """A random-weight 1×8×8 UNet2DModel + DDPMScheduler pipeline folder, loaded as diffdistill loads it."""
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, attention_head_dim=8).eval()
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, prediction_type=pred)
+    root = tmp_path / f"pipe-{pred}-{beta_schedule}"
+    unet.save_pretrained(str(root / "unet"))
+    sched.save_pretrained(str(root / "scheduler"))
+    state = load_diffusers_teacher(root)
+    net = build_denoiser(state["net_config"])
+    net.load_state_dict(state["sample_net"])
+    return net.eval(), unet, sched, state
+
+
+def test_fake_score_loss_of_an_eps_teacher_is_dmd2_sd_eps_mse(tmp_path):
+    """DMD2 sd_guidance.py compute_loss_fake: noisy = scheduler.add_noise(x0, ε, t); loss = mean((unet(noisy, t) −
+    ε)²) — the same number as our fake_score_loss in the EDM frame (x0 + σ_t·ε at σ_t) with the teacher weighting."""
+    net, unet, sched, _ = ddpm_teacher(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1, torch.randn(6, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 5, 120, 480, 800, 999])
+    with torch.no_grad():
+        official = (unet(sched.add_noise(x0, eps, t), t).sample - eps).square().mean()
+        ac = sched.alphas_cumprod[t].double()
+        sigma = ((1 - ac) / ac).sqrt().float()
+        ours = fake_score_loss(net, x0, sigma, eps, reduction="mean", weighting="teacher")
+    assert torch.allclose(ours, official, rtol=2e-4), (float(ours), float(official))
+    # EDM's λ on the same ε-network weights the ε̂ error by 1 + σ²/σ_d² instead: a different (σ-dominated) loss
+    with torch.no_grad():
+        edm = fake_score_loss(net, x0, sigma, eps, reduction="mean", weighting="edm")
+    assert float(edm) > 10 * float(official)
+
+
+def test_teacher_weighting_is_edm_lambda_for_edm_nets_bit_for_bit():
+    net = EDMPrecond(MLPDenoiserNet(2, hidden=8, depth=1), img_channels=2, sigma_data=0.7)
+    sigma = torch.logspace(-2.7, 1.9, 50)
+    assert torch.equal(loss_weight(net, sigma), edm_loss_weight(sigma, 0.7))
+    vp = VPPrecond(MLPDenoiserNet(2, hidden=8, depth=1), img_channels=2)
+    assert torch.allclose(loss_weight(vp, sigma), 1 / sigma ** 2, rtol=1e-6)   # EDM's VPLoss: 1/σ²
+
+
+@pytest.mark.parametrize("pred,expected", [("epsilon", lambda s: 1 / s ** 2), ("v_prediction", lambda s: (1 + s ** 2) / s ** 2),
+                                           ("sample", lambda s: torch.ones_like(s))])
+def test_teacher_weighting_per_prediction_type(tmp_path, pred, expected):
+    net = ddpm_teacher(tmp_path, pred)[0]
+    sigma = torch.logspace(-2, 1.9, 20)
+    assert torch.allclose(net.loss_weight(sigma), expected(sigma), rtol=1e-5)
+
+
+def test_conditioned_sigma_max_per_teacher_kind(tmp_path):
+    edm = EDMPrecond(MLPDenoiserNet(2, hidden=8, depth=1), img_channels=2)
+    assert conditioned_sigma_max(edm) == edm.sigma_max == 80.0                     # official: σ_max
+    for pred in ("v_prediction", "sample"):
+        net = ddpm_teacher(tmp_path, pred)[0]
+        assert conditioned_sigma_max(net) == net.sigma_max                          # |c_out| ≤ 1 everywhere
+    for net in (ddpm_teacher(tmp_path, "epsilon")[0], ddpm_teacher(tmp_path, "epsilon", "scaled_linear")[0],
+                VPPrecond(MLPDenoiserNet(2, hidden=8, depth=1), img_channels=2)):
+        s = conditioned_sigma_max(net)
+        assert s == pytest.approx(2.5, rel=1e-6) and net.output_gain(s) == pytest.approx(2.5, rel=1e-5)
+
+
+def test_initial_output_check_fires_only_off_scale():
+    g = torch.Generator().manual_seed(0)
+    data = torch.rand(512, 1, 8, 8, generator=g) * 2 - 1
+    assert initial_output_check(data.flip(0), data, "data", "fix") is None
+    assert initial_output_check(0.3 * torch.randn(256, 1, 8, 8, generator=g), data, "data", "fix") is None  # blurry
+    warning = initial_output_check(20 * torch.randn(256, 1, 8, 8, generator=g), data, "data", "lower it")
+    assert warning and "health check" in warning and warning.endswith("lower it")
+    assert initial_output_check(torch.full((4, 1, 8, 8), float("nan")), data, "data", "x")
