@@ -1,5 +1,6 @@
 """CLI contract: sample/eval outputs, per-seed determinism, and one-line errors for bad input."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -95,6 +96,40 @@ def test_help_lists_commands():
     assert r.returncode == 0
     for c in ("train-teacher", "sample", "eval", "demo"):
         assert c in r.stdout
+
+
+def _commands():
+    """(name, parser) of the top-level parser and of every subcommand."""
+    from diffdistill.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [("diffdistill", parser), *sub.choices.items()]
+
+
+def test_every_flag_of_every_command_has_help_with_its_default():
+    """A flag added without help fails here: every argument says what it does, and every optional value flag says
+    its default (``argparse.SUPPRESS`` marks a deliberately hidden, deprecated spelling; --set is repeatable, with
+    nothing set by default)."""
+    missing, no_default = [], []
+    for name, parser in _commands():
+        parser.format_help()  # a bad %(default)s placeholder would raise here
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction) or a.help == argparse.SUPPRESS:
+                continue
+            flag = f"{name} {'/'.join(a.option_strings) or a.dest}"
+            if not (a.help or "").strip():
+                missing.append(flag)
+            elif (a.option_strings and a.nargs != 0 and not a.required and not isinstance(a, argparse._AppendAction)
+                  and "default" not in a.help):
+                no_default.append(flag)
+    assert not missing, f"no help text: {missing}"
+    assert not no_default, f"help does not say the default: {no_default}"
+
+
+def test_distill_help_says_how_to_list_a_methods_options():
+    text = dict(_commands())["distill"].format_help()
+    assert "diffdistill options METHOD" in " ".join(text.split())
+    assert "--steps" not in text.replace("--student-steps", "")  # the deprecated spelling is not advertised
 
 
 def test_export_roundtrip(teacher_ckpt, tmp_path):

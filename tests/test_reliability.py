@@ -1,8 +1,10 @@
 """Reliability: checkpoint manifests, resume auto past corrupt checkpoints, the divergence guard and health log,
 out-of-memory answers, --dry-run, signals, and exact resume of every registered method."""
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,8 +17,9 @@ import torch
 from conftest import tiny_points_cfg
 from diffdistill.cli import main
 from diffdistill.errors import UserError
-from diffdistill.io.checkpoint import (find_resume_checkpoint, list_checkpoints, load_checkpoint, manifest_path,
-                                          prune_checkpoints, remove_stale_files, save_checkpoint, verify_checkpoint)
+from diffdistill.io.checkpoint import (atomic_write, find_resume_checkpoint, list_checkpoints, load_checkpoint,
+                                          manifest_path, prune_checkpoints, remove_stale_files, save_checkpoint,
+                                          verify_checkpoint)
 from diffdistill.train.health import HealthMonitor
 from diffdistill.train.trainer import DivergenceError, Trainer
 from helpers.kill_resume import differences, final_state, make_teacher, run_in_process
@@ -73,6 +76,80 @@ def test_a_killed_save_leaves_nothing_that_resume_could_pick(tmp_path):
     assert removed == [".ckpt-00000030.pt.x1y2.tmp", "ckpt-00000030.pt.json"]
     prune_checkpoints(tmp_path, 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000020.pt", "ckpt-00000020.pt.json"]
+
+
+def _disk_fills_on_save(monkeypatch, nth: int, code: int = errno.ENOSPC):
+    """torch.save writes half its bytes, then fails as a full disk does, from its ``nth`` call on."""
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *a, **k):
+        calls.append(f)
+        real_save(obj, f, *a, **k)
+        if len(calls) >= nth:
+            with open(f, "r+b") as fh:
+                fh.truncate(Path(f).stat().st_size // 2)
+            raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_full_disk_during_a_checkpoint_write_names_the_space_and_resume_continues(teacher, tmp_path, monkeypatch):
+    """ENOSPC while distill writes its 3rd checkpoint: exit 2, one line with the space needed (the previous
+    checkpoint's size), the space free and the way on; no temp file left, the earlier checkpoints load, and following
+    the advice (space freed, --resume auto) ends bit-identical to an uninterrupted run."""
+    argv = ["distill", "--method", "dmd2", "--teacher", str(teacher), "--iters", "20", "--batch-size", "16",
+            "--no-progress", "--set", "run.ckpt_every=5", "--set", "run.sample_every=0"]
+    _disk_fills_on_save(monkeypatch, nth=3)
+    rc, _, err = run_in_process(argv + ["--out", str(tmp_path / "run")])
+    monkeypatch.undo()
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    ckpts = list_checkpoints(ckpt_dir)
+    assert [p.name for p in ckpts] == ["ckpt-00000005.pt", "ckpt-00000010.pt"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted([p.name for p in ckpts] +
+                                                                [manifest_path(p).name for p in ckpts])
+    assert all(load_checkpoint(p)["step"] == s for p, s in zip(ckpts, (5, 10)))
+    line = lines[0]
+    assert re.match(r"diffdistill: error: no space left on device \(\d+\.\d [MG]iB free on that filesystem\) ", line)
+    assert f"writing checkpoint {ckpt_dir / 'ckpt-00000015.pt'} at step 15" in line
+    assert f"needs about {ckpts[-1].stat().st_size / 2**20:.1f} MiB (the size of ckpt-00000010.pt)" in line
+    assert f"the previous checkpoints are intact (newest: {ckpts[-1]})" in line
+    assert "free space there, then run the same command plus --resume auto" in line
+    rc, out, err = run_in_process(argv + ["--out", str(tmp_path / "run"), "--resume", "auto"])
+    assert rc == 0 and "ckpt-00000010.pt at step 10" in out, err
+    rc, _, err = run_in_process(argv + ["--out", str(tmp_path / "straight")])
+    assert rc == 0, err
+    assert differences(final_state(tmp_path / "straight"), final_state(tmp_path / "run")) == []
+
+
+def test_full_disk_on_the_first_checkpoint_or_a_quota(tmp_path, monkeypatch):
+    """With no earlier checkpoint the size needed comes from the state's tensors (≈ the file torch.save writes); a
+    quota (EDQUOT) is named as such; atomic_write (exports, DMD's pairs, logs) answers in one line too."""
+    state = {"step": 3, "w": torch.zeros(50_000), "view": torch.zeros(50_000)[:10], "opt": [torch.ones(25_000)]}
+    save_checkpoint(state, tmp_path / "size" / "ckpt-00000003.pt")
+    written = (tmp_path / "size" / "ckpt-00000003.pt").stat().st_size
+    _disk_fills_on_save(monkeypatch, nth=1)
+    with pytest.raises(UserError) as e:
+        save_checkpoint(state, tmp_path / "run" / "ckpt-00000003.pt")
+    needed = float(str(e.value).split("needs at least ")[1].split(" MiB")[0])
+    assert abs(needed - written / 2**20) < 0.05, (needed, written)
+    assert "there is no earlier checkpoint of this run: free space there, then run the command again" in str(e.value)
+    assert not any((tmp_path / "run").iterdir())
+    monkeypatch.undo()
+    _disk_fills_on_save(monkeypatch, nth=1, code=errno.EDQUOT)
+    with pytest.raises(UserError, match=r"^disk quota exceeded \(\d+\.\d [MG]iB free on that filesystem; your quota"):
+        save_checkpoint(state, tmp_path / "run" / "ckpt-00000003.pt")
+    monkeypatch.undo()
+
+    def full(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    target = tmp_path / "out" / "w.safetensors"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    with pytest.raises(UserError, match="^no space left on device .* writing .*w.safetensors; it was left as it was"):
+        atomic_write(target, full)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["w.safetensors"] and target.read_bytes() == b"old"
 
 
 def test_resume_auto_skips_corrupt_newest_loudly_and_stays_exact(tmp_path, capsys):

@@ -36,6 +36,7 @@ from .train.trainer import DivergenceError, OutOfMemoryStop, Trainer
 # Exit codes: 0 done; 2 bad input (one line naming the fix); 3 diverged (NaN/inf, nan_policy=stop); 4 out of
 # memory; 128 + signal number (130 SIGINT, 143 SIGTERM) when a signal stopped training after a final checkpoint.
 EXIT_USER, EXIT_DIVERGED, EXIT_OOM = 2, 3, 4
+_MODEL_FILE = "checkpoint (.pt), exported .safetensors, NVlabs/edm .pkl or diffusers UNet2DModel folder"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,23 +57,27 @@ class _Deprecated(argparse.Action):
 
 
 def _add_run_flags(p):
-    p.add_argument("--config", help="YAML/JSON file with sections run/data/net/method")
+    p.add_argument("--config", help="YAML/JSON file with sections run/data/net/method; flags and --set override it "
+                                    "(default: none)")
     p.add_argument("--out", help="run directory (default: the preset's, under runs/)")
     p.add_argument("--iters", dest="iters", type=int, help="training iterations (default: the preset's)")
     p.add_argument("--steps", dest="iters", type=int, action=_Deprecated, new_flag="--iters", help=argparse.SUPPRESS)
-    p.add_argument("--batch-size", type=int, help="batch size per process")
+    p.add_argument("--batch-size", type=int, help="batch size per process (default: the preset's)")
     p.add_argument("--budget-minutes", type=float, metavar="M",
-                   help="stop training after M minutes of training-loop wall-clock (a checkpoint is written)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu, cuda or cuda:N")
-    p.add_argument("--resume", help="'auto' (newest checkpoint in the run directory) or a checkpoint path")
+                   help="stop training after M minutes of training-loop wall-clock; a checkpoint is written "
+                        "(default: no limit)")
+    p.add_argument("--seed", type=int, help="seed of noise draws, batch order and initialisation (default 0)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--resume", help="'auto' (newest valid checkpoint in the run directory) or a checkpoint path "
+                                    "(default: start fresh)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in a folder that holds another run, deleting that run's checkpoints/logs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the networks with parameter counts and estimate peak memory, then exit (writes nothing)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config entry, e.g. --set method.lr=5e-4 --set run.ckpt_every=200")
+                   help="override any config entry, repeatable, e.g. --set method.lr=5e-4 --set run.ckpt_every=200 "
+                        "('diffdistill options run' lists the run keys)")
 
 
 def _run_flags(a) -> dict:
@@ -94,67 +99,79 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-teacher", help="train a teacher denoiser with the EDM loss")
     t.add_argument("--preset", choices=sorted(TEACHER_PRESETS),
                    help="built-in recipe, configs/edm/NAME.yaml (default digits, or the config file's preset:)")
-    t.add_argument("--data", help="dataset: digits | ring8 | checkerboard | two_moons | a folder, .zip or .npz")
+    t.add_argument("--data", help="dataset: digits | ring8 | checkerboard | two_moons | a folder, .zip or .npz "
+                                  "(default: the preset's)")
     _add_run_flags(t)
 
     s = sub.add_parser("sample", help="draw samples from a teacher or student checkpoint")
-    s.add_argument("checkpoint")
+    s.add_argument("checkpoint", help=f"teacher or student: {_MODEL_FILE}")
     s.add_argument("--steps", type=int, help="sampler steps (teacher: Heun steps, NFE = 2N-1; default: checkpoint's)")
-    s.add_argument("--sampler", choices=["heun", "euler", "ddim"], help="teacher sampler (default heun)")
-    s.add_argument("--num-samples", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i")
+    s.add_argument("--sampler", choices=["heun", "euler", "ddim"],
+                   help="teacher sampler (default: the checkpoint's, heun; a student keeps its own)")
+    s.add_argument("--num-samples", type=int, default=64, help="number of samples (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i (default %(default)s)")
     s.add_argument("--out", required=True, help="FILE.npz (arrays 'samples', 'labels') or a folder for PNGs")
     s.add_argument("--raw", action="store_true", help="images: keep the sampler's values in the .npz (default: "
                    "clamped to [-1, 1]; PNG pixels are always clipped)")
     s.add_argument("--labels", choices=["edm", "mod"], help="class of each seed: edm (drawn from the seed's RNG "
                    "as NVlabs/edm generate.py) or mod (seed mod classes); default: the checkpoint's (edm for EDM "
                    ".pkl teachers)")
-    s.add_argument("--batch-size", type=int, default=256, help="samples generated at once (lower it on out of memory)")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--batch-size", type=int, default=256,
+                   help="samples generated at once; lower it on out of memory (default %(default)s)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
 
     e = sub.add_parser("eval", help="measure a checkpoint: proxy-FID/KID (images), sliced W2/MMD (2-D), images/s")
-    e.add_argument("checkpoint")
-    e.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's)")
-    e.add_argument("--sampler", choices=["heun", "euler", "ddim"])
-    e.add_argument("--num-samples", type=int, default=2000)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("checkpoint", help=f"teacher or student: {_MODEL_FILE}")
+    e.add_argument("--steps", type=int, help="sampler steps (teacher: Heun steps, NFE = 2N-1; default: the "
+                                             "checkpoint's)")
+    e.add_argument("--sampler", choices=["heun", "euler", "ddim"],
+                   help="teacher sampler (default: the checkpoint's, heun; a student keeps its own)")
+    e.add_argument("--num-samples", type=int, default=2000,
+                   help="samples generated and compared with the data (default %(default)s)")
+    e.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i (default %(default)s)")
     e.add_argument("--out", help="metrics JSON file (default: print only)")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     e.add_argument("--inception", help="local inception-2015-12-05.pt (TorchScript of StyleGAN2-ADA / clean-fid) or "
                                        "weights-inception-2015-12-05-6726825d.pth (torch-fidelity state dict); default "
                                        "$DIFFDISTILL_INCEPTION. With --ref: Inception FID/KID/precision-recall")
     e.add_argument("--ref", help="reference: EDM-style .npz (mu, sigma; from 'diffdistill ref-stats' also features) "
-                                 "or a folder / zip / image .npz")
+                                 "or a folder / zip / image .npz (default: none, the built-in proxy metrics only)")
     e.add_argument("--no-kid", action="store_true", help="skip KID")
     e.add_argument("--no-pr", action="store_true", help="skip precision/recall")
-    e.add_argument("--batch-size", type=int, default=250, help="generation and feature batch size")
+    e.add_argument("--batch-size", type=int, default=250,
+                   help="generation and feature batch size (default %(default)s)")
 
     r = sub.add_parser("ref-stats", help="Inception reference statistics (EDM-style .npz) of a folder / zip / .npz")
     r.add_argument("data", help="folder of images (recursive), EDM zip, or image .npz")
     r.add_argument("--inception", help="local inception-2015-12-05.pt (TorchScript) or torch-fidelity's "
                                        "weights-inception-2015-12-05-6726825d.pth (default $DIFFDISTILL_INCEPTION)")
     r.add_argument("--out", required=True, help="OUT.npz (mu, sigma, num_images, recipe[, features])")
-    r.add_argument("--max-images", type=int, help="use the first N images (sorted names)")
+    r.add_argument("--max-images", type=int, metavar="N", help="use the first N images, sorted by name (default: all)")
     r.add_argument("--no-features", action="store_true",
                    help="store mu/sigma only (KID and precision/recall need the features)")
-    r.add_argument("--batch-size", type=int, default=250)
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--batch-size", type=int, default=250, help="images per Inception batch (default %(default)s)")
+    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
 
     ct = sub.add_parser("convert-teacher", help="NVlabs/edm .pkl or diffusers UNet2DModel folder -> teacher "
                                                 ".safetensors (+ .json); the pickle's code is never run")
     ct.add_argument("source", help="EDM network-snapshot .pkl, or a diffusers pipeline / UNet2DModel folder")
     ct.add_argument("out", help="OUT.safetensors")
-    ct.add_argument("--dropout", type=float, help="set the network's dropout (students copy it; DMD2 uses 0)")
+    ct.add_argument("--dropout", type=float, help="set the network's dropout probability (students copy it; DMD2 "
+                                                  "uses 0; default: the source's)")
 
     methods = list_methods(role="student")
     m = sub.add_parser("distill", help="distill a teacher checkpoint into a few-step student",
                        description="Methods:\n" + "\n".join(f"  {k:14s} {v}" for k, v in methods.items()),
+                       epilog="A method's options (type, range, official default, source) and presets:\n"
+                              "  diffdistill options METHOD     e.g. diffdistill options dmd2; set one with --set "
+                              "method.KEY=VALUE\n"
+                              "  diffdistill options run        the run keys (--set run.KEY=VALUE)\n"
+                              "  diffdistill options el         the embedding loss's keys (--set el.KEY=VALUE)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("--method", required=True, choices=sorted(methods), metavar="NAME",
                    type=lambda name: name.replace("-", "_"),  # diff-instruct == diff_instruct
-                   help="one of: " + ", ".join(sorted(methods)))
-    m.add_argument("--teacher", required=True, help="teacher: checkpoint (.pt), exported .safetensors, NVlabs/edm .pkl "
-                                                    "or diffusers UNet2DModel folder")
+                   help="one of: " + ", ".join(sorted(methods)) + "; 'diffdistill options NAME' lists its options")
+    m.add_argument("--teacher", required=True, help=f"teacher: {_MODEL_FILE}")
     m.add_argument("--student-steps", dest="student_steps", type=int,
                    help="sampling steps of the student (default: the method's, usually 1)")
     m.add_argument("--steps", dest="student_steps", type=int, action=_Deprecated, new_flag="--student-steps",
@@ -166,69 +183,81 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--iters", type=int, help="training iterations (default: the method's preset)")
     m.add_argument("--start-steps", type=int, metavar="N",
                    help="step-halving methods (pd, cfd, rdd): the teacher's steps at the start, N -> N/2 -> ... -> "
-                        "--steps (default: the preset's)")
+                        "--student-steps (default: the preset's)")
     m.add_argument("--iters-per-halving", type=int, metavar="K",
-                   help="step-halving methods: training iterations per halving (the run is K x log2(N/steps) "
-                        "iterations unless --iters is given)")
+                   help="step-halving methods: training iterations per halving; the run is K x log2(N/steps) "
+                        "iterations unless --iters is given (default: the preset's)")
     m.add_argument("--data", help="real data for methods that use it (default: the teacher's training data)")
     m.add_argument("--el-weight", type=float, metavar="W", nargs="?", const=3.0,
                    help="add the embedding loss (EL: MMD to real data in random-network features) to the generator "
                         "loss of dmd2, dmd, diff_instruct, sid or cd, its gradient W times the base loss's in norm "
                         "(W alone: 3, the calibrated default; --set el.mode=fixed makes W a plain multiplier; other "
                         "options via --set el.KEY=VALUE: count, seed, widths, kernel, unbiased, ...). EL reads real "
-                        "data, so the data-free methods (sid, dmd, diff_instruct) then use data too")
-    m.add_argument("--config", help="YAML/JSON file with sections run/data/method")
+                        "data, so the data-free methods (sid, dmd, diff_instruct) then use data too (default: no "
+                        "EL)")
+    m.add_argument("--config", help="YAML/JSON file with sections run/data/method; flags and --set override it "
+                                    "(default: none)")
     m.add_argument("--out", help="run directory (default runs/<method>)")
-    m.add_argument("--batch-size", type=int, help="batch size per process")
+    m.add_argument("--batch-size", type=int, help="batch size per process (default: the preset's)")
     m.add_argument("--budget-minutes", type=float, metavar="M",
-                   help="stop training after M minutes of training-loop wall-clock (a checkpoint is written)")
-    m.add_argument("--seed", type=int)
-    m.add_argument("--device")
-    m.add_argument("--resume", help="'auto' (newest valid checkpoint in the run directory) or a checkpoint path")
+                   help="stop training after M minutes of training-loop wall-clock; a checkpoint is written "
+                        "(default: no limit)")
+    m.add_argument("--seed", type=int, help="seed of noise draws, batch order and initialisation (default 0)")
+    m.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    m.add_argument("--resume", help="'auto' (newest valid checkpoint in the run directory) or a checkpoint path "
+                                    "(default: start fresh)")
     m.add_argument("--overwrite", action="store_true",
                    help="start a new run in a folder that holds another run, deleting that run's checkpoints/logs")
-    m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
     m.add_argument("--dry-run", action="store_true",
                    help="list every network (student, teacher, helpers, EMA copies) with parameter counts and "
                         "estimate peak memory for the batch, then exit without training or writing anything")
-    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config entry, repeatable, e.g. --set method.lr=5e-4 --set run.ckpt_every=200 "
+                        "(the keys: 'diffdistill options METHOD', 'options run', 'options el')")
 
     o = sub.add_parser("options", help="list a method's options (type, range, official default, source) and presets")
     o.add_argument("name", help="a method (e.g. dmd2), 'run' or 'el'")
 
     x = sub.add_parser("export", help="write a checkpoint's sampling weights as .safetensors with JSON metadata")
-    x.add_argument("checkpoint")
+    x.add_argument("checkpoint", help="a teacher or student checkpoint (.pt) written by diffdistill")
     x.add_argument("out", help="OUT.safetensors, or a folder with --format diffusers")
     x.add_argument("--format", choices=["safetensors", "diffusers"], default="safetensors",
-                   help="diffusers: a folder with unet/ (UNet2DModel), scheduler/ and diffdistill_sampling.json "
-                        "(students of diffusers teachers only)")
+                   help="safetensors: one file with JSON metadata; diffusers: a folder with unet/ (UNet2DModel), "
+                        "scheduler/ and diffdistill_sampling.json (students of diffusers teachers only) "
+                        "(default %(default)s)")
 
     c = sub.add_parser("compare", help="run several methods on one teacher with the same seeds and budget; "
                                        "report.md + report.html")
     c.add_argument("--teacher", required=True, help="teacher checkpoint or exported .safetensors")
-    c.add_argument("--methods", required=True, help="comma-separated, e.g. dmd2,sid,diff-instruct")
+    c.add_argument("--methods", required=True, help="comma-separated method names, e.g. dmd2,sid,diff-instruct")
     c.add_argument("--iters", type=int, help="iterations per method (default: each method's preset)")
-    c.add_argument("--budget-minutes", type=float, help="training wall-clock per method (evaluation excluded)")
-    c.add_argument("--num-samples", type=int, default=2000, help="samples per table row")
-    c.add_argument("--curve-points", type=int, default=8, help="evaluations along each training run")
+    c.add_argument("--budget-minutes", type=float, metavar="M",
+                   help="training wall-clock per method in minutes, evaluation excluded (default: no limit)")
+    c.add_argument("--num-samples", type=int, default=2000, help="samples per table row (default %(default)s)")
+    c.add_argument("--curve-points", type=int, default=8,
+                   help="evaluations along each training run (default %(default)s)")
     c.add_argument("--el-weight", type=float, metavar="W",
                    help="add the EL supplement at weight W to every method that trains a generator from noise "
-                        "(rows marked +EL; EL reads real data, also for data-free methods)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", default="runs/compare")
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--no-progress", action="store_true")
+                        "(rows marked +EL; EL reads real data, also for data-free methods; default: no EL)")
+    c.add_argument("--seed", type=int, default=0,
+                   help="seed of every method's run and of the evaluation samples (default %(default)s)")
+    c.add_argument("--out", default="runs/compare", help="report folder (default %(default)s)")
+    c.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every method's run, e.g. --set run.batch_size=32")
 
     d = sub.add_parser("demo", help="the main job: digits teacher, evaluation and report.md (minutes on a CPU)")
-    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--out", default="runs/demo", help="demo folder: runs and report.md (default %(default)s)")
     d.add_argument("--train-teacher", action="store_true", help="retrain the teacher even if a shipped one exists")
-    d.add_argument("--teacher-steps", type=int, default=None, help="teacher training iterations (default: preset)")
-    d.add_argument("--num-samples", type=int, default=2000, help="samples per evaluation")
+    d.add_argument("--teacher-steps", type=int, default=None,
+                   help="train a new teacher for this many iterations (default: the shipped teacher; with "
+                        "--train-teacher the digits preset's iterations)")
+    d.add_argument("--num-samples", type=int, default=2000, help="samples per evaluation (default %(default)s)")
     d.add_argument("--distill-iters", type=int, help="distillation iterations (default: the method's preset)")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

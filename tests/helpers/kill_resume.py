@@ -4,7 +4,9 @@ One repetition: start ``python -m diffdistill.cli distill`` as a subprocess, SIG
 drawn step past the first checkpoint (the kill may land mid-step or mid-checkpoint write), optionally damage the
 newest checkpoint it left, resume with the same command plus ``--resume auto`` (in-process, ``cli.main``), and
 compare every tensor of the final state with an uninterrupted run's: nets, optimizers, schedulers, the method's
-extra state (EMA copies, stage counters), RNG states, step and image count.
+extra state (EMA copies, stage counters), the supplements' state (EL's scale), the health windows, RNG states, step
+and image count. Runs are named by configuration (``CONFIGS``: a method plus its extra flags, e.g. SiDA = sid with
+``method.sida=true``, DMD2 + EL = dmd2 with ``--el-weight``).
 """
 
 from __future__ import annotations
@@ -23,21 +25,33 @@ from pathlib import Path
 
 import torch
 
-# Extra distill arguments per method, so the runs stay small (adding a method to the test = one entry here, and
-# one word in METHODS when it needs none).
-METHOD_ARGS = {
-    "dmd": ["--set", "method.num_pairs=64"],
-    "pd": ["--set", "method.start_steps=8", "--set", "method.iters_per_halving=20"],
-    "cfd": ["--set", "method.start_steps=8", "--set", "method.iters_per_halving=20"],
-    "rdd": ["--set", "method.start_steps=8", "--set", "method.iters_per_halving=20"],
+# The configurations: name -> (method, extra distill arguments), small so that a run takes seconds (adding one =
+# one entry here). Batch 32 = 0.032 kimg per step: SiDA's generator first updates at step 5 and its adversarial
+# term first counts at step 17 (of 70), so resumes start before and after the GAN switches on. EL refreshes its
+# gradient-norm ratio every 10 steps, so its checkpointed scale changes across the kill.
+HALVING = ["--set", "method.start_steps=8", "--set", "method.iters_per_halving=20"]
+CONFIGS = {
+    "dmd": ("dmd", ["--set", "method.num_pairs=64"]),
+    "dmd2": ("dmd2", []),
+    "diff_instruct": ("diff_instruct", []),
+    "sid": ("sid", []),
+    "sida": ("sid", ["--set", "method.sida=true", "--set", "method.sida_g_start_kimg=0.1",
+                     "--set", "method.sida_gan_start_kimg=0.5"]),
+    "cd": ("cd", []),
+    "pd": ("pd", HALVING),
+    "cfd": ("cfd", HALVING),
+    "rdd": ("rdd", HALVING),
+    "dmd2+el": ("dmd2", ["--el-weight", "3", "--set", "el.ratio_every=10"]),
 }
 ITERS = {"pd": 60, "cfd": 60, "rdd": 60}  # PD-like methods: three halvings of 20 updates, so the kill crosses stages
-COMPARED = ("step", "nimg", "method_state", "rng", "rng_ranks", "sample_net", "sampling")
+COMPARED = ("step", "nimg", "method_state", "supplement_state", "health", "rng", "rng_ranks", "sample_net",
+            "sampling")
 
 
-def registered(name: str) -> bool:
+def registered(config: str) -> bool:
+    """Whether the configuration's method is registered."""
     from diffdistill.methods.registry import list_methods
-    return name in list_methods(role="student")
+    return CONFIGS[config][0] in list_methods(role="student")
 
 
 def make_teacher(root: Path, steps: int = 40) -> Path:
@@ -52,12 +66,13 @@ def make_teacher(root: Path, steps: int = 40) -> Path:
     return list_checkpoints(Path(root) / "checkpoints")[-1]
 
 
-def distill_argv(method: str, teacher: Path, out: Path, iters: int | None = None, ckpt_every: int = 7,
+def distill_argv(config: str, teacher: Path, out: Path, iters: int | None = None, ckpt_every: int = 7,
                  batch_size: int = 32) -> list[str]:
-    return ["distill", "--method", method, "--teacher", str(teacher), "--iters", str(iters or ITERS.get(method, 70)),
+    method, extra = CONFIGS[config]
+    return ["distill", "--method", method, "--teacher", str(teacher), "--iters", str(iters or ITERS.get(config, 70)),
             "--out", str(out), "--batch-size", str(batch_size), "--no-progress",
             "--set", f"run.ckpt_every={ckpt_every}", "--set", "run.log_every=1", "--set", "run.sample_every=0",
-            "--set", "run.keep_ckpts=3", *METHOD_ARGS.get(method, [])]
+            "--set", "run.keep_ckpts=3", *extra]
 
 
 def run_in_process(argv: list[str]) -> tuple[int, str, str]:
@@ -109,12 +124,12 @@ def _last_logged_step(log: Path) -> int:
     return 0
 
 
-def kill_and_resume(method: str, teacher: Path, out: Path, rng: random.Random, reference: dict | None = None,
+def kill_and_resume(config: str, teacher: Path, out: Path, rng: random.Random, reference: dict | None = None,
                     corrupt_newest: bool = False, iters: int | None = None, ckpt_every: int = 7,
                     timeout: float = 120.0) -> dict:
     """One repetition; returns what happened (kill step, checkpoints left, resume step, differences)."""
     from diffdistill.io.checkpoint import list_checkpoints
-    argv = distill_argv(method, teacher, out, iters, ckpt_every)
+    argv = distill_argv(config, teacher, out, iters, ckpt_every)
     total = int(argv[argv.index("--iters") + 1])
     first = (2 if corrupt_newest else 1) * ckpt_every
     target = rng.randint(first + 1, max(first + 1, (2 * total) // 3))
@@ -140,7 +155,7 @@ def kill_and_resume(method: str, teacher: Path, out: Path, rng: random.Random, r
             if proc.poll() is None and killed_at is None:
                 proc.kill()
             proc.wait()
-    info = {"method": method, "target": target, "killed_at": killed_at, "rc_killed": proc.returncode,
+    info = {"config": config, "target": target, "killed_at": killed_at, "rc_killed": proc.returncode,
             "stale_files": sorted(p.name for p in (Path(out) / "checkpoints").glob(".*.tmp")),
             "checkpoints_left": [p.name for p in list_checkpoints(Path(out) / "checkpoints")],
             "stderr_killed": err_file.read_text()[-2000:]}
@@ -164,8 +179,8 @@ def kill_and_resume(method: str, teacher: Path, out: Path, rng: random.Random, r
     return info
 
 
-def reference_run(method: str, teacher: Path, out: Path, iters: int | None = None, ckpt_every: int = 7) -> dict:
+def reference_run(config: str, teacher: Path, out: Path, iters: int | None = None, ckpt_every: int = 7) -> dict:
     """The uninterrupted run (in-process) whose final state every repetition must match bit for bit."""
-    rc, _, err = run_in_process(distill_argv(method, teacher, out, iters, ckpt_every))
+    rc, _, err = run_in_process(distill_argv(config, teacher, out, iters, ckpt_every))
     assert rc == 0, err
     return final_state(out)

@@ -8,17 +8,21 @@ so opening one never runs code). Writing ``ckpt-00000100.pt``:
 3. rename the temp file onto ``ckpt-00000100.pt`` and fsync the folder.
 
 So a checkpoint file that exists is complete and has a manifest; a kill at any point leaves at most a stale temp
-file or an orphan manifest, both removed on the next save. A checkpoint whose bytes later change (a truncated copy,
-a bad disk) no longer matches its manifest: ``load_checkpoint`` refuses it and ``--resume auto`` skips it, loudly.
+file or an orphan manifest, both removed on the next save. A full disk (ENOSPC, or EDQUOT for a quota) during any of
+the steps removes the temp file and raises a one-line UserError with the space needed and free. A checkpoint whose
+bytes later change (a truncated copy, a bad disk) no longer matches its manifest: ``load_checkpoint`` refuses it and
+``--resume auto`` skips it, loudly.
 Exported weights for users go to safetensors (``export_safetensors``).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -52,8 +56,26 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write_fn) -> None:
-    """Call ``write_fn(tmp_path)``, fsync the file, then ``os.replace`` it onto ``path``."""
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _mib(n: int) -> str:
+    """Bytes as MiB, or GiB from 1 GiB on."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _disk_full_reason(e: OSError, folder: Path) -> str:
+    """'no space left on device (0.3 MiB free on that filesystem)' or the quota's wording."""
+    try:
+        free = _mib(shutil.disk_usage(folder).free)
+    except OSError:
+        free = "unknown"
+    if e.errno == errno.EDQUOT:
+        return f"disk quota exceeded ({free} free on that filesystem; your quota allows less)"
+    return f"no space left on device ({free} free on that filesystem)"
+
+
+def _atomic_write(path: Path, write_fn) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -68,6 +90,18 @@ def atomic_write(path: Path, write_fn) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write(path: Path, write_fn) -> None:
+    """Call ``write_fn(tmp_path)``, fsync the file, then ``os.replace`` it onto ``path``. A full disk is a one-line
+    UserError (the temp file removed, ``path`` as it was)."""
+    try:
+        _atomic_write(path, write_fn)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise UserError(f"{_disk_full_reason(e, Path(path).parent)} writing {path}; it was left as it was and the "
+                        f"partial file removed: free space there, then run the command again") from None
 
 
 def file_sha256(path, chunk: int = 1 << 22) -> tuple[str, int]:
@@ -85,6 +119,37 @@ def manifest_path(path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def _tensor_bytes(obj, seen=None) -> int:
+    """Bytes of the tensor storages in a nested state (each storage once): about what ``torch.save`` writes."""
+    seen = set() if seen is None else seen
+    if torch.is_tensor(obj):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def _disk_full_error(e: OSError, state: dict, path: Path) -> UserError:
+    """The one line for a checkpoint write that ran out of space: what it needs, what is free, that the earlier
+    checkpoints are intact (the write went to a temp file) and how to continue."""
+    previous = [p for p in list_checkpoints(path.parent) if p != path]
+    if previous:  # the same run's state: the previous checkpoint's size is the best estimate of this one's
+        needed = f"about {_mib(previous[-1].stat().st_size)} (the size of {previous[-1].name})"
+        kept = (f"the previous checkpoints are intact (newest: {previous[-1]}); free space there, then run the "
+                f"same command plus --resume auto to continue from it")
+    else:
+        needed = f"at least {_mib(_tensor_bytes(state))} (its tensors)"
+        kept = "there is no earlier checkpoint of this run: free space there, then run the command again"
+    return UserError(f"{_disk_full_reason(e, path.parent)} writing checkpoint {path} at step {state.get('step')}: it "
+                     f"needs {needed}; the partial file was removed and {kept}")
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
     """Write ``state`` to ``path`` with its manifest (see the module docstring for the order of the steps)."""
     path = Path(path)
@@ -100,9 +165,15 @@ def save_checkpoint(state: dict, path: Path) -> None:
         manifest = {"format": MANIFEST_FORMAT, "file": path.name, "bytes": size, "sha256": digest,
                     "step": state.get("step"), "method": state.get("method"), "role": state.get("role"),
                     "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        atomic_write(manifest_path(path), lambda t: Path(t).write_text(json.dumps(manifest, indent=1) + "\n"))
+        _atomic_write(manifest_path(path), lambda t: Path(t).write_text(json.dumps(manifest, indent=1) + "\n"))
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        if os.path.exists(tmp):  # before measuring what is free
+            os.unlink(tmp)
+        raise _disk_full_error(e, state, path) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
