@@ -99,3 +99,62 @@ def test_initial_output_check_fires_only_off_scale():
     warning = initial_output_check(20 * torch.randn(256, 1, 8, 8, generator=g), data, "data", "lower it")
     assert warning and "health check" in warning and warning.endswith("lower it")
     assert initial_output_check(torch.full((4, 1, 8, 8), float("nan")), data, "data", "x")
+
+
+# ------------------------------------------------------------------------------------------------ CLI: data, seeds
+def test_parse_seeds_edm_style():
+    from diffdistill.errors import UserError
+    from diffdistill.eval.evaluate import parse_seeds
+    assert parse_seeds("0-3") == [0, 1, 2, 3] and parse_seeds("5,7,10-11") == [5, 7, 10, 11]
+    for bad in ("a-b", "3-1", "1,1", "-2"):
+        with pytest.raises(UserError, match="--seeds"):
+            parse_seeds(bad)
+
+
+def test_sample_seeds_range_equals_seed_and_count(tmp_path):
+    import numpy as np
+
+    from diffdistill.cli import main
+    from diffdistill.demo import SHIPPED_TEACHER
+    assert main(["sample", str(SHIPPED_TEACHER), "--steps", "3", "--seeds", "7-9", "--out", str(tmp_path / "a.npz")]) == 0
+    assert main(["sample", str(SHIPPED_TEACHER), "--steps", "3", "--seed", "7", "--num-samples", "3",
+                 "--out", str(tmp_path / "b.npz")]) == 0
+    a, b = np.load(tmp_path / "a.npz")["samples"], np.load(tmp_path / "b.npz")["samples"]
+    assert a.shape[0] == 3 and np.array_equal(a, b)
+    assert main(["sample", str(SHIPPED_TEACHER), "--seeds", "0-3", "--seed", "2", "--out", str(tmp_path / "c.npz")]) == 2
+
+
+def test_eval_data_flag_scores_a_diffusers_teacher(tmp_path, capsys):
+    """A diffusers folder records no data set: eval gives no score without --data, and digits figures with it."""
+    import json
+
+    from diffdistill.cli import main
+    ddpm_teacher(tmp_path)
+    pipe = tmp_path / "pipe-epsilon-linear"
+    assert main(["eval", str(pipe), "--steps", "2", "--num-samples", "40", "--out", str(tmp_path / "m0.json")]) == 0
+    assert "proxy_fid" not in json.loads((tmp_path / "m0.json").read_text())
+    assert main(["eval", str(pipe), "--steps", "2", "--seeds", "100-139", "--data", "digits",
+                 "--out", str(tmp_path / "m1.json")]) == 0
+    m = json.loads((tmp_path / "m1.json").read_text())
+    assert m["proxy_fid"] > 0 and m["num_samples"] == 40 and m["seeds"] == "100-139" and m["dataset"] == "digits"
+
+
+def test_distill_says_which_data_and_measures_sigma_data(tmp_path, capsys):
+    """Before anything runs: a method that reads data with a teacher that records none is refused with the flag
+    to give; a data-free one says so; σ_d, which a DDPM-family teacher does not state, is measured and printed."""
+    from diffdistill.cli import main
+    ddpm_teacher(tmp_path)
+    pipe = str(tmp_path / "pipe-epsilon-linear")
+    assert main(["distill", "--method", "dmd2", "--teacher", pipe, "--out", str(tmp_path / "r1"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "reads real data" in err and "--data" in err and len(err.strip().splitlines()) == 1
+    assert main(["distill", "--method", "sid", "--teacher", pipe, "--out", str(tmp_path / "r2"), "--dry-run",
+                 "--data", "digits"]) == 0
+    out = capsys.readouterr().out
+    from diffdistill.data.digits import load_digits_dataset
+    std = float(load_digits_dataset().x.std())
+    assert "data: none (data-free" in out and f"σ_data = {round(std, 4)} measured from the data (digits" in out
+    assert main(["distill", "--method", "cd", "--teacher", pipe, "--out", str(tmp_path / "r3"), "--dry-run",
+                 "--data", "digits", "--set", "net.sigma_data=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "data: digits (from --data)" in out and "σ_data =" not in out and "sigma_data: 0.5" in out

@@ -19,7 +19,7 @@ from .config import TEACHER_PRESETS, RunOptions, check_device, list_presets, loa
 from .demo import run_demo
 from .distill import distill
 from .errors import UserError
-from .eval.evaluate import evaluate_checkpoint, sampling_spec_for
+from .eval.evaluate import evaluate_checkpoint, parse_seeds, sampling_spec_for
 from .eval.generate import generate
 from .eval.inception import compute_reference, load_extractor, load_reference, resolve_inception_path, save_reference
 from .eval.plots import write_png_folder
@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher sampler (default: the checkpoint's, heun; a student keeps its own)")
     s.add_argument("--num-samples", type=int, default=64, help="number of samples (default %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i (default %(default)s)")
+    s.add_argument("--seeds", metavar="A-B", help="EDM-style seed list instead of --seed/--num-samples, e.g. 0-63 or "
+                                                  "0-31,1000-1031: one sample per seed (default: none)")
     s.add_argument("--out", required=True, help="FILE.npz (arrays 'samples', 'labels') or a folder for PNGs")
     s.add_argument("--raw", action="store_true", help="images: keep the sampler's values in the .npz (default: "
                    "clamped to [-1, 1]; PNG pixels are always clipped)")
@@ -129,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-samples", type=int, default=2000,
                    help="samples generated and compared with the data (default %(default)s)")
     e.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i (default %(default)s)")
+    e.add_argument("--seeds", metavar="A-B", help="EDM-style seed list instead of --seed/--num-samples, e.g. "
+                                                  "2000-3999 for a second set disjoint from the default 0-1999 "
+                                                  "(--seed 1 would reuse 1,999 of its samples) (default: none)")
+    e.add_argument("--data", help="data to compare with: digits | ring8 | checkerboard | two_moons | a folder, .zip "
+                                  "or .npz; needed for a diffusers teacher or a data-free student of one (default: "
+                                  "the data recorded in the checkpoint)")
     e.add_argument("--out", help="metrics JSON file (default: print only)")
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     e.add_argument("--inception", help="local inception-2015-12-05.pt (TorchScript of StyleGAN2-ADA / clean-fid) or "
@@ -338,8 +346,20 @@ def _data_spec(s: str) -> dict:
     return {"path": s}
 
 
+def _seed_list(a) -> list[int]:
+    """--seeds A-B,… or --seed/--num-samples; both at once is refused."""
+    if a.seeds is None:
+        return list(range(a.seed, a.seed + a.num_samples))
+    if a.seed != 0:
+        raise UserError("give either --seeds or --seed/--num-samples, not both")
+    seeds = parse_seeds(a.seeds)
+    a.num_samples = len(seeds)
+    return seeds
+
+
 def cmd_sample(a) -> int:
     import numpy as np
+    seeds = _seed_list(a)
     if a.num_samples <= 0:
         raise UserError(f"--num-samples must be positive, got {a.num_samples}")
     if a.batch_size <= 0:
@@ -350,8 +370,7 @@ def cmd_sample(a) -> int:
     out = Path(a.out)
     if out.suffix != ".npz" and not net.img_resolution:  # refuse before sampling, not after
         raise UserError("PNG output is for images; use --out FILE.npz for 2-D points")
-    x, labels, info = generate(net, range(a.seed, a.seed + a.num_samples), spec, batch_size=a.batch_size,
-                               device=a.device, label_rule=a.labels)
+    x, labels, info = generate(net, seeds, spec, batch_size=a.batch_size, device=a.device, label_rule=a.labels)
     if x.ndim == 4 and not a.raw:  # images are float32 in [-1, 1]; 2-D points keep their own range
         x = x.clamp(-1, 1)
     if out.suffix == ".npz":
@@ -363,7 +382,7 @@ def cmd_sample(a) -> int:
     else:
         if x.ndim != 4:
             raise UserError("PNG output is for images; use --out FILE.npz for 2-D points")
-        write_png_folder(x, out, [f"{a.seed + i:06d}" for i in range(x.shape[0])])
+        write_png_folder(x, out, [f"{s:06d}" for s in seeds])
     print(f"wrote {a.num_samples} samples to {out} (NFE {info['nfe']}, {info['images_per_second']:.1f} samples/s)")
     return 0
 
@@ -390,6 +409,7 @@ def _inception_setup(a) -> dict | None:
 
 
 def cmd_eval(a) -> int:
+    seeds = _seed_list(a)
     if a.num_samples <= 1:
         raise UserError(f"--num-samples must be at least 2, got {a.num_samples}")
     if a.out:
@@ -397,7 +417,8 @@ def cmd_eval(a) -> int:
     check_device(a.device)
     rank0 = _init_ranks(a.device)
     metrics = evaluate_checkpoint(a.checkpoint, steps=a.steps, sampler=a.sampler, num_samples=a.num_samples,
-                                  seed=a.seed, device=a.device, inception=_inception_setup(a))
+                                  seed=seeds[0], device=a.device, inception=_inception_setup(a), seeds=seeds,
+                                  data=_data_spec(a.data) if a.data else None)
     if not rank0:
         return 0
     text = json.dumps(metrics, indent=2)

@@ -66,7 +66,7 @@ def announce_data(method: str, cfg: dict, tstate: dict, supplements=()) -> bool:
         origin = "the teacher's checkpoint" if name and name == (recorded.get("path") or recorded.get("name")) \
             else "--data"
         print(f"[diffdistill] data: {name} (from {origin})" if reads
-              else f"[diffdistill] data: none (data-free with these options)", flush=True)
+              else "[diffdistill] data: none (data-free with these options)", flush=True)
     return reads
 
 
