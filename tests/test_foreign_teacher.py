@@ -8,6 +8,8 @@
 * the start-of-run health check fires on a student whose initial samples are off the data's scale.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -158,3 +160,77 @@ def test_distill_says_which_data_and_measures_sigma_data(tmp_path, capsys):
                  "--data", "digits", "--set", "net.sigma_data=0.5"]) == 0
     out = capsys.readouterr().out
     assert "data: digits (from --data)" in out and "σ_data =" not in out and "sigma_data: 0.5" in out
+
+
+# ------------------------------------------------------------------------------------------------ health check
+TINY_EPS_TEACHER = Path(__file__).parent / "assets" / "ddpm_eps_digits_tiny"   # scripts/train_diffusers_teacher.py
+
+
+@pytest.mark.parametrize("method,bad", [("dmd2", "student_sigma_max=80"), ("dmd", "student_sigma_max=80"),
+                                        ("cd", "sigma_max=80"), ("sid", None), ("diff_instruct", None)])
+def test_health_check_fires_on_an_ill_conditioned_student_and_not_on_the_presets(method, bad, tmp_path, capsys):
+    """A trained ε-prediction DDPM teacher (diffusers, 0.11 M parameters, 3,000 iterations of the diffusers recipe):
+    with the presets the check is silent; a one-step input at σ_max = 80 (the teacher's output gain ×80) fires it
+    in --dry-run, naming the option and the value to use."""
+    from diffdistill.cli import main
+    base = ["distill", "--method", method, "--teacher", str(TINY_EPS_TEACHER), "--data", "digits", "--dry-run",
+            "--out", str(tmp_path / "run")]
+    assert main(base) == 0
+    assert "health check" not in capsys.readouterr().out
+    if bad:
+        assert main(base + ["--set", f"method.{bad}"]) == 0
+        out = capsys.readouterr().out
+        line = next(ln for ln in out.splitlines() if "health check" in ln)
+        assert line.startswith("[diffdistill] WARNING: health check") and f"--set method.{bad.split('=')[0]}=2.5" in line
+
+
+def test_train_diffusers_teacher_script_writes_a_pipeline_diffdistill_reads(tmp_path):
+    """scripts/train_diffusers_teacher.py (the plain diffusers recipe) for a few steps: a DDPMPipeline folder that
+    ``load_diffusers_teacher`` reads with the scheduler's prediction type."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    for pred in ("v_prediction",):   # the committed ε-teacher asset is this script's output too
+        out = tmp_path / pred
+        r = subprocess.run([sys.executable, str(root / "scripts" / "train_diffusers_teacher.py"), "--out", str(out),
+                            "--iters", "3", "--batch-size", "8", "--width", "8", "--prediction-type", pred],
+                           capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        state = load_diffusers_teacher(out)
+        assert state["source"]["prediction_type"] == pred and state["net_config"]["sigma_data"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("method", ["dmd2", "sid", "diff_instruct", "cd"])
+def test_eps_teacher_distils_with_its_preset(method, tmp_path):
+    """The scenario of benchmarks/foreign_teacher.py, short: the committed ε-teacher (made by
+    scripts/train_diffusers_teacher.py), each method's preset and only --data digits, 4 minutes of training. The
+    student must start without a health warning and end far below the teacher's own one-step output at its input σ
+    (< 0.3× its proxy-FID): the distillation moves it toward the teacher. (The issue's ≤ 2× the teacher's 35-NFE
+    proxy-FID is the benchmark's target, not reached yet: see README.)"""
+    import contextlib
+    import io
+
+    from diffdistill.cli import main
+    from diffdistill.eval.evaluate import evaluate_checkpoint, evaluate_net
+    from diffdistill.io import load_for_sampling
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["distill", "--method", method, "--teacher", str(TINY_EPS_TEACHER), "--data", "digits",
+                   "--budget-minutes", "4", "--no-progress", "--out", str(tmp_path / "run")])
+    assert rc == 0 and "health check" not in out.getvalue()
+    final = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))[-1]
+    student = evaluate_checkpoint(final, num_samples=1000)
+    _, state = load_for_sampling(final)
+    teacher = build_denoiser_from(TINY_EPS_TEACHER)
+    one_step = evaluate_net(teacher, {"sampler": "multistep", "sigmas": state["sampling"]["sigmas"][:1]},
+                            {"name": "digits"}, 1000)
+    assert student["proxy_fid"] < 0.3 * one_step["proxy_fid"], (student["proxy_fid"], one_step["proxy_fid"])
+
+
+def build_denoiser_from(folder):
+    state = load_diffusers_teacher(folder)
+    net = build_denoiser(state["net_config"])
+    net.load_state_dict(state["sample_net"])
+    return net.eval()

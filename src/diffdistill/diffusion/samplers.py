@@ -187,13 +187,15 @@ def teacher_sigmas(sampler: str, nfe: int, sigma_min=0.002, sigma_max=80.0, rho=
 
 
 def sample(denoiser, noise, sampler: str = "heun", sigmas=None, nfe: Optional[int] = None, labels=None,
-           generator=None):
-    """Dispatch by sampler name; ``sigmas`` wins over ``nfe``."""
+           generator=None, clip: Optional[bool] = None):
+    """Dispatch by sampler name; ``sigmas`` wins over ``nfe``. ``clip=False`` turns off the consistency sampler's
+    clamp (to see a student's raw scale); the other samplers never clamp."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     if sigmas is None:
         sigmas = teacher_sigmas(sampler, nfe or 35, denoiser.sigma_min, denoiser.sigma_max)
-    return SAMPLERS[sampler](denoiser, noise, sigmas, labels=labels, generator=generator)
+    extra = {"clip_denoised": clip} if SAMPLERS[sampler] is consistency_sampler else {}
+    return SAMPLERS[sampler](denoiser, noise, sigmas, labels=labels, generator=generator, **extra)
 
 
 def ddim_step(denoiser, x: torch.Tensor, sigma_from, sigma_to, labels=None) -> torch.Tensor:

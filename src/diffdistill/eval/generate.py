@@ -57,13 +57,14 @@ def images_to_uint8_pixels(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", class_labels=None,
-             label_rule: str | None = None):
+             label_rule: str | None = None, clip: bool | None = None):
     """Generate one sample per seed with ``spec`` (``{'sampler', 'nfe'}`` or ``{'sampler', 'sigmas'}``, optionally
     ``'seed_labels'``: the class rule, 'mod' by default).
 
     Per seed, in EDM's order: the latent from the seed's generator, then (rule 'edm') its class from the same
     generator, then the sampler's fresh noise. ``class_labels`` (one-hot [N, L]) replaces the drawn classes (the
-    'edm' draw still happens, as EDM's ``--class`` does). ``label_rule`` overrides the spec's rule.
+    'edm' draw still happens, as EDM's ``--class`` does). ``label_rule`` overrides the spec's rule; ``clip=False``
+    keeps a consistency sampler's raw values.
 
     Returns ``(samples [N, ...] float32 on CPU, labels one-hot or None, info)`` with ``info`` holding ``nfe`` (per
     sample), ``seconds`` and ``images_per_second``. Samples are the sampler's values (no clamp is added here;
@@ -89,7 +90,7 @@ def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", c
             labels_out.append(labels.cpu())
             labels = labels.to(device)
         x, nfe = sample(denoiser, noise, spec["sampler"], sigmas=spec.get("sigmas"), nfe=spec.get("nfe"),
-                        labels=labels, generator=gens)
+                        labels=labels, generator=gens, clip=clip)
         out.append(x.float().cpu())
     denoiser.train(was_training)
     secs = time.perf_counter() - t0

@@ -191,11 +191,12 @@ def set_dropout(net: nn.Module, p: float) -> nn.Module:
     """Set every dropout rate of ``net`` to ``p`` in place: ``nn.Dropout`` modules and the float ``dropout``
     attribute of this project's U-Net blocks, plus class-label dropout when ``p`` is 0. Returns ``net``."""
     for m in net.modules():
+        own = vars(m)   # instance attributes only: diffusers models answer ``.dropout`` from their config, deprecated
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.p = p
-        elif _is_rate(getattr(m, "dropout", None)):
+        elif _is_rate(own.get("dropout")):
             m.dropout = float(p)
-        if p == 0 and _is_rate(getattr(m, "label_dropout", None)):
+        if p == 0 and _is_rate(own.get("label_dropout")):
             m.label_dropout = 0
     return net
 

@@ -551,7 +551,7 @@ class Trainer:
         if self.teacher is None or self.rank != 0:
             return None
         spec = self.method.sampling_spec()
-        x, _, _ = generate(self.method.sampling_net(), range(n), spec, device=self.device)
+        x, _, _ = generate(self.method.sampling_net(), range(n), spec, device=self.device, clip=False)
         if self.data_x is not None:
             pick = torch.randperm(len(self.data_x), generator=torch.Generator().manual_seed(0))[:max(n, 1024)]
             ref, what = self.data_x[pick.to(self.data_x.device)].cpu(), "data"
