@@ -56,12 +56,8 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _add_run_flags(p):
-    p.add_argument("--config", help="YAML/JSON file with sections run/data/net/method; flags and --set override it "
-                                    "(default: none)")
-    p.add_argument("--out", help="run directory (default: the preset's, under runs/)")
-    p.add_argument("--iters", dest="iters", type=int, help="training iterations (default: the preset's)")
-    p.add_argument("--steps", dest="iters", type=int, action=_Deprecated, new_flag="--iters", help=argparse.SUPPRESS)
+def _add_training_flags(p):
+    """The flags every training command shares (train-teacher, distill)."""
     p.add_argument("--batch-size", type=int, help="batch size per process (default: the preset's)")
     p.add_argument("--budget-minutes", type=float, metavar="M",
                    help="stop training after M minutes of training-loop wall-clock; a checkpoint is written "
@@ -73,6 +69,15 @@ def _add_run_flags(p):
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in a folder that holds another run, deleting that run's checkpoints/logs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
+
+
+def _add_run_flags(p):
+    p.add_argument("--config", help="YAML/JSON file with sections run/data/net/method; flags and --set override it "
+                                    "(default: none)")
+    p.add_argument("--out", help="run directory (default: the preset's, under runs/)")
+    p.add_argument("--iters", dest="iters", type=int, help="training iterations (default: the preset's)")
+    p.add_argument("--steps", dest="iters", type=int, action=_Deprecated, new_flag="--iters", help=argparse.SUPPRESS)
+    _add_training_flags(p)
     p.add_argument("--dry-run", action="store_true",
                    help="list the networks with parameter counts and estimate peak memory, then exit (writes nothing)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -206,17 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config", help="YAML/JSON file with sections run/data/method; flags and --set override it "
                                     "(default: none)")
     m.add_argument("--out", help="run directory (default runs/<method>)")
-    m.add_argument("--batch-size", type=int, help="batch size per process (default: the preset's)")
-    m.add_argument("--budget-minutes", type=float, metavar="M",
-                   help="stop training after M minutes of training-loop wall-clock; a checkpoint is written "
-                        "(default: no limit)")
-    m.add_argument("--seed", type=int, help="seed of noise draws, batch order and initialisation (default 0)")
-    m.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
-    m.add_argument("--resume", help="'auto' (newest valid checkpoint in the run directory) or a checkpoint path "
-                                    "(default: start fresh)")
-    m.add_argument("--overwrite", action="store_true",
-                   help="start a new run in a folder that holds another run, deleting that run's checkpoints/logs")
-    m.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
+    _add_training_flags(m)
     m.add_argument("--dry-run", action="store_true",
                    help="list every network (student, teacher, helpers, EMA copies) with parameter counts and "
                         "estimate peak memory for the batch, then exit without training or writing anything")
