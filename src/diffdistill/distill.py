@@ -7,14 +7,14 @@ import torch
 
 from .config import (RUN_DEFAULTS, apply_overrides, check_device, deep_update, given_keys, list_presets,
                      load_config_file, load_preset, preset_path, validate_run)
-from .io import load_teacher
 from .data import dataset_from_config
 from .errors import UserError
 from .eval.generate import generate
+from .io import load_teacher
 from .methods.embedding_loss import embedding_loss_from_config
 from .methods.registry import get_method
 from .train.distributed import launched_rank
-from .train.trainer import Trainer
+from .train.trainer import Trainer, reads_data
 
 
 def teacher_kind(teacher_state: dict) -> str:
@@ -53,9 +53,8 @@ def announce_data(method: str, cfg: dict, tstate: dict, supplements=()) -> bool:
     """Say, before anything runs, whether this run reads real data and which; refuse a run that needs data when
     none is given or recorded by the teacher. Returns whether it reads data."""
     cls = get_method(method)
-    reads = cls.uses_data(cls.Options.from_dict({k: v for k, v in cfg["method"].items() if k != "name"},
-                                                owner=cls.name)) \
-        or any(getattr(s, "needs_data", False) for s in supplements)
+    opts = cls.Options.from_dict({k: v for k, v in cfg["method"].items() if k != "name"}, owner=cls.name)
+    reads = reads_data(cls, opts, supplements)
     data = cfg.get("data") or {}
     name = data.get("path") or data.get("name")
     recorded = (tstate["config"].get("data") or {})
@@ -71,12 +70,13 @@ def announce_data(method: str, cfg: dict, tstate: dict, supplements=()) -> bool:
 
 
 @torch.no_grad()
-def measure_sigma_data(cfg: dict, teacher, reads_data: bool, n: int = 2048) -> float:
+def measure_sigma_data(cfg: dict, teacher, dataset=None, n: int = 2048) -> float:
     """σ_d, the data's standard deviation over every value, for a teacher that does not state it: from the run's
-    data when given, else from 512 of the teacher's own samples (its recorded sampling recipe); printed."""
+    data (``dataset``, or the data section when it names one), else from 512 of the teacher's own samples (its
+    recorded sampling recipe); printed."""
     data = cfg.get("data") or {}
-    if reads_data or data.get("path") or data.get("name"):
-        x = dataset_from_config(data).x
+    if dataset is not None or data.get("path") or data.get("name"):
+        x = (dataset if dataset is not None else dataset_from_config(data)).x
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
         origin = f"the data ({data.get('path') or data.get('name')})"
     else:
@@ -107,13 +107,14 @@ def distill(method: str, teacher_path, flags=None, config_file=None, overrides=N
     if el:
         cfg["el"] = el[0].options()   # the run's config records every EL option, defaults included
     supplements = list(supplements) + el
-    reads_data = announce_data(method, cfg, tstate, supplements)
+    dataset = dataset_from_config(cfg["data"]) if announce_data(method, cfg, tstate, supplements) else None
     if not sigma_data_stated:   # a teacher that does not state σ_d (DDPM-family diffusers): --set net.sigma_data
         given = cfg["net"].get("sigma_data")
-        sigma_data = float(given) if given is not None else measure_sigma_data(cfg, teacher, reads_data)
+        sigma_data = float(given) if given is not None else measure_sigma_data(cfg, teacher, dataset)
         cfg["net"] = {**cfg["net"], "sigma_data": sigma_data}
         teacher.sigma_data = sigma_data
-    trainer = Trainer(cfg, teacher=teacher, teacher_path=str(teacher_path), supplements=supplements)
+    trainer = Trainer(cfg, teacher=teacher, teacher_path=str(teacher_path), dataset=dataset,
+                      supplements=supplements)
     if dry_run:
         trainer.start_check()
         return trainer

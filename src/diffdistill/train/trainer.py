@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ..config import check_device, per_process_batch
-from ..diffusion.precond import conditioned_sigma_max
 from ..data import dataset_from_config as load_dataset
+from ..diffusion.precond import conditioned_sigma_max
 from ..errors import UserError
 from ..eval.generate import generate
 from ..eval.plots import save_samples_png
@@ -113,6 +113,11 @@ def check_data_matches_net(shape: tuple, num_classes: int, net_cfg: dict, teache
                         f"use --set net.label_dim=0 or give labelled data (class sub-folders / dataset.json)")
 
 
+def reads_data(method_cls, opts, supplements=()) -> bool:
+    """Whether a run of ``method_cls`` with ``opts`` and these supplements reads real data."""
+    return method_cls.uses_data(opts) or any(getattr(s, "needs_data", False) for s in supplements)
+
+
 class Trainer:
     def __init__(self, cfg: dict, teacher=None, teacher_path: str | None = None, dataset=None, supplements=()):
         self.cfg = cfg
@@ -136,8 +141,7 @@ class Trainer:
 
         self.dataset = dataset
         # Data is loaded when the method or a supplement reads it (e.g. the embedding loss on a data-free method).
-        if (method_cls.uses_data(opts) or any(getattr(s, "needs_data", False) for s in supplements)) \
-                and self.dataset is None:
+        if reads_data(method_cls, opts, supplements) and self.dataset is None:
             self.dataset = load_dataset(cfg["data"])
         if self.dataset is not None and len(self.dataset) == 0:
             raise UserError("the dataset is empty: point --data at a folder/file with at least one sample")
