@@ -164,6 +164,7 @@ def test_distill_says_which_data_and_measures_sigma_data(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ health check
 TINY_EPS_TEACHER = Path(__file__).parent / "assets" / "ddpm_eps_digits_tiny"   # scripts/train_diffusers_teacher.py
+FEW_PAIRS = {"dmd": ["method.num_pairs=64"]}   # DMD's regression pairs: 64 teacher ODE solves, not the default
 
 
 @pytest.mark.parametrize("method,bad", [("dmd2", "student_sigma_max=80"), ("dmd", "student_sigma_max=80"),
@@ -174,7 +175,7 @@ def test_health_check_fires_on_an_ill_conditioned_student_and_not_on_the_presets
     in --dry-run, naming the option and the value to use."""
     from diffdistill.cli import main
     base = ["distill", "--method", method, "--teacher", str(TINY_EPS_TEACHER), "--data", "digits", "--dry-run",
-            "--out", str(tmp_path / "run")]
+            "--out", str(tmp_path / "run")] + [x for o in FEW_PAIRS.get(method, []) for x in ("--set", o)]
     assert main(base) == 0
     assert "health check" not in capsys.readouterr().out
     if bad:
@@ -234,3 +235,27 @@ def build_denoiser_from(folder):
     net = build_denoiser(state["net_config"])
     net.load_state_dict(state["sample_net"])
     return net.eval()
+
+
+# ------------------------------------------------------------------------------------------------ learning rates
+def test_gain_matched_lr_factor_per_teacher_kind(tmp_path):
+    from diffdistill.diffusion.precond import gain_matched_lr_factor
+    edm = EDMPrecond(MLPDenoiserNet(2, hidden=8, depth=1), img_channels=2)
+    assert gain_matched_lr_factor(edm, 80.0) == 1.0 and gain_matched_lr_factor(edm, 2.5) == 1.0
+    eps = ddpm_teacher(tmp_path, "epsilon")[0]
+    assert gain_matched_lr_factor(eps, 2.5) == pytest.approx(2.5 * 0.5 / (2.5 ** 2 + 0.25) ** 0.5 / 2.5, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dmd2", "dmd", "diff_instruct", "sid", "cd"])
+def test_lr_gain_match_scales_every_optimizer(method, tmp_path, capsys):
+    """Off by default (the official rates); on, every optimizer's base rate is the option's × the factor."""
+    from diffdistill.diffusion.precond import gain_matched_lr_factor
+    from diffdistill.distill import distill
+    m = distill(method, TINY_EPS_TEACHER, flags={"data": {"name": "digits"}, "run": {"out": str(tmp_path / "b")}},
+                dry_run=True, overrides=["method.lr_gain_match=true"] + FEW_PAIRS.get(method, [])).method
+    f = gain_matched_lr_factor(m.teacher, m.sampling_spec()["sigmas"][0])
+    assert f < 0.5 and f"{method}: learning rates × {f:.3g}" in capsys.readouterr().out
+    for name, opt in m.optimizers.items():
+        want = m.opts.lr if name != "critic" else (m.opts.lr_critic or m.opts.lr)
+        assert opt.param_groups[0].get("initial_lr", opt.param_groups[0]["lr"]) == pytest.approx(want * f), name
+    assert type(m.opts)().lr_gain_match is False

@@ -139,6 +139,19 @@ def conditioned_sigma_max(teacher, max_gain: float = MAX_OUTPUT_GAIN) -> float:
     return lo
 
 
+def gain_matched_lr_factor(teacher, sigma: float, sigma_data: float = 0.5) -> float:
+    """min(1, |c_out(σ)| of an EDM network with σ_d = 0.5 / the teacher's |c_out(σ)|): the factor that makes an
+    optimizer step move a student's one-step output D(σ·z; σ) as far as it moves an EDM student's, for which the
+    methods' learning rates (official and presets) were set. 1 for EDM teachers; 1/5 for an ε-teacher at σ = 2.5
+    (gain 2.5 against 0.49)."""
+    gain = getattr(teacher, "output_gain", None)
+    if gain is None:
+        return 1.0
+    s = float(sigma)
+    ratio = s * sigma_data / (s * s + sigma_data ** 2) ** 0.5 / max(gain(s), 1e-12)
+    return 1.0 if ratio > 1 - 1e-6 else ratio   # exactly 1 for an EDM teacher (its gain is computed in float32)
+
+
 class EDMPrecond(Precond):
     """EDM preconditioning (Karras et al. 2022, Table 1 "Ours"; σ_d = 0.5 by default)."""
 

@@ -15,8 +15,28 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from ..options import Options
+from ..diffusion.precond import gain_matched_lr_factor
+from ..options import Options, option
+from ..train import distributed as dist
 from ..train.ema import EMA, EMAOptions
+
+LR_GAIN_MATCH_DOC = ("scale the learning rates by min(1, an EDM network's |c_out| / the teacher's |c_out|) at the "
+                     "student's input σ, so a step moves the one-step output as far as for an EDM teacher (1 for EDM "
+                     "teachers; ÷5 for an ε-teacher at σ = 2.5); not in the papers")
+
+
+@dataclass
+class GainMatchedLROptions(Options):
+    lr_gain_match: bool = option(False, LR_GAIN_MATCH_DOC)
+
+
+def lr_factor(method: str, opts, teacher, sigma: float) -> float:
+    """The learning-rate factor of ``lr_gain_match`` for a student fed ``sigma`` (1 when off), said when not 1."""
+    factor = gain_matched_lr_factor(teacher, sigma) if opts.lr_gain_match else 1.0
+    if factor != 1.0 and dist.rank() == 0:
+        print(f"[diffdistill] {method}: learning rates × {factor:.3g} (lr_gain_match: the teacher's output gain at "
+              f"σ = {sigma:.3g} is {teacher.output_gain(sigma):.3g})", flush=True)
+    return factor
 
 
 @dataclass

@@ -50,7 +50,7 @@ from ..errors import UserError
 from ..options import option
 from ..train.ema import EMAOptions
 from ..train.lr import warmup_lambda
-from .base import Method
+from .base import GainMatchedLROptions, Method, lr_factor
 from .registry import register
 from .score_distill import trainable_copy
 
@@ -133,7 +133,7 @@ def consistency_distillation_loss(student, target, teacher, x: torch.Tensor, noi
 
 # ------------------------------------------------------------------------------------------------ options
 @dataclass
-class CDOptions(EMAOptions):
+class CDOptions(EMAOptions, GainMatchedLROptions):
     """Consistency distillation (Song et al. 2023, Algorithm 2); defaults: the official CIFAR-10 recipe
     (openai/consistency_models_cifar10 ``configs/cifar10_ve_cd.py``), see the module docstring."""
 
@@ -206,7 +206,8 @@ class ConsistencyDistillation(Method):
         self.sigmas = (list(o.sampling_sigmas) if o.sampling_sigmas is not None
                        else consistency_sigmas(o.student_steps, self.sigma_min, self.sigma_max, o.rho))
         optim = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[o.optimizer]
-        self.optimizers["student"] = optim(self.student.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+        f = lr_factor(self.name, o, self.teacher, self.sigma_max)
+        self.optimizers["student"] = optim(self.student.parameters(), lr=o.lr * f, betas=o.betas, eps=o.eps,
                                            weight_decay=o.weight_decay)
         warmup_steps = math.ceil(o.warmup_kimg * 1000 / (ctx.batch_size * ctx.world_size))
         self.schedulers["student"] = torch.optim.lr_scheduler.LambdaLR(self.optimizers["student"],

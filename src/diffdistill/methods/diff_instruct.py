@@ -36,6 +36,7 @@ from ..errors import UserError
 from ..options import option
 from ..train.ema import EMAOptions
 from .registry import register
+from .base import lr_factor
 from .score_distill import FakeScoreMethod, ScoreDistillOptions, fake_score_loss, in_mode, paired_denoise
 
 
@@ -89,8 +90,9 @@ class DiffInstruct(FakeScoreMethod):
         self.paired_training = True
         self.ema = self.track_ema("generator", o)
         adam = dict(betas=o.betas, eps=o.eps)
-        self.optimizers["critic"] = torch.optim.Adam(self.fake.parameters(), lr=o.critic_lr(), **adam)
-        self.optimizers["generator"] = torch.optim.Adam(self.G.parameters(), lr=o.lr, **adam)
+        f = lr_factor(self.name, o, self.teacher, self.sigma_init)
+        self.optimizers["critic"] = torch.optim.Adam(self.fake.parameters(), lr=o.critic_lr() * f, **adam)
+        self.optimizers["generator"] = torch.optim.Adam(self.G.parameters(), lr=o.lr * f, **adam)
 
     def phases(self, step):
         return ["critic", "generator"]

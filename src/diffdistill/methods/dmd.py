@@ -41,6 +41,7 @@ from ..options import option
 from ..train import distributed as dist
 from ..train.lr import warmup_lambda
 from .registry import register
+from .base import lr_factor
 from .score_distill import DMDFamilyOptions, DistributionMatchingMethod, set_dropout
 
 
@@ -159,8 +160,9 @@ class DMD(DistributionMatchingMethod):
         self.y_ref = None if y is None else y.to(ctx.device)
         self.labels_ref = None if lab is None else lab.to(ctx.device)
         adamw = dict(betas=o.betas, weight_decay=o.weight_decay)
-        self.optimizers["generator"] = torch.optim.AdamW(self.G.parameters(), lr=o.lr, **adamw)
-        self.optimizers["critic"] = torch.optim.AdamW(self.fake.parameters(), lr=o.critic_lr(), **adamw)
+        f = lr_factor(self.name, o, self.teacher, self.sigma_max)
+        self.optimizers["generator"] = torch.optim.AdamW(self.G.parameters(), lr=o.lr * f, **adamw)
+        self.optimizers["critic"] = torch.optim.AdamW(self.fake.parameters(), lr=o.critic_lr() * f, **adamw)
         for k in ("generator", "critic"):
             self.schedulers[k] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[k], warmup_lambda(o.warmup_steps))
         self._cache = None

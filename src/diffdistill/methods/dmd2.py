@@ -36,6 +36,7 @@ from ..errors import UserError
 from ..options import option
 from ..train.ema import EMAOptions
 from ..train.lr import warmup_lambda
+from .base import lr_factor
 from .registry import register
 from .score_distill import (CRITIC_T_MAX, CRITIC_T_MIN, DM_T_MAX, DM_T_MIN, GRID_SIZE, DMDFamilyOptions,
                             DistributionMatchingMethod, dmd_sigma_grid, frozen, set_dropout, shared_randint)
@@ -210,8 +211,9 @@ class DMD2(DistributionMatchingMethod):
             self.nets["gan_head"] = self.head
         critic_params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head else [])
         adamw = dict(betas=o.betas, weight_decay=o.weight_decay)
-        self.optimizers["generator"] = torch.optim.AdamW(self.G.parameters(), lr=o.lr, **adamw)
-        self.optimizers["critic"] = torch.optim.AdamW(critic_params, lr=o.critic_lr(), **adamw)
+        f = lr_factor(self.name, o, self.teacher, self.sigmas[0])
+        self.optimizers["generator"] = torch.optim.AdamW(self.G.parameters(), lr=o.lr * f, **adamw)
+        self.optimizers["critic"] = torch.optim.AdamW(critic_params, lr=o.critic_lr() * f, **adamw)
         # Both learning rates warm up over ``warmup_steps`` iterations, then stay constant. The official code
         # steps its schedulers through accelerate, which steps them once per process each iteration, so the
         # released 7-GPU run reached the full rate after ~72 iterations (train_edm.py's comment at the scheduler);

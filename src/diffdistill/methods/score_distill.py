@@ -26,9 +26,9 @@ from ..diffusion.losses import WEIGHTINGS, edm_loss, loss_weight
 from ..diffusion.precond import conditioned_sigma_max
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
-from ..options import Options, option
+from ..options import option
 from ..train import distributed as dist
-from .base import Method, MethodContext
+from .base import GainMatchedLROptions, Method, MethodContext
 
 # Grid-index ranges of DMD/DMD2 (in σ space, so they stay fixed when the model is scaled down).
 GRID_SIZE = 1000
@@ -43,7 +43,7 @@ FAKE_SCORE_WEIGHTING_DOC = ("λ(σ) of the fake-score loss: 'teacher' = the teac
 
 
 @dataclass
-class ScoreDistillOptions(Options):
+class ScoreDistillOptions(GainMatchedLROptions):
     """Options every method of the family has: two optimizers (generator, fake score), the student's step count
     and the fake-score loss's reduction. Defaults: DMD2's ImageNet-64 run (tianweiy/DMD2 ``main/edm/train_edm.py``
     and ``experiments/imagenet/*lr2e-6*.sh``); Diff-Instruct restates its own."""

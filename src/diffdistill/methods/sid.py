@@ -52,13 +52,14 @@ from ..errors import UserError
 from ..options import option
 from ..train.ema import EMAOptions
 from .registry import register
+from .base import GainMatchedLROptions, lr_factor
 from .score_distill import FAKE_SCORE_WEIGHTING_DOC, FakeScoreMethod, frozen
 
 W_MIN = 1e-5            # lower clip of the per-sample normaliser w (training/sid_loss.py:54)
 
 
 @dataclass
-class SiDOptions(EMAOptions):
+class SiDOptions(EMAOptions, GainMatchedLROptions):
     """SiD / SiDA options; defaults = mingyuanzhou/SiD (``sid_train.py`` on main, ``sida_train.py`` on ``sida``)."""
 
     lr: float = option(1e-5, "generator Adam lr (sid_train.py:102 --glr 1e-5)", gt=0)
@@ -234,9 +235,10 @@ class SiD(FakeScoreMethod):
         o = self.opts
         self.ema = self.track_ema("generator", o)
         adam = dict(betas=o.betas, eps=o.eps)
+        f = lr_factor(self.name, o, self.teacher, o.sigma_init)
         self.optimizers["critic"] = torch.optim.Adam(self.fake.parameters(),
-                                                     lr=o.lr if o.lr_critic is None else o.lr_critic, **adam)
-        self.optimizers["generator"] = torch.optim.Adam(self.G.parameters(), lr=o.lr, **adam)
+                                                     lr=(o.lr if o.lr_critic is None else o.lr_critic) * f, **adam)
+        self.optimizers["generator"] = torch.optim.Adam(self.G.parameters(), lr=o.lr * f, **adam)
         if o.grad_nan_to_num:   # after the EMA copy, so the EMA's parameters carry no hooks
             for p in list(self.G.parameters()) + list(self.fake.parameters()):
                 p.register_hook(nan_to_num_grad)
