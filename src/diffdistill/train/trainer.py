@@ -548,7 +548,7 @@ class Trainer:
         return dist.any_true(self.train_seconds >= 60.0 * max_minutes)  # every rank stops at the same step
 
     @torch.no_grad()
-    def start_check(self, n: int = 256) -> str | None:
+    def start_check(self, n: int = 128) -> str | None:
         """Start-of-run health check of a distillation: the student's initial samples (its own sampling recipe)
         against the data, or, for a data-free run, the teacher's own samples. Prints and returns a one-line warning
         naming the fix when they are far off the data's scale (``health.initial_output_check``), else None."""
