@@ -159,7 +159,7 @@ def test_distill_says_which_data_and_measures_sigma_data(tmp_path, capsys):
     assert main(["distill", "--method", "cd", "--teacher", pipe, "--out", str(tmp_path / "r3"), "--dry-run",
                  "--data", "digits", "--set", "net.sigma_data=0.5"]) == 0
     out = capsys.readouterr().out
-    assert "data: digits (from --data)" in out and "σ_data =" not in out and "sigma_data: 0.5" in out
+    assert "data: digits (from --data or the config)" in out and "σ_data =" not in out and "sigma_data: 0.5" in out
 
 
 # ------------------------------------------------------------------------------------------------ health check

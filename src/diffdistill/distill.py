@@ -63,7 +63,7 @@ def announce_data(method: str, cfg: dict, tstate: dict, supplements=()) -> bool:
                         f"set: give --data NAME|PATH (digits, ring8, …, an image folder or a .npz/.pt file)")
     if launched_rank() == 0:
         origin = "the teacher's checkpoint" if name and name == (recorded.get("path") or recorded.get("name")) \
-            else "--data"
+            else "--data or the config"
         print(f"[diffdistill] data: {name} (from {origin})" if reads
               else "[diffdistill] data: none (data-free with these options)", flush=True)
     return reads
