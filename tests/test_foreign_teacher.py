@@ -1,7 +1,7 @@
 """Teachers of other parameterisations (issue: an ε-prediction DDPM teacher must distil out of the box).
 
 * the fake score is trained in the teacher's own weighting: for a diffusers ε-teacher, ``fake_score_loss`` is the
-  ε-MSE that DMD2's Stable Diffusion code computes (tianweiy/DMD2 ``main/sd_guidance.py``, ``compute_loss_fake``:
+  ε-MSE that DMD2's Stable Diffusion code computes (tianweiy/DMD2 ``main/sd_guidance.py:271-297``, ``compute_loss_fake``:
   ``add_noise`` at t ~ U{0..999}, loss = mean((ε̂ − ε)²)), computed here with diffusers' own scheduler and UNet;
   for EDM teachers it is EDM's λ, bit for bit as before;
 * the student's input noise level follows the teacher's output gain |c_out| (``conditioned_sigma_max``);
