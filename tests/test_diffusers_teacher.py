@@ -73,6 +73,37 @@ def test_ddpm_teacher_matches_diffusers_x0_prediction(pred, tmp_path):
     assert net.sigma_min == pytest.approx(float(((1 - ac[0]) / ac[0]).sqrt())) and net.sigma_max == 80.0
 
 
+def test_flow_scheduler_teacher_samples_as_diffusers(tmp_path):
+    """A UNet2DModel with a FlowMatchEulerDiscreteScheduler (shift 3) is a velocity network in σ-space: our Euler
+    sampler on σ = t/(1 − t) of the scheduler's own grid reproduces diffusers' denoising loop
+    (x ← scheduler.step(unet(x, t·1000), t, x)), and its denoised output at a single step equals x_t − t·v̂."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffdistill.diffusion.precond import flow_sigma
+    from diffdistill.diffusion.samplers import euler_sampler
+    from diffdistill.nets.factory import build_denoiser
+    unet = tiny_unet()
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    state = load_diffusers_teacher(save_pipeline(tmp_path / "pipe", unet, sched))
+    assert state["net_config"]["precond_kwargs"]["prediction_type"] == "velocity"
+    assert state["net_config"]["sigma_data"] is None        # not stated: a distillation run measures it
+    net = build_denoiser(state["net_config"])
+    net.load_state_dict(state["sample_net"])
+    net.eval()
+    sched.set_timesteps(6)
+    sched.set_timesteps(sigmas=[min(float(v), 0.99) for v in sched.sigmas[:-1]])   # t_0 < 1 (σ_0 finite)
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = sched.sigmas[0] * z
+    with torch.no_grad():
+        t0 = float(sched.sigmas[1])
+        x_t = (1 - t0) * z * 1.3 + t0 * z
+        D = net(x_t / (1 - t0), torch.tensor([t0 / (1 - t0)]))
+        assert torch.allclose(D, x_t - t0 * unet(x_t, torch.tensor([1000 * t0])).sample, atol=1e-5)
+        for ts in sched.timesteps:
+            x = sched.step(unet(x, ts.reshape(1)).sample, ts, x).prev_sample
+        ours, _ = euler_sampler(net, z, flow_sigma(sched.sigmas.double()).tolist()[:-1] + [0.0])
+    assert torch.allclose(ours, x, atol=1e-4), (ours - x).abs().max()
+
+
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
 def test_edm_scheduler_teacher_matches_diffusers_preconditioning(pred, tmp_path):
     unet = tiny_unet()

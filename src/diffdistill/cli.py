@@ -56,11 +56,15 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+TEACHER_OBJECTIVES = ("edm", "flow")   # the teacher method's name, which is also its preconditioning's
+
+
 def _add_training_flags(p):
     """The flags every training command shares (train-teacher, distill)."""
     p.add_argument("--batch-size", type=int, help="batch size per process (default: the preset's)")
     p.add_argument("--budget-minutes", type=float, metavar="M",
-                   help="stop training after M minutes of training-loop wall-clock; a checkpoint is written "
+                   help="train for M minutes of training-loop wall-clock, then write a checkpoint and stop; "
+                        "the preset's iteration count then no longer applies (--iters still caps the run) "
                         "(default: no limit)")
     p.add_argument("--seed", type=int, help="seed of noise draws, batch order and initialisation (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
@@ -89,6 +93,8 @@ def _run_flags(a) -> dict:
     run = {k: v for k, v in {"out": a.out, "steps": a.iters, "batch_size": a.batch_size, "seed": a.seed,
                              "device": a.device, "resume": a.resume,
                              "max_minutes": a.budget_minutes}.items() if v is not None}
+    if a.budget_minutes is not None and a.iters is None:
+        run["steps"] = 10 ** 9  # the budget decides, as in `compare`
     if a.overwrite:
         run["overwrite"] = True
     if a.no_progress:
@@ -101,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"diffdistill {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    t = sub.add_parser("train-teacher", help="train a teacher denoiser with the EDM loss")
+    t = sub.add_parser("train-teacher", help="train a teacher denoiser with the EDM loss or flow matching")
+    t.add_argument("--objective", choices=TEACHER_OBJECTIVES,
+                   help="edm: EDM denoising loss and preconditioning; flow: flow matching (velocity loss, "
+                        "logit-normal t, rectified-flow network in σ-space) (default: the config's, edm)")
     t.add_argument("--preset", choices=sorted(TEACHER_PRESETS),
                    help="built-in recipe, configs/edm/NAME.yaml (default digits, or the config file's preset:)")
     t.add_argument("--data", help="dataset: digits | ring8 | checkerboard | two_moons | a folder, .zip or .npz "
@@ -266,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train_teacher(a) -> int:
     flags = _run_flags(a)
+    if a.objective:
+        flags["method"] = {"name": a.objective}
+        flags["net"] = {"precond": a.objective}
     if a.data:
         flags["data"] = _data_spec(a.data)
     cfg = resolve(a.preset, a.config, flags, a.set, default_preset="digits")

@@ -3,6 +3,8 @@
     EDM ("Ours"): c_skip = σ_d²/(σ² + σ_d²), c_out = σ·σ_d/√(σ² + σ_d²), c_in = 1/√(σ² + σ_d²), c_noise = ¼·ln σ
     VP (Song et al. 2021, DDPM++): c_skip = 1, c_out = −σ, c_in = 1/√(σ² + 1), c_noise = (M − 1)·σ⁻¹(σ)
     VE (Song et al. 2021, NCSN++): c_skip = 1, c_out = σ,  c_in = 1,           c_noise = ln(½σ)
+    flow matching (rectified flow, SD3/FLUX; ``FlowPrecond``): c_in = 1/(1+σ), c_noise = 1000·σ/(1+σ), and
+        velocity c_skip = 1/(1+σ), c_out = −σ/(1+σ);  x₀ c_skip = 0, c_out = 1;  ε c_skip = 1, c_out = −σ
 
 A *Denoiser* is any module ``D(x, sigma, labels=None) -> x0_hat`` (fp32 at the boundary) that also carries
 ``img_channels``, ``img_resolution``, ``label_dim``, ``sigma_min`` and ``sigma_max``. Teachers, students and fake
@@ -16,6 +18,8 @@ from typing import Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from ..errors import UserError
 
 
 @runtime_checkable
@@ -226,4 +230,74 @@ class VEPrecond(Precond):
         return ve_coefficients(sigma)
 
 
-PRECONDS = {"edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond}
+# ------------------------------------------------------------------------------------------------ flow matching
+def flow_sigma(t) -> torch.Tensor:
+    """σ of flow time t ∈ [0, 1): σ = t/(1 − t). Flow matching interpolates x_t = (1 − t)·x₀ + t·ε; dividing by
+    (1 − t) gives x_t/(1 − t) = x₀ + t/(1 − t)·ε = x₀ + σε, the σ-space (variance-exploding) point of EDM."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return t / (1 - t)
+
+
+def flow_time(sigma) -> torch.Tensor:
+    """Inverse of `flow_sigma`: t = σ/(1 + σ) (t → 1 as σ → ∞)."""
+    sigma = torch.as_tensor(sigma)
+    return sigma / (1 + sigma)
+
+
+def shift_sigma(sigma, shift: float) -> torch.Tensor:
+    """SD3's time shift t′ = s·t/(1 + (s − 1)·t) (Esser et al. 2024, Eq. 23; diffusers
+    ``FlowMatchEulerDiscreteScheduler(shift=s)``) in σ-space: σ′ = t′/(1 − t′) = s·t/(1 + (s − 1)t − s·t) =
+    s·t/(1 − t) = s·σ — a shift is a constant multiplier of the noise level. The resolution-dependent dynamic shift
+    of FLUX (``time_shift`` with exponent 1: t′ = e^μ/(e^μ + 1/t − 1)) is the same map with s = e^μ."""
+    return torch.as_tensor(sigma) * float(shift)
+
+
+FLOW_PREDICTIONS = ("velocity", "x0", "epsilon")
+
+
+def flow_coefficients(sigma: torch.Tensor, prediction: str = "velocity", time_scale: float = 1000.0):
+    """(c_skip, c_out, c_in, c_noise) of a flow-matching network F(x_t, t) in σ-space, x_σ = x₀ + σε:
+
+    the network sees x_t = (1 − t)·x_σ = x_σ/(1 + σ)  →  c_in = 1/(1 + σ), c_noise = time_scale·t, t = σ/(1 + σ);
+    velocity v = ε − x₀ (rectified flow, SD3, FLUX): x_t − t·v = (1 − t)x₀ + tε − tε + t·x₀ = x₀, so
+        D = x_σ/(1 + σ) − σ/(1 + σ)·v̂                    (c_skip = 1/(1 + σ), c_out = −σ/(1 + σ));
+    x₀-prediction: D = x̂₀ (c_skip = 0, c_out = 1); ε-prediction: x₀ = (x_t − t·ε)/(1 − t) = x_σ − σε
+        (c_skip = 1, c_out = −σ).
+    ``time_scale``: 1000 where the network was trained on timesteps t·1000 (diffusers' flow schedulers,
+    num_train_timesteps = 1000), 1 where it takes t itself."""
+    t = sigma / (1 + sigma)
+    c_in, c_noise = 1 / (1 + sigma), time_scale * t
+    if prediction == "velocity":
+        return 1 / (1 + sigma), -t, c_in, c_noise
+    if prediction == "x0":
+        return torch.zeros_like(sigma), torch.ones_like(sigma), c_in, c_noise
+    if prediction == "epsilon":
+        return torch.ones_like(sigma), -sigma, c_in, c_noise
+    raise ValueError(f"flow prediction must be one of {FLOW_PREDICTIONS}, got {prediction!r}")
+
+
+class FlowPrecond(Precond):
+    """Flow-matching (rectified-flow) network in σ-space (`flow_coefficients`). Its own training loss,
+    ``loss_weight`` = 1/c_out² on the x₀ error, is exactly the velocity MSE ‖v̂ − (ε − x₀)‖² for velocity networks
+    (D − x₀ = c_out·(v̂ − v)). The sampling bounds default to EDM's [0.002, 80] (t ∈ [0.002, 0.988]); a t_max of
+    0.999 is σ_max = 999."""
+
+    kind = "flow"
+
+    def __init__(self, model: nn.Module, img_channels: int, img_resolution: int = 0, label_dim: int = 0,
+                 prediction: str = "velocity", time_scale: float = 1000.0, sigma_data: float = 0.5,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0):
+        if prediction not in FLOW_PREDICTIONS:
+            raise UserError(f"net.precond_kwargs.prediction: a flow network predicts one of "
+                            f"{', '.join(FLOW_PREDICTIONS)}; got {prediction!r}")
+        self.prediction, self.time_scale = prediction, float(time_scale)
+        super().__init__(model, img_channels, img_resolution, label_dim, sigma_data, sigma_min, sigma_max)
+
+    def coefficients(self, sigma):
+        return flow_coefficients(sigma, self.prediction, self.time_scale)
+
+    def precond_config(self) -> dict:
+        return {"prediction": self.prediction, "time_scale": self.time_scale}
+
+
+PRECONDS = {"edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond, "flow": FlowPrecond}

@@ -209,8 +209,10 @@ def load_checkpoint(path, verify: bool = True) -> dict:
     if not path.exists():
         raise UserError(f"checkpoint not found: {path} (give the path of a .pt file written by diffdistill)")
     if path.is_dir():
-        raise UserError(f"{path} is a folder, not a checkpoint: give a ckpt-*.pt file inside it (e.g. "
-                        f"{path}/checkpoints/ckpt-00001000.pt), or --resume auto for the run in --out")
+        inside = list_checkpoints(path) or list_checkpoints(path / "checkpoints")
+        example = inside[-1] if inside else path / "checkpoints" / "ckpt-00001000.pt"
+        raise UserError(f"{path} is a folder, not a checkpoint: give a ckpt-*.pt file inside it ("
+                        f"{'the newest: ' if inside else 'e.g. '}{example}), or --resume auto for the run in --out")
     if verify:
         ok, reason = verify_checkpoint(path)
         if ok is False:

@@ -87,8 +87,9 @@ def export_diffusers(state: dict, out_dir) -> dict:
     net.model.unet.save_pretrained(str(out / "unet"), safe_serialization=True)
     sched = {k: v for k, v in net.schedule.items() if k not in ("family", "scheduler")}
     sched.update({"_class_name": net.schedule.get("scheduler") or ("EDMEulerScheduler" if net.schedule["family"] == "edm"
-                                                                  else "DDPMScheduler"),
-                  "prediction_type": net.prediction_type})
+                                                                  else "DDPMScheduler")})
+    if net.schedule["family"] != "flow":   # flow schedulers have no prediction_type (always velocity)
+        sched["prediction_type"] = net.prediction_type
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
     spec = state.get("sampling") or {}

@@ -9,7 +9,7 @@ from ..errors import UserError
 METHODS: dict[str, type] = {}
 
 # Modules that define methods; importing them fills METHODS. Adding a method = one file + one name here.
-_MODULES = ["teacher", "dmd", "dmd2", "diff_instruct", "sid", "cd", "pd", "cfd", "rdd"]
+_MODULES = ["teacher", "flow_teacher", "dmd", "dmd2", "diff_instruct", "sid", "cd", "pd", "cfd", "rdd"]
 
 
 def register(cls):

@@ -25,16 +25,22 @@ from .registry import register
 
 
 @dataclass
-class EDMOptions(EMAOptions):
+class TeacherOptions(EMAOptions):
+    """What every teacher objective shares: Adam, a linear warm-up, the EMA and the default sampler."""
+
     lr: float = option(1e-3, "Adam learning rate (EDM CIFAR-10: 1e-3)", gt=0)
     betas: tuple[float, float] = option((0.9, 0.999), "Adam β1, β2", ge=0, lt=1)
     eps: float = option(1e-8, "Adam ε", gt=0)
     warmup_steps: int = option(200, "linear lr warm-up in iterations (EDM: 10 Mimg)", ge=0)
-    p_mean: float = option(-1.2, "log-normal σ: mean of ln σ (EDM P_mean)")
-    p_std: float = option(1.2, "log-normal σ: std of ln σ (EDM P_std)", gt=0)
     ema_halflife_kimg: float = option(500.0, "EMA half-life in kimg (EDM)", gt=0)
     sampler: str = option("heun", "how the teacher is sampled by default", choices=("heun", "euler", "ddim"))
     nfe: int = option(35, "network evaluations per sample by default (EDM: 35, Heun with 18 steps)", ge=1)
+
+
+@dataclass
+class EDMOptions(TeacherOptions):
+    p_mean: float = option(-1.2, "log-normal σ: mean of ln σ (EDM P_mean)")
+    p_std: float = option(1.2, "log-normal σ: std of ln σ (EDM P_std)", gt=0)
 
 
 @register

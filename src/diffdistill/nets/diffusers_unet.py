@@ -11,7 +11,10 @@ t(σ) interpolated linearly in ln σ over the table σ_0..σ_{T−1} (k-diffusio
 
 (v = α·ε − σ_vp·x₀ with σ_vp = σα, Salimans & Ho 2022). EDM-family schedulers (``EDMEulerScheduler``,
 ``EDMDPMSolverMultistepScheduler``) use EDM's preconditioning with their ``sigma_data`` and c_noise = ¼ ln σ, and
-v_prediction flips the sign of c_out (diffusers' ``precondition_outputs``).
+v_prediction flips the sign of c_out (diffusers' ``precondition_outputs``). Flow-matching schedulers
+(``FlowMatchEulerDiscreteScheduler`` …) mean a velocity network v = ε − x₀ on x_t = (1 − t)x₀ + tε with timestep
+t·num_train_timesteps: the flow preconditioning of ``diffusion/precond.py`` (``flow_coefficients``); their
+``shift`` changes the sampling grid only (σ → shift·σ), not the network.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..diffusion.precond import Precond
+from ..diffusion.precond import Precond, flow_coefficients
 from ..errors import UserError
 
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -71,10 +75,12 @@ class DiffusersPrecond(Precond):
     def __init__(self, model: nn.Module, img_channels: int, img_resolution: int, label_dim: int, schedule: dict,
                  prediction_type: str = "epsilon", sigma_data: float = 0.5, sigma_min: Optional[float] = None,
                  sigma_max: Optional[float] = None):
-        if prediction_type not in PREDICTION_TYPES:
+        family = schedule.get("family")
+        if family == "flow":   # a velocity network whatever the config says (flow schedulers name no type)
+            prediction_type = "velocity"
+        if prediction_type not in PREDICTION_TYPES + (("velocity",) if family == "flow" else ()):
             raise UserError(f"unsupported prediction_type {prediction_type!r}; supported: {', '.join(PREDICTION_TYPES)}")
         self.schedule, self.prediction_type = dict(schedule), prediction_type
-        family = self.schedule.get("family")
         if family == "ddpm":
             ac = ddpm_alphas_cumprod(self.schedule)
             table = ((1 - ac) / ac).sqrt()
@@ -85,6 +91,8 @@ class DiffusersPrecond(Precond):
             sigma_data = float(self.schedule.get("sigma_data", 0.5))
             lo, hi = float(self.schedule.get("sigma_min", 0.002)), float(self.schedule.get("sigma_max", 80.0))
             table = None
+        elif family == "flow":
+            lo, hi, table = 0.002, 80.0, None
         else:
             raise UserError(f"unknown diffusers schedule family {family!r}")
         super().__init__(model, img_channels, img_resolution, label_dim, sigma_data,
@@ -103,6 +111,8 @@ class DiffusersPrecond(Precond):
         return lo.float() + w
 
     def coefficients(self, sigma):
+        if self.schedule["family"] == "flow":
+            return flow_coefficients(sigma, "velocity", float(self.schedule.get("num_train_timesteps", 1000)))
         if self.schedule["family"] == "edm":
             d2, s2 = self.sigma_data ** 2, sigma ** 2
             sign = -1.0 if self.prediction_type == "v_prediction" else 1.0
@@ -149,6 +159,12 @@ def schedule_from_config(sched: dict) -> tuple[dict, str]:
     """({'family': …, …}, prediction_type) from a diffusers scheduler config."""
     name = sched.get("_class_name", "")
     pred = sched.get("prediction_type", "epsilon")
+    if name in FLOW_SCHEDULERS:
+        if sched.get("invert_sigmas"):
+            raise UserError(f"{name} with invert_sigmas is not supported")
+        keep = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
+                "base_image_seq_len", "max_image_seq_len", "time_shift_type")
+        return {"family": "flow", "scheduler": name, **{k: sched[k] for k in keep if k in sched}}, "velocity"
     if name in EDM_SCHEDULERS:
         keep = ("sigma_min", "sigma_max", "sigma_data")
         return {"family": "edm", "scheduler": name, **{k: sched[k] for k in keep if k in sched}}, pred
@@ -156,8 +172,9 @@ def schedule_from_config(sched: dict) -> tuple[dict, str]:
         keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                 "rescale_betas_zero_snr")
         return {"family": "ddpm", "scheduler": name, **{k: sched[k] for k in keep if k in sched}}, pred
-    raise UserError(f"unsupported scheduler {name or '?'}: need a DDPM-family config (beta_schedule / trained_betas) "
-                    f"or an EDM scheduler ({', '.join(EDM_SCHEDULERS)})")
+    raise UserError(f"unsupported scheduler {name or '?'}: need a DDPM-family config (beta_schedule / trained_betas), "
+                    f"an EDM scheduler ({', '.join(EDM_SCHEDULERS)}) or a flow-matching one "
+                    f"({', '.join(FLOW_SCHEDULERS)})")
 
 
 def _unet_kwargs(config) -> dict:
