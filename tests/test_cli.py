@@ -190,3 +190,16 @@ def test_demo_reports_progress_and_headline_and_runs_again(tmp_path, capsys):
     assert "dmd2 student, 1 NFE: proxy-FID" in out and "× the teacher's" in out and "demo done in" in out
     assert (tmp_path / "demo" / "report.md").is_file()
     assert main(args) == 0, "a second demo into the same folder continues its own runs"
+
+
+def test_budget_minutes_decides_the_length_unless_iters_is_given():
+    """`--budget-minutes M` alone trains for M minutes (the preset's iteration count no longer stops it, as in
+    `compare`); with `--iters N` too, N still caps the run."""
+    from diffdistill.cli import _run_flags, build_parser
+    p = build_parser()
+    for cmd in (["distill", "--method", "dmd2", "--teacher", "t.pt"], ["train-teacher"]):
+        run = _run_flags(p.parse_args(cmd + ["--budget-minutes", "30"]))["run"]
+        assert run["max_minutes"] == 30 and run["steps"] >= 10 ** 9
+        run = _run_flags(p.parse_args(cmd + ["--budget-minutes", "30", "--iters", "500"]))["run"]
+        assert (run["max_minutes"], run["steps"]) == (30, 500)
+        assert "steps" not in _run_flags(p.parse_args(cmd))["run"]

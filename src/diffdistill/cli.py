@@ -312,13 +312,7 @@ def _stopped(trainer) -> int:
 
 
 def cmd_distill(a) -> int:
-    flags = {"run": {k: v for k, v in {"out": a.out, "steps": a.iters, "batch_size": a.batch_size, "seed": a.seed,
-                                       "device": a.device, "resume": a.resume,
-                                       "max_minutes": a.budget_minutes}.items() if v is not None}}
-    if a.no_progress:
-        flags["run"]["progress"] = False
-    if a.overwrite:
-        flags["run"]["overwrite"] = True
+    flags = _run_flags(a)
     if a.student_steps is not None:
         if a.student_steps <= 0:
             raise UserError(f"--student-steps must be positive, got {a.student_steps}")
