@@ -3,15 +3,18 @@
     sampler(denoiser, noise, sigmas, labels=None, generator=None) -> (x, nfe)
 
 ``noise`` is a standard-normal tensor (the sampler scales it by ``sigmas[0]``); ``sigmas`` is a decreasing list
-of noise levels, usually ending in 0. ``nfe`` is the exact number of denoiser calls made.
+of noise levels, usually ending in 0. ``nfe`` is the exact number of denoiser calls made. The ODE samplers (Euler,
+Heun, stochastic, DDIM) run in float32, or in float64 when ``noise`` is float64.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 
+from ..errors import UserError
 from .consistency import consistency_function
 from .schedules import karras_sigmas
 
@@ -28,12 +31,20 @@ class NFECounter:
         return self.denoiser(x, sigma, labels)
 
 
-def randn_like(x: torch.Tensor, generator=None) -> torch.Tensor:
+def randn_like(x: torch.Tensor, generator=None, dtype=None) -> torch.Tensor:
     """Standard normal noise shaped like ``x``. ``generator`` may be one torch.Generator or a list with one per
-    sample, so that a sample's noise depends on its own seed only (not on batch size or rank)."""
+    sample, so that a sample's noise depends on its own seed only (not on batch size or rank). ``dtype``: the dtype
+    of the draw (default float32): on the CPU a float64 draw of 16 or more numbers is not the float32 one rounded."""
     if isinstance(generator, (list, tuple)):
-        return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator]).to(x.device, x.dtype)
-    return torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+        return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=dtype)
+                            for g in generator]).to(x.device, x.dtype)
+    return torch.randn(x.shape, generator=generator, dtype=dtype).to(x.device, x.dtype)
+
+
+def _start(noise: torch.Tensor, sigma0: float) -> torch.Tensor:
+    """x_0 = σ_0·noise, in float32, or in float64 when ``noise`` is float64 (exact references; EDM's generate.py
+    runs its sampler loop in float64)."""
+    return noise.to(torch.float64 if noise.dtype == torch.float64 else torch.float32) * sigma0
 
 
 def _as_list(sigmas):
@@ -72,7 +83,7 @@ def _ode_sampler(step, denoiser, noise, sigmas, labels):
     """x_0 = σ_0·noise, then ``step`` from each σ to the next; returns (x, NFE)."""
     D = NFECounter(denoiser)
     s = _as_list(sigmas)
-    x = noise.to(torch.float32) * s[0]
+    x = _start(noise, s[0])
     for cur, nxt in zip(s[:-1], s[1:]):
         x = step(D, x, cur, nxt, labels)
     return x, D.nfe
@@ -89,6 +100,64 @@ def heun_sampler(denoiser, noise, sigmas, labels=None, generator=None):
     """EDM Algorithm 1 (deterministic Heun, 2nd order). With N σ's > 0 and a trailing 0: NFE = 2N − 1,
     because the last step (to σ = 0) is a plain Euler step."""
     return _ode_sampler(heun_step, denoiser, noise, sigmas, labels)
+
+
+# EDM generate.py's defaults (its --S_churn/--S_min/--S_max/--S_noise): no churn, i.e. the Heun sampler.
+CHURN_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+
+
+def churn_settings(options: dict | None = None) -> dict:
+    """The stochastic sampler's settings: ``options`` (any of s_churn, s_tmin, s_tmax, s_noise) completed with
+    ``CHURN_DEFAULTS`` and checked. UserError on an unknown name or a value out of range."""
+    opts = dict(options or {})
+    unknown = sorted(set(opts) - set(CHURN_DEFAULTS))
+    if unknown:
+        raise UserError(f"unknown stochastic sampler option(s) {', '.join(unknown)}; known: "
+                        f"{', '.join(CHURN_DEFAULTS)}")
+    v = {}
+    for k, default in CHURN_DEFAULTS.items():
+        try:
+            v[k] = float(opts.get(k, default))
+        except (TypeError, ValueError):
+            raise UserError(f"{k} (--{k.replace('_', '-')}) must be a number, got {opts[k]!r}") from None
+    if not (0 <= v["s_churn"] < math.inf):
+        raise UserError(f"s_churn (--s-churn) must be a finite number >= 0, got {v['s_churn']}")
+    if not (0 <= v["s_tmin"] < math.inf):
+        raise UserError(f"s_tmin (--s-tmin) must be a finite number >= 0, got {v['s_tmin']}")
+    if not v["s_tmax"] >= v["s_tmin"]:  # also refuses NaN
+        raise UserError(f"s_tmax (--s-tmax) must be >= s_tmin ({v['s_tmin']}), got {v['s_tmax']}")
+    if not (0 < v["s_noise"] < math.inf):
+        raise UserError(f"s_noise (--s-noise) must be a finite number > 0, got {v['s_noise']}")
+    return v
+
+
+@torch.no_grad()
+def stochastic_sampler(denoiser, noise, sigmas, labels=None, generator=None, s_churn: float = 0.0,
+                       s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0):
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2). At each step σ_i → σ_{i+1} of the N = len(sigmas)
+    − 1 steps: if S_tmin ≤ σ_i ≤ S_tmax, raise the noise level to σ̂ = σ_i + γσ_i, γ = min(S_churn/N, √2 − 1), by
+    adding fresh noise, x̂ = x + √(σ̂² − σ_i²)·S_noise·ε; then one Heun step from σ̂ to σ_{i+1} (``heun_step``; plain
+    Euler into σ = 0). NFE as Heun's (2N − 1 with a trailing 0). S_churn = 0 (the default) is exactly
+    ``heun_sampler``.
+
+    One ε is drawn per step whether it is used or not, in float64, per sample from ``generator``: the draws EDM's
+    ``generate.py`` makes (``StackedRandomGenerator.randn_like`` on its float64 iterate), so a seed's noise stream
+    is EDM's on the CPU and depends on that seed only. σ̂ is used as computed: EDM's ``round_sigma`` is the identity
+    for the EDM/VP/VE preconditionings this project loads.
+    """
+    c = churn_settings({"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise})
+    D = NFECounter(denoiser)
+    s = _as_list(sigmas)
+    x = _start(noise, s[0])
+    gamma_on = min(c["s_churn"] / max(len(s) - 1, 1), math.sqrt(2) - 1)
+    for cur, nxt in zip(s[:-1], s[1:]):
+        eps = randn_like(x, generator, dtype=torch.float64)
+        gamma = gamma_on if c["s_tmin"] <= cur <= c["s_tmax"] else 0.0
+        sigma_hat = cur + gamma * cur
+        if gamma > 0:  # γ = 0 leaves x untouched (not x + 0·ε), so that S_churn = 0 is bit-identical to Heun
+            x = x + math.sqrt(sigma_hat ** 2 - cur ** 2) * c["s_noise"] * eps
+        x = heun_step(D, x, sigma_hat, nxt, labels)
+    return x, D.nfe
 
 
 @torch.no_grad()
@@ -161,6 +230,7 @@ def consistency_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: floa
 SAMPLERS: dict[str, Callable] = {
     "euler": euler_sampler,
     "heun": heun_sampler,
+    "stochastic": stochastic_sampler,
     "ddim": ddim_sampler,
     "multistep": multistep_sampler,
     "consistency": consistency_sampler,
@@ -173,28 +243,65 @@ STEP_SCHEDULES: dict[str, Callable] = {
 }
 
 
+# Samplers that take keyword options (a sampling spec's 'sampler_options'): name → checker that completes them.
+SAMPLER_OPTIONS: dict[str, Callable] = {
+    "stochastic": churn_settings,
+}
+
+# Teacher samplers on the Karras grid: name → order, i.e. denoiser calls per step (2: Heun steps, NFE = 2N − 1
+# because the last step, into σ = 0, is one Euler call).
+TEACHER_SAMPLERS: dict[str, int] = {"heun": 2, "stochastic": 2, "euler": 1, "ddim": 1}
+
+
+def _order(sampler: str) -> int:
+    if sampler not in TEACHER_SAMPLERS:
+        raise ValueError(f"unknown teacher sampler {sampler!r}; choose one of: {', '.join(TEACHER_SAMPLERS)}")
+    return TEACHER_SAMPLERS[sampler]
+
+
+def teacher_nfe(sampler: str, steps: int) -> int:
+    """Denoiser calls of ``steps`` Karras steps of a teacher sampler (2N − 1 for Heun-type samplers, N else)."""
+    return 2 * steps - 1 if _order(sampler) == 2 else steps
+
+
+def teacher_steps(sampler: str, nfe: int) -> int:
+    """The step count N that gives ``nfe`` for a teacher sampler (the inverse of ``teacher_nfe``)."""
+    return (nfe + 1) // 2 if _order(sampler) == 2 else nfe
+
+
 def teacher_sigmas(sampler: str, nfe: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> torch.Tensor:
-    """The Karras grid that gives exactly ``nfe`` evaluations for ``sampler`` (Heun needs odd NFE = 2N − 1)."""
+    """The Karras grid that gives exactly ``nfe`` evaluations for ``sampler`` (Heun-type samplers need odd NFE =
+    2N − 1)."""
     if nfe < 1:
         raise ValueError(f"NFE must be >= 1, got {nfe}")
-    if sampler == "heun":
-        if nfe % 2 == 0:
-            raise ValueError(f"Heun uses 2N-1 evaluations, so NFE must be odd; got {nfe}")
-        return karras_sigmas((nfe + 1) // 2, sigma_min, sigma_max, rho)
-    if sampler in ("euler", "ddim"):
-        return karras_sigmas(nfe, sigma_min, sigma_max, rho)
-    raise ValueError(f"unknown teacher sampler {sampler!r}; choose heun, euler or ddim")
+    if _order(sampler) == 2 and nfe % 2 == 0:
+        raise ValueError(f"{sampler} uses 2N-1 evaluations, so NFE must be odd; got {nfe}")
+    return karras_sigmas(teacher_steps(sampler, nfe), sigma_min, sigma_max, rho)
+
+
+def sampler_options(sampler: str, options: dict | None) -> dict:
+    """``options`` checked for ``sampler`` and completed with its defaults; {} for a sampler that takes none
+    (UserError if options were given to it)."""
+    check = SAMPLER_OPTIONS.get(sampler)
+    if check is None:
+        if options:
+            raise UserError(f"sampler {sampler!r} takes no options (got {', '.join(sorted(options))}); they are "
+                            f"for --sampler {' / '.join(SAMPLER_OPTIONS)}")
+        return {}
+    return check(options)
 
 
 def sample(denoiser, noise, sampler: str = "heun", sigmas=None, nfe: Optional[int] = None, labels=None,
-           generator=None, clip: Optional[bool] = None):
+           generator=None, clip: Optional[bool] = None, options: dict | None = None):
     """Dispatch by sampler name; ``sigmas`` wins over ``nfe``. ``clip=False`` turns off the consistency sampler's
-    clamp (to see a student's raw scale); the other samplers never clamp."""
+    clamp (to see a student's raw scale); the other samplers never clamp. ``options``: the sampler's keyword
+    options (a spec's 'sampler_options', e.g. the stochastic sampler's s_churn), checked by ``sampler_options``."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     if sigmas is None:
         sigmas = teacher_sigmas(sampler, nfe or 35, denoiser.sigma_min, denoiser.sigma_max)
     extra = {"clip_denoised": clip} if SAMPLERS[sampler] is consistency_sampler else {}
+    extra.update(sampler_options(sampler, options))
     return SAMPLERS[sampler](denoiser, noise, sigmas, labels=labels, generator=generator, **extra)
 
 

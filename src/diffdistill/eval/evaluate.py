@@ -16,7 +16,7 @@ import torch
 from ..data import dataset_from_config as load_dataset
 from ..data.digits import digits_split
 from ..data.toy2d import ring8_gmm
-from ..diffusion.samplers import teacher_sigmas, STEP_SCHEDULES
+from ..diffusion.samplers import STEP_SCHEDULES, sampler_options, teacher_nfe, teacher_sigmas, teacher_steps
 from ..errors import UserError
 from ..io import load_for_sampling
 from ..io.checkpoint import file_sha256
@@ -33,11 +33,17 @@ def _sha256(path) -> str | None:
     return file_sha256(path)[0] if Path(path).is_file() else None
 
 
-def sampling_spec_for(state: dict, steps: int | None = None, sampler: str | None = None) -> dict:
-    """The checkpoint's own sampling recipe, or a teacher sampler with ``steps`` Karras steps."""
+def sampling_spec_for(state: dict, steps: int | None = None, sampler: str | None = None,
+                      options: dict | None = None) -> dict:
+    """The checkpoint's own sampling recipe, or a teacher sampler with ``steps`` Karras steps. ``options``: the
+    sampler's keyword options (``--s-churn`` …), over the checkpoint's own when the sampler is the checkpoint's;
+    checked here, before any sampling."""
     spec = dict(state["sampling"])
     if steps is not None and steps <= 0:
         raise UserError(f"--steps must be positive, got {steps}")
+    if "sigmas" in spec and options:
+        raise UserError(f"a student samples with its own recipe ({spec['sampler']}); sampler options "
+                        f"({', '.join(sorted(options))}) are for a teacher")
     if "sigmas" in spec:  # students carry their σ list; samplers with a step schedule redraw it for --steps k
         # multistep/consistency lists hold one σ per step; a DDIM/Euler grid (PD students) also holds its end point
         trained = (len([v for v in spec["sigmas"] if v > 0]) if spec["sampler"] in ("multistep", "consistency")
@@ -49,11 +55,14 @@ def sampling_spec_for(state: dict, steps: int | None = None, sampler: str | None
             net_cfg = state.get("net_config") or {}
             spec["sigmas"] = schedule(steps, net_cfg.get("sigma_min", 0.002), net_cfg.get("sigma_max", 80.0))
         return spec
-    if sampler is not None or steps is not None:
-        sampler = sampler or spec["sampler"]
-        n = steps if steps is not None else (spec["nfe"] + 1) // 2
-        nfe = 2 * n - 1 if sampler == "heun" else n
-        return {"sampler": sampler, "nfe": nfe, **{k: spec[k] for k in ("seed_labels",) if k in spec}}
+    if sampler is not None or steps is not None or options:
+        name = sampler or spec["sampler"]
+        kept = (spec.get("sampler_options") or {}) if name == spec["sampler"] else {}
+        opts = {**kept, **(options or {})}
+        sampler_options(name, opts)
+        n = steps if steps is not None else teacher_steps(spec["sampler"], spec["nfe"])
+        out = {"sampler": name, "nfe": teacher_nfe(name, n), **{k: spec[k] for k in ("seed_labels",) if k in spec}}
+        return {**out, "sampler_options": opts} if opts else out
     return spec
 
 
@@ -61,7 +70,10 @@ def describe_spec(spec: dict, net) -> dict:
     sig = spec.get("sigmas")
     if sig is None:
         sig = teacher_sigmas(spec["sampler"], spec["nfe"], net.sigma_min, net.sigma_max)
-    return {"sampler": spec["sampler"], "sigmas": [round(float(s), 6) for s in sig]}
+    out = {"sampler": spec["sampler"], "sigmas": [round(float(s), 6) for s in sig]}
+    if spec.get("sampler_options"):  # as given; options left out take the sampler's defaults
+        out["sampler_options"] = dict(spec["sampler_options"])
+    return out
 
 
 # ------------------------------------------------------------------- quality by data kind
@@ -172,14 +184,16 @@ def evaluate_net(net, spec: dict, data_cfg: dict | None, num_samples: int = 2000
 
 
 def evaluate_checkpoint(path, steps=None, sampler=None, num_samples=2000, seed=0, device="cpu",
-                        inception: dict | None = None, seeds=None, data: dict | None = None) -> dict:
+                        inception: dict | None = None, seeds=None, data: dict | None = None,
+                        sampler_options: dict | None = None) -> dict:
     """metrics.json of a checkpoint. ``inception`` (``{'extractor': TorchScriptExtractor, 'reference': Reference,
     'kid': bool, 'pr': bool, 'batch_size': int}``) replaces the data kind's built-in figures with Inception
     FID/KID/precision-recall and their recipe (eval/inception.py). ``data`` (a data section, e.g. ``{'name':
     'digits'}``) replaces the data recorded in the checkpoint — a diffusers teacher or a data-free student of one
-    records none. ``seeds`` (a list) replaces seed..seed+num_samples−1."""
+    records none. ``seeds`` (a list) replaces seed..seed+num_samples−1. ``sampler_options``: a teacher sampler's
+    keyword options (``sampling_spec_for``)."""
     net, state = load_for_sampling(path, device)
-    spec = sampling_spec_for(state, steps, sampler)
+    spec = sampling_spec_for(state, steps, sampler, sampler_options)
     data_cfg = data or state["config"].get("data")
     if seeds is not None:
         seeds = list(seeds)

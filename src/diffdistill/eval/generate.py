@@ -59,7 +59,8 @@ def images_to_uint8_pixels(x: torch.Tensor) -> torch.Tensor:
 def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", class_labels=None,
              label_rule: str | None = None, clip: bool | None = None):
     """Generate one sample per seed with ``spec`` (``{'sampler', 'nfe'}`` or ``{'sampler', 'sigmas'}``, optionally
-    ``'seed_labels'``: the class rule, 'mod' by default).
+    ``'seed_labels'``: the class rule, 'mod' by default, and ``'sampler_options'``: the sampler's keyword options,
+    e.g. ``{'s_churn': 40}`` for the stochastic sampler).
 
     Per seed, in EDM's order: the latent from the seed's generator, then (rule 'edm') its class from the same
     generator, then the sampler's fresh noise. ``class_labels`` (one-hot [N, L]) replaces the drawn classes (the
@@ -90,7 +91,7 @@ def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", c
             labels_out.append(labels.cpu())
             labels = labels.to(device)
         x, nfe = sample(denoiser, noise, spec["sampler"], sigmas=spec.get("sigmas"), nfe=spec.get("nfe"),
-                        labels=labels, generator=gens, clip=clip)
+                        labels=labels, generator=gens, clip=clip, options=spec.get("sampler_options"))
         out.append(x.float().cpu())
     denoiser.train(was_training)
     secs = time.perf_counter() - t0

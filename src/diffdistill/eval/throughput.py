@@ -30,7 +30,7 @@ def sampling_throughput(net, spec: dict, batch_size: int = 256, repeats: int = 3
 
     def once():
         return sample(net, noise, spec["sampler"], sigmas=spec.get("sigmas"), nfe=spec.get("nfe"), labels=labels,
-                      generator=g)[1]
+                      generator=g, options=spec.get("sampler_options"))[1]
 
     nfe = once()
     _sync(device)
