@@ -33,6 +33,7 @@ import torch
 from diffdistill.demo import SHIPPED_TEACHER
 from diffdistill.distill import distill
 from diffdistill.eval.evaluate import evaluate_net
+from diffdistill.eval.stats import fmt_ci, t_interval
 from diffdistill.io import load_for_sampling
 from diffdistill.eval.plots import line_plot
 from diffdistill.config import load_preset
@@ -90,6 +91,31 @@ def iters_to(curve: list[dict], target: float):
     return None, None
 
 
+def seed_summary(rows: list[dict], n_seeds: int) -> list[str]:
+    """Markdown table over seeds per (method, batch, EL weight): mean ± 95 % t-interval (t_{0.975, N−1}·s/√N) of the
+    final and best proxy-FID, the iterations to the target and the saving; the iteration and saving cells are over
+    the seeds that reached the target, with their count."""
+    def ci(vals, spec=".2f"):
+        v = [x for x in vals if x is not None]
+        if not v:
+            return "not reached"
+        cell = fmt_ci(*t_interval(v), spec)
+        return cell if len(v) == len(vals) else f"{cell} ({len(v)}/{len(vals)} seeds)"
+
+    head = (f"Over {n_seeds} seeds: mean ± 95 % Student-t interval" if n_seeds > 1 else
+            "One seed: single values, no interval (give --seeds 0,1,2 for mean ± 95 % t-interval)")
+    out = [head + ".", "", "| method | batch | EL weight | seeds | final | best of curve (optimistic) | "
+           "iters to target | saving |", "|" + "---|" * 8]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["batch"], r["el"]), []).append(r)
+    for (method, batch, el), g in groups.items():
+        out.append(f"| {method} | {batch} | {el} | {len(g)} | {ci([r['final'] for r in g])} | "
+                   f"{ci([r['best'] for r in g])} | {ci([r['iters_to_target'] for r in g], '.0f')} | "
+                   f"{ci([r['saving'] for r in g])} |")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default=str(SHIPPED_TEACHER))
@@ -99,7 +125,8 @@ def main() -> None:
                                                         "excluded), shared evenly by the runs")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--num-samples", type=int, default=1000, help="samples per proxy-FID evaluation")
-    p.add_argument("--seeds", default="0")
+    p.add_argument("--seeds", default="0", help="run seeds, comma-separated (e.g. 0,1,2); with several, the summary "
+                                                "table gives mean ± 95 %% t-interval over them (default %(default)s)")
     p.add_argument("--weights", default="3", help="EL weights to run (comma-separated; the first is also used "
                                                     "for the batch-size rows)")
     p.add_argument("--mode", default="relative", choices=["fixed", "relative"], help="EL weight mode")
@@ -177,7 +204,8 @@ def main() -> None:
              f"{summary['total_minutes']} min (evaluation included). Target = the full-batch base run's final "
              f"proxy-FID (mean of its last {a.final_window} evaluations); saving = base iterations ÷ iterations to "
              f"the target.", "",
-             "| method | seed | batch | EL weight | target | final | best | iters done | iters to target | "
+             "| method | seed | batch | EL weight | target | final | best of curve (optimistic) | iters done | "
+             "iters to target | "
              "train s to target | images to target | saving |", "|" + "---|" * 12]
     fmt = lambda v, f="{:.1f}": "—" if v is None else f.format(v)  # noqa: E731
     for r in rows:
@@ -185,7 +213,7 @@ def main() -> None:
                      f"{r['final']:.2f} | {r['best']:.2f} | {r['iters_done']} | {fmt(r['iters_to_target'], '{}')} | "
                      f"{fmt(r['seconds_to_target'])} | {fmt(r['images_to_target'], '{}')} | "
                      f"{fmt(r['saving'], '{:.2f}×')} |")
-    lines.append("")
+    lines += ["", *seed_summary(rows, len(seeds)), ""]
     for method in methods:
         series = {r["tag"].split("-", 1)[1]: ([pt["iter"] for pt in r["curve"]], [pt["proxy_fid"] for pt in r["curve"]])
                   for r in runs if r["method"] == method}
@@ -193,7 +221,7 @@ def main() -> None:
                   logy=True)
         lines.append(f"![{method}](curves-{method}.png)")
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:len(rows) + 6]))
+    print("\n".join(line for line in lines if not line.startswith("![")))
 
 
 if __name__ == "__main__":

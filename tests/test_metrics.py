@@ -12,8 +12,8 @@ from torch import nn
 
 from diffdistill.eval.features import (digits_heldout_accuracy, load_or_train_digits_classifier,
                                        train_digits_classifier)
-from diffdistill.eval.metrics import (FeatureStats, frechet_distance, kid, mmd_rbf, mode_coverage, proxy_fid,
-                                      sliced_w2)
+from diffdistill.eval.metrics import (FeatureStats, frechet_distance, kid, manifold_membership, mmd_rbf,
+                                      mode_coverage, precision_recall, proxy_fid, sliced_w2, total_variation)
 from diffdistill.nets.classifier import DigitsClassifier
 
 
@@ -169,6 +169,78 @@ def test_mode_coverage():
     assert mode_coverage(torch.zeros(100, 2), means, std)["high_quality"] == 0.0  # all off-mode
 
 
+def test_mode_weights_and_their_tv():
+    ang = torch.arange(8) * (2 * math.pi / 8)
+    means = 2.0 * torch.stack([ang.cos(), ang.sin()], 1)
+    g = torch.Generator().manual_seed(3)
+    # 300 samples at mode 0, 100 at mode 3, one far off-mode point nearest to mode 3: weights count every sample
+    pts = torch.cat([means[0] + 0.05 * torch.randn(300, 2, generator=g),
+                     means[3] + 0.05 * torch.randn(99, 2, generator=g), 10 * means[3:4]])
+    w = mode_coverage(pts, means, 0.05)["weights"]
+    assert w == pytest.approx([0.75, 0, 0, 0.25, 0, 0, 0, 0])
+    assert total_variation(w, [1 / 8] * 8) == pytest.approx(0.5 * (0.625 + 0.125 + 6 / 8))
+    assert total_variation([0.5, 0.5], [0.5, 0.5]) == 0 and total_variation([1, 0], [0, 1]) == 1
+
+
+def test_points_quality_reports_diversity():
+    from diffdistill.data import dataset_from_config
+    from diffdistill.eval.evaluate import points_quality
+    good = dataset_from_config({"name": "ring8", "n": 1000, "seed": 5}).x
+    q = points_quality(good, {"name": "ring8"})
+    assert q["precision"] > 0.9 and q["recall"] > 0.9 and q["mode_tv"] < 0.06 and len(q["mode_weights"]) == 8
+    one_mode = good[torch.cdist(good.double(), good[:1].double())[:, 0] < 0.2]  # the samples of one mode only
+    q1 = points_quality(one_mode, {"name": "ring8"})
+    assert q1["precision"] > 0.9 and q1["recall"] < 0.25 and q1["mode_tv"] == pytest.approx(7 / 8, abs=0.01)
+
+
+# ---------------------------------------------------------------- precision / recall (k-NN manifolds)
+
+def _membership_loops(ref, other, k):
+    """For each point of ``other``: inside ∪_i B(ref_i, r_i), r_i = distance from ref_i to its k-th nearest other
+    point of ``ref``. Plain Python loops over every pair."""
+    def dist(p, q):
+        return math.sqrt(sum((a - b) ** 2 for a, b in zip(p, q)))
+    radii = []
+    for i, p in enumerate(ref):
+        d = sorted(dist(p, q) for j, q in enumerate(ref) if j != i)
+        radii.append(d[k - 1])
+    return [any(dist(x, c) <= r for c, r in zip(ref, radii)) for x in other]
+
+
+def test_precision_recall_against_loops_over_pairs():
+    g = np.random.default_rng(7)
+    for (nr, nf, d, shift), k in zip(((25, 20, 3, 0.6), (15, 30, 2, 0.0), (12, 12, 5, 1.5)), (3, 1, 5)):
+        real, fake = g.normal(size=(nr, d)), g.normal(loc=shift, size=(nf, d))
+        in_real = _membership_loops(real.tolist(), fake.tolist(), k)   # fake inside the real manifold
+        in_fake = _membership_loops(fake.tolist(), real.tolist(), k)   # real inside the fake manifold
+        p, r = precision_recall(torch.tensor(real), torch.tensor(fake), k=k, block=4)
+        assert p == pytest.approx(sum(in_real) / nf, abs=1e-12) and r == pytest.approx(sum(in_fake) / nr, abs=1e-12)
+        f_in, r_in = manifold_membership(torch.tensor(real), torch.tensor(fake), k=k, block=5)
+        assert f_in.tolist() == in_real and r_in.tolist() == in_fake
+
+
+def test_precision_recall_edge_cases():
+    x = torch.randn(30, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert precision_recall(x, x.clone()) == (1.0, 1.0)              # identical sets
+    assert precision_recall(x, x + 1000.0) == (0.0, 0.0)             # disjoint, far apart
+    with pytest.raises(ValueError, match="more than k"):
+        precision_recall(x, x[:3], k=3)
+
+
+def test_per_class_recall_against_loops():
+    from diffdistill.eval.evaluate import _precision_recall
+    g = np.random.default_rng(2)
+    real = g.normal(size=(30, 2)) + np.repeat([[0, 0], [5, 0], [0, 5]], 10, axis=0)
+    labels = np.repeat([0, 1, 2], 10)
+    fake = g.normal(size=(20, 2)) + np.repeat([[0, 0], [5, 0]], 10, axis=0)     # class 2 missing
+    out = _precision_recall(torch.tensor(real), torch.tensor(fake), torch.tensor(labels))
+    inside = np.array(_membership_loops(fake.tolist(), real.tolist(), 3))
+    assert out["recall"] == pytest.approx(inside.mean())
+    assert out["class_recall"] == pytest.approx([round(inside[labels == c].mean(), 4) for c in range(3)])
+    assert out["class_recall"][2] == 0.0 and min(out["class_recall"][:2]) > 0.5
+    assert _precision_recall(torch.tensor(real), torch.tensor(fake[:3]))["precision"] is None  # ≤ k samples
+
+
 # ---------------------------------------------------------------- digits classifier
 
 @pytest.fixture(scope="session")
@@ -236,3 +308,9 @@ def test_digits_class_histogram_and_tv():
     zeros = held.x[held.labels == 0]
     one_class = digits_quality(zeros)
     assert one_class["class_tv"] > 0.8
+    # precision/recall in the same 64-d features: held-out real digits lie on the training manifold and cover it;
+    # zeros alone are precise but recall only the zeros
+    assert real["precision"] > 0.8 and real["recall"] > 0.8 and real["pr_k"] == 3
+    assert len(real["class_recall"]) == 10 and min(real["class_recall"]) > 0.6
+    assert one_class["precision"] > 0.8 and one_class["recall"] < 0.2
+    assert one_class["class_recall"][0] > 0.6 and max(one_class["class_recall"][1:]) < 0.1

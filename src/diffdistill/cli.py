@@ -277,7 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the EL supplement at weight W to every method that trains a generator from noise "
                         "(rows marked +EL; EL reads real data, also for data-free methods; default: no EL)")
     c.add_argument("--seed", type=int, default=0,
-                   help="seed of every method's run and of the evaluation samples (default %(default)s)")
+                   help="run seed of every method (the first one with --seeds) and the first seed of the evaluation "
+                        "samples (default %(default)s)")
+    c.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train every method N times, run seeds SEED, SEED+1, ..., one run folder each; table cells "
+                        "become mean ± 95%% t-interval with Welch's t-test against the best (default %(default)s)")
     c.add_argument("--out", default="runs/compare", help="report folder (default %(default)s)")
     c.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -519,7 +523,7 @@ def cmd_compare(a) -> int:
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     compare(a.teacher, methods, out=a.out, iters=a.iters, budget_minutes=a.budget_minutes, seed=a.seed,
             num_samples=a.num_samples, curve_points=a.curve_points, device=a.device, progress=not a.no_progress,
-            overrides=a.set, el_weight=a.el_weight)
+            overrides=a.set, el_weight=a.el_weight, seeds=a.seeds)
     return 0
 
 

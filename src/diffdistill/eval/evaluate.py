@@ -3,7 +3,10 @@
 Quality figures depend on the data kind, never on the method:
 - 8×8 digits: proxy-FID and KID in the penultimate-feature space of the project's digits classifier (trained
   deterministically, cached), against the 1,500 training digits. "proxy" because it is not Inception FID.
-- 2-D points: sliced W2 and RBF-MMD² against fresh draws of the same distribution (+ mode coverage for ring8).
+- 2-D points: sliced W2 and RBF-MMD² against fresh draws of the same distribution (+ mode coverage and mode
+  weights for ring8).
+Diversity next to quality: k-NN precision/recall (Kynkäänniemi et al. 2019, k = 3) in the same space (digits: the
+classifier features of proxy-FID, per-class recall too; 2-D: the plane), digits class histogram / class TV.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from ..io.checkpoint import file_sha256
 from .features import load_or_train_digits_classifier
 from .generate import generate
 from .inception import evaluate_inception
-from .metrics import kid, mmd_rbf, mode_coverage, proxy_fid, sliced_w2
+from .metrics import kid, manifold_membership, mmd_rbf, mode_coverage, proxy_fid, sliced_w2, total_variation
+
+# k of the k-NN manifold estimator (Kynkäänniemi et al. 2019; their default)
+PR_K = 3
 
 
 _DIGITS_REF_CACHE: dict = {}
@@ -85,7 +91,7 @@ def digits_reference(device="cpu") -> dict:
         with torch.no_grad():
             f_train = clf.features(train.x)
             _DIGITS_REF_CACHE["ref"] = {"classifier": clf, "train": f_train, "heldout": clf.features(held.x),
-                                        "n_train": len(train), "n_heldout": len(held),
+                                        "n_train": len(train), "n_heldout": len(held), "train_labels": train.labels,
                                         "train_classes": class_histogram(clf.head(f_train))}
     return _DIGITS_REF_CACHE["ref"]
 
@@ -108,7 +114,7 @@ def digits_quality(samples: torch.Tensor, seed: int = 0) -> dict:
     # generated sets of the same size: mean proxy-FID over disjoint 297-sample subsets.
     k = ref["n_heldout"]
     subsets = [proxy_fid(feats[i:i + k], ref["train"]) for i in range(0, len(feats) - k + 1, k)]
-    return {"proxy_fid": float(proxy_fid(feats, ref["train"])), "kid": float(kid_mean), "kid_std": float(kid_std),
+    return {**_precision_recall(ref["train"], feats, ref["train_labels"]), "proxy_fid": float(proxy_fid(feats, ref["train"])), "kid": float(kid_mean), "kid_std": float(kid_std),
             f"proxy_fid_n{k}": float(sum(subsets) / len(subsets)) if subsets else None,
             # Mode weights: the classifier's class histogram of the samples and its total-variation distance to the
             # training digits' (0 = the same class proportions). A proxy-FID that stalls with a large class_tv is
@@ -116,6 +122,21 @@ def digits_quality(samples: torch.Tensor, seed: int = 0) -> dict:
             "class_hist": [round(float(v), 4) for v in hist],
             "class_tv": float(0.5 * (hist - ref["train_classes"]).abs().sum()),
             "feature_space": "digits-classifier-64d", "reference": f"digits train split ({ref['n_train']} images)"}
+
+
+def _precision_recall(real, fake, real_labels=None) -> dict:
+    """k-NN precision and recall (``PR_K``) of ``fake`` against ``real`` in their given space; with ``real_labels``
+    also the recall per class (the fraction of real samples of class c inside the generated manifold: a dropped or
+    thinned class shows as a low value). None where a set has no more than k samples."""
+    if min(len(real), len(fake)) <= PR_K:
+        return {"precision": None, "recall": None, "pr_k": PR_K}
+    fake_in, real_in = manifold_membership(real, fake, k=PR_K)
+    out = {"precision": float(fake_in.double().mean()), "recall": float(real_in.double().mean()), "pr_k": PR_K}
+    if real_labels is not None:
+        labels = torch.as_tensor(real_labels).long()
+        out["class_recall"] = [round(float(real_in[labels == c].double().mean()), 4) if (labels == c).any() else None
+                               for c in range(int(labels.max()) + 1)]
+    return out
 
 
 def digits_floor_and_ceiling(seed: int = 0, n_noise: int = 2000) -> dict:
@@ -132,11 +153,15 @@ def points_quality(samples: torch.Tensor, data_cfg: dict, seed: int = 0) -> dict
     ref_cfg = dict(data_cfg, n=len(samples), seed=int(data_cfg.get("seed", 0)) + 10_000 + seed)
     ref = load_dataset(ref_cfg).x
     out = {"sliced_w2": float(sliced_w2(samples, ref, seed=seed)), "mmd": float(mmd_rbf(samples, ref)),
-           "reference": f"fresh draws of {data_cfg.get('name')}"}
+           # precision/recall in the plane itself, against the same fresh draws
+           **_precision_recall(ref, samples), "reference": f"fresh draws of {data_cfg.get('name')}"}
     if data_cfg.get("name") == "ring8":
         gmm = ring8_gmm()
         mc = mode_coverage(samples, gmm.means, gmm.std)
-        out.update({"modes_covered": mc["modes_covered"], "high_quality_fraction": mc["high_quality"]})
+        # mode weights: fraction of samples per nearest mode, and their TV distance to the mixture's weights
+        out.update({"modes_covered": mc["modes_covered"], "high_quality_fraction": mc["high_quality"],
+                    "mode_weights": [round(w, 4) for w in mc["weights"]],
+                    "mode_tv": total_variation(mc["weights"], gmm.weights)})
     return out
 
 
