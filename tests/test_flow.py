@@ -258,15 +258,18 @@ def test_train_teacher_objective_flow_cli(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ 2-D end to end
-# Iterations as the EDM teacher's end-to-end checks (test_dmd2/test_diff_instruct/test_sid/test_cd); None: preset.
-FLOW_RING8 = {"dmd2": 2000, "diff_instruct": 400, "sid": None, "cd": 1000}
+# Iterations of the EDM teacher's end-to-end checks (test_dmd2 / test_sid / test_cd; None: the preset's), except
+# Diff-Instruct: 800 instead of 400 (at 400 it stood at 2.3× with 7 of 8 modes on this teacher).
+FLOW_RING8 = {"dmd2": 2000, "diff_instruct": 800, "sid": None, "cd": 1000}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(FLOW_RING8))
 def test_flow_teacher_ring8_distils(ring8_flow_teacher, tmp_path, method):
     """A flow-matching ring8 teacher (velocity MLP 128×3, 800 iterations, trained in the session) distils into a
-    1-step student within 1.5× its sliced W2 at 35 NFE with each method's points preset, as the EDM teacher does."""
+    1-step student within 1.5× its sliced W2 at 35 NFE with each method's points preset, as the EDM teacher does.
+    Measured (seed 0): teacher 0.053 (the EDM teacher of the same budget: 0.036); DMD2 0.057, Diff-Instruct 0.067,
+    SiD 0.059, CD 0.056 (1.05–1.26×); the teacher as an untrained 1-step generator at σ = 80: 0.357."""
     res = ring8_flow_teacher.distill_and_eval(method, tmp_path, steps=FLOW_RING8[method])
     print(f"flow ring8 {method}", {k: v for k, v in res.items() if k != "trainer"})
     assert res["modes_covered"] == 1.0
