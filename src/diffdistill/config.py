@@ -49,6 +49,13 @@ class RunOptions(Options):
     compile: bool = option(False, "torch.compile every trained network and the teacher")
     channels_last: bool = option(False, "NHWC memory format for image networks")
     num_sample_grid: int = option(64, "images in each sample grid", ge=1)
+    activation_checkpointing: list[str] = option([], "trained networks (names in the method's nets, e.g. generator, "
+                                                     "fake_score, student, net) whose blocks are recomputed in "
+                                                     "backward instead of kept: less activation memory, one extra "
+                                                     "forward of those networks")
+    teacher_dtype: str = option("fp32", "the frozen teacher's weights: fp32, or bf16 (half the memory; its forward "
+                                        "runs under bf16 autocast and returns fp32); the trained copies start from "
+                                        "the fp32 weights", choices=("fp32", "bf16"))
 
     def validate(self):
         check_device(self.device)

@@ -171,5 +171,11 @@ class Method(ABC):
             ema.net.load_state_dict(emas[k])
         self.load_extra_state(state.get("extra", {}))
 
+    def teacher_networks(self) -> list[nn.Module]:
+        """The frozen teacher networks this method evaluates, which ``run.teacher_dtype=bf16`` stores in bf16 after
+        the method is built (so trained copies start from the fp32 weights). Default: the teacher it was given; a
+        method that keeps its own frozen teacher copy adds it (PD's stage teacher)."""
+        return [self.ctx.teacher] if self.ctx.teacher is not None else []
+
     def trainable_params(self, phase: str):
         return [p for g in self.optimizers[phase].param_groups for p in g["params"]]

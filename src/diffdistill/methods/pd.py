@@ -307,6 +307,11 @@ class ProgressiveDistillation(Method):
         self.schedulers["student"] = torch.optim.lr_scheduler.LambdaLR(
             opt, _lr_lambda(o.lr_schedule, self.final_stage_iters if last else self.iters_per_halving))
 
+    def teacher_networks(self):
+        """The given teacher and this method's stage teacher (a frozen copy, overwritten with the student at each
+        halving)."""
+        return super().teacher_networks() + [self.teacher]
+
     def advance_stage(self) -> None:
         """End the current halving: the student becomes the teacher, N halves, the optimizer starts afresh."""
         if self.stage + 1 >= len(self.stages):

@@ -19,13 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .songunet import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from .checkpointing import ActivationCheckpointing
+from .songunet import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, _cat_block
 
 
-class DhariwalUNet(nn.Module):
+class DhariwalUNet(ActivationCheckpointing, nn.Module):
     """ADM U-Net F(x, c_noise, class_labels) keyed like EDM (``enc``/``dec`` ModuleDicts ``{res}x{res}_{conv,down,
     block<i>,in0,in1,up}``, ``map_noise``/``map_layer0``/``map_layer1``/``map_label``/``map_augment``, ``out_norm``,
-    ``out_conv``). ``return_bottleneck``/``bottleneck_only`` as in `SongUNet` (the last encoder output)."""
+    ``out_conv``). ``return_bottleneck``/``bottleneck_only`` and ``set_activation_checkpointing()`` (every encoder and decoder
+    block) as in `SongUNet`."""
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
                  augment_dim: int = 0, model_channels: int = 192, channel_mult: Sequence[int] = (1, 2, 3, 4),
@@ -99,14 +101,13 @@ class DhariwalUNet(nn.Module):
 
         skips = []
         for name, m in self.enc.items():
-            x = m(x) if name.endswith('_conv') else m(x, emb)
+            x = m(x) if name.endswith('_conv') else self.run_block(m, x, emb)
             skips.append(x)
         bottleneck = x
         if bottleneck_only:
             return bottleneck
         for name, m in self.dec.items():
-            if '_block' in name:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = m(x, emb)
+            x = (self.run_block(m, x, skips.pop(), emb, fn=_cat_block) if "_block" in name
+                 else self.run_block(m, x, emb))
         out = self.out_conv(F.silu(self.out_norm(x)))
         return (out, bottleneck) if return_bottleneck else out

@@ -7,6 +7,7 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpointing import ActivationCheckpointing
 from .songunet import Linear, PositionalEmbedding
 
 
@@ -24,8 +25,9 @@ class MLPBlock(nn.Module):
         return h + self.fc1(F.silu(self.fc0(F.silu(self.norm(h))) + self.affine(emb)))
 
 
-class MLPDenoiserNet(nn.Module):
-    """Raw network for EDMPrecond on [B, dim] points; the output layer is zero-initialised, so F ≡ 0 at init."""
+class MLPDenoiserNet(ActivationCheckpointing, nn.Module):
+    """Raw network for EDMPrecond on [B, dim] points; the output layer is zero-initialised, so F ≡ 0 at init.
+    ``set_activation_checkpointing()`` checkpoints every residual block."""
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, emb_dim: int = 64, label_dim: int = 0):
         super().__init__()
@@ -53,7 +55,7 @@ class MLPDenoiserNet(nn.Module):
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
         h = self.inp(x)
         for block in self.blocks:
-            h = block(h, emb)
+            h = self.run_block(block, h, emb)
         feats = F.silu(self.out_norm(h))
         if bottleneck_only:
             return feats

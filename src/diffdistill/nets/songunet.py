@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpointing import ActivationCheckpointing
+
 
 def weight_init(shape, mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
     """Random tensor for the named init scheme (uniform draws are scaled from U(-1, 1), normal from N(0, 1))."""
@@ -187,13 +189,15 @@ class FourierEmbedding(nn.Module):
         return torch.cat([x.cos(), x.sin()], dim=1)
 
 
-class SongUNet(nn.Module):
+class SongUNet(ActivationCheckpointing, nn.Module):
     """DDPM++ U-Net F(x, c_noise, class_labels) with EDM's ``SongUNet`` layout (``enc``/``dec`` ModuleDicts keyed
     ``{res}x{res}_{conv,down,block<i>,in0,in1,up,aux_norm,aux_conv}``, mapping network ``map_*``).
 
     ``forward(..., return_bottleneck=True)`` returns ``(out, bottleneck)``, where ``bottleneck`` is the activation
     after the last encoder block (``[B, model_channels·channel_mult[-1], R/2^(L-1), R/2^(L-1)]``), e.g. for a GAN head;
-    ``bottleneck_only=True`` returns the bottleneck alone and skips the decoder.
+    ``bottleneck_only=True`` returns the bottleneck alone and skips the decoder. With
+    ``set_activation_checkpointing()`` every encoder and decoder `UNetBlock` is checkpointed (a decoder block
+    together with its skip concatenation, so the concatenated tensor is recomputed rather than kept).
     """
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
@@ -301,7 +305,7 @@ class SongUNet(nn.Module):
             elif 'aux_residual' in name:
                 x = skips[-1] = aux = (x + m(aux)) / math.sqrt(2)
             else:
-                x = m(x) if name.endswith('_conv') else m(x, emb)
+                x = m(x) if name.endswith('_conv') else self.run_block(m, x, emb)
                 skips.append(x)
         bottleneck = x
         if bottleneck_only:  # e.g. a GAN head on a fake-score net: the decoder's work would be thrown away
@@ -318,11 +322,17 @@ class SongUNet(nn.Module):
             elif name.endswith('aux_conv'):
                 h = m(F.silu(h))
                 out = h if out is None else h + out
+            elif '_block' in name:
+                x = self.run_block(m, x, skips.pop(), emb, fn=_cat_block)
             else:
-                if '_block' in name:
-                    x = torch.cat([x, skips.pop()], dim=1)
-                x = m(x, emb)
+                x = self.run_block(m, x, emb)
         return (out, bottleneck) if return_bottleneck else out
+
+
+def _cat_block(block, x, skip, emb):
+    """A decoder block on the concatenation with its encoder skip (one function, so a checkpoint recomputes the
+    concatenation instead of keeping it)."""
+    return block(torch.cat([x, skip], dim=1), emb)
 
 
 def digits_unet_config() -> dict:

@@ -127,6 +127,10 @@ def memory_knobs() -> str:
              "run.global_batch_size, to keep the global batch)"]
     if "precision" in RUN_DEFAULTS:
         knobs.append("use bf16 autocast (--set run.precision=bf16)")
+    knobs.append("recompute the trained networks' activations in backward (--set "
+                 "run.activation_checkpointing=[NAME,...] with the trained networks '--dry-run' lists, e.g. "
+                 "generator,fake_score)")
+    knobs.append("store the frozen teacher in bf16 (--set run.teacher_dtype=bf16)")
     knobs.append("use a smaller network (--set net.kwargs...); '--dry-run' prints the networks and a peak-memory "
                  "estimate for a batch")
     return ", ".join(knobs[:-1]) + " or " + knobs[-1]

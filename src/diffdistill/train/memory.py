@@ -11,7 +11,8 @@ Estimate (per process): weights and buffers + optimizer state (Adam/AdamW: 2 ten
 with momentum: 1) + the largest phase's gradients and activations + data and loose tensors. Activations are
 *measured*: the phase's forward pass runs at batch 2 and at batch 4 with an autograd hook that adds up the bytes of
 every tensor saved for backward (parameters excluded), and the difference is extrapolated linearly to the chosen
-batch. On the digits DMD2 run (batch 64 and 256) this matched the peak of torch's allocated bytes over a
+batch. With activation checkpointing the hook sees what the checkpoints keep, and the largest checkpointed
+block's own saved tensors (held again while backward recomputes it) are added. On the digits DMD2 run (batch 64 and 256) this matched the peak of torch's allocated bytes over a
 forward + backward (profiler) within 2 %; the CPU process's resident size grew 1.3–1.6× the estimate (allocator
 arenas, optimizer temporaries), hence the 30–60 % allowance the report names.
 """
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ..nets.checkpointing import recomputation_probe
 
 _SKIP_TYPES = (torch.optim.Optimizer, torch.Generator, torch.device, type)
 _SKIP_NAMES = ("optimizers", "schedulers")
@@ -123,8 +126,12 @@ def _optimizer_slots(opt: torch.optim.Optimizer) -> int:
     return 2
 
 
-def _saved_activation_bytes(trainer, phase: str, step: int, batch_size: int, exclude_ptrs: set) -> int:
-    """Bytes of the tensors autograd saves for backward in one forward pass of ``phase`` at ``batch_size``."""
+def _saved_activation_bytes(trainer, phase: str, step: int, batch_size: int, exclude_ptrs: set,
+                            recomputed: list | None = None) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward pass of ``phase`` at ``batch_size``. With
+    activation checkpointing these are what the checkpoints keep; ``recomputed`` (a list) then receives the bytes
+    of the largest checkpointed block's saved tensors, which backward holds again while it recomputes that block
+    (0 without checkpointing)."""
     method = trainer.method
     saved: dict[int, int] = {}
 
@@ -149,9 +156,11 @@ def _saved_activation_bytes(trainer, phase: str, step: int, batch_size: int, exc
         # phase to the next (DMD2's critic reuses the generator phase's samples).
         for before in method.phases(step)[:method.phases(step).index(phase)]:
             trainer.phase_loss(before, batch, step)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with recomputation_probe() as blocks, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss, _ = trainer.phase_loss(phase, batch, step)
         del loss
+        if recomputed is not None:
+            recomputed.append(max(blocks, default=0))
     finally:
         method.ctx.batch_size = old
     return sum(saved.values())
@@ -191,12 +200,16 @@ def estimate_memory(trainer, probe=(2, 4)) -> dict:
     exclude = {t.untyped_storage().data_ptr() for info in infos
                for t in list(info.module.parameters()) + list(info.module.buffers())}
     B = trainer.cfg["run"]["batch_size"]
-    acts, errors = {}, {}
+    acts, recomputed, errors = {}, {}, {}
+
+    def extrapolate(a, b):
+        return max(0.0, a + (B - probe[0]) * max(b - a, 0) / (probe[1] - probe[0]))
     for ph, s in first_step.items():
         try:
-            a, b = (_saved_activation_bytes(trainer, ph, s, n, exclude) for n in probe)
-            per_sample = max(b - a, 0) / (probe[1] - probe[0])
-            acts[ph] = max(0.0, a + (B - probe[0]) * per_sample)
+            r = []
+            a, b = (_saved_activation_bytes(trainer, ph, s, n, exclude, r) for n in probe)
+            recomputed[ph] = extrapolate(*r)
+            acts[ph] = extrapolate(a, b) + recomputed[ph]
         except Exception as e:  # a method that cannot run at the probe batch: say so, estimate the rest
             errors[ph] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     method.ctx.generator.set_state(rng[0])
@@ -204,7 +217,7 @@ def estimate_memory(trainer, probe=(2, 4)) -> dict:
     worst = max(first_step, key=lambda ph: grads.get(ph, 0) + acts.get(ph, 0)) if first_step else None
     peak = weights + opt_state + loose_bytes + (grads.get(worst, 0) + acts.get(worst, 0) if worst else 0)
     return {"networks": infos, "loose": loose, "weights": weights, "optimizer_state": opt_state, "grads": grads,
-            "activations": acts, "errors": errors, "loose_bytes": loose_bytes, "worst_phase": worst,
+            "activations": acts, "recomputed": recomputed, "errors": errors, "loose_bytes": loose_bytes, "worst_phase": worst,
             "peak": peak, "batch_size": B, "probe": probe}
 
 
@@ -219,18 +232,20 @@ def _fmt_bytes(n: float) -> str:
 def dry_run_report(trainer) -> str:
     """The text ``--dry-run`` prints."""
     est = estimate_memory(trainer)
-    cfg, m = trainer.cfg, trainer.method
     data = trainer.dataset
     what = f"data {getattr(data, 'name', '?')} {list(data.sample_shape)}" if data is not None else "data-free"
     lines = [f"dry run: method {trainer.method_cls.name} ({trainer.method_cls.role}), {what}, batch "
              f"{est['batch_size']} per process × {trainer.world} process(es), device {trainer.device}", "",
-             f"{'network':28s} {'parameters':>12s}  {'dtype':8s} trained by",
-             "-" * 72]
+             f"{'network':28s} {'parameters':>12s} {'size':>10s}  {'dtype':16s} trained by",
+             "-" * 92]
     for info in est["networks"]:
         trained = ("optimizer " + "/".join(info.phases)) if info.phases else "frozen (no optimizer)"
         if info.shared_with:
             trained += f"; shares its parameters with {info.shared_with}"
-        lines.append(f"{info.name:28s} {info.params:>12,d}  {info.dtypes:8s} {trained}")
+        if any(getattr(m, "activation_checkpointing", False) or getattr(m, "gradient_checkpointing", False)
+               for m in info.module.modules()):   # this package's networks / diffusers' blocks
+            trained += "; activation checkpointing"
+        lines.append(f"{info.name:28s} {info.params:>12,d} {_fmt_bytes(info.bytes):>10s}  {info.dtypes:16s} {trained}")
     uniq = sum(i.params for i in est["networks"] if not i.shared_with)
     lines.append(f"{'total (distinct)':28s} {uniq:>12,d}")
     big = sorted(est["loose"], key=lambda nt: -nt[1].numel() * nt[1].element_size())
@@ -248,8 +263,11 @@ def dry_run_report(trainer) -> str:
         if ph in est["errors"]:
             lines.append(f"  phase {ph:18s} activations not measured ({est['errors'][ph]})")
             continue
+        rec = est["recomputed"].get(ph, 0)
         lines.append(f"  phase {ph:18s} gradients {_fmt_bytes(est['grads'].get(ph, 0)):>10s} + activations "
-                     f"{_fmt_bytes(est['activations'].get(ph, 0)):>10s}")
+                     f"{_fmt_bytes(est['activations'].get(ph, 0)):>10s}"
+                     + (f"   (incl. {_fmt_bytes(rec)} recomputed in backward: the largest checkpointed block)"
+                        if rec else ""))
     lines += [f"  peak ≈ {_fmt_bytes(est['peak'])} (largest phase: {est['worst_phase']}) of tensors; activations are "
               f"the tensors saved for backward, measured at batch {est['probe'][0]} and {est['probe'][1]} and "
               f"extrapolated linearly. Allow 30–60 % more for the allocator and optimizer temporaries",

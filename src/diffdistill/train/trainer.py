@@ -26,6 +26,9 @@ from ..io.checkpoint import (atomic_write, checkpoint_path, find_resume_checkpoi
 from ..io.paths import check_output_dir
 from ..methods.base import MethodContext
 from ..methods.registry import get_method
+from ..nets.checkpointing import checkpointable, set_activation_checkpointing
+from ..nets.low_precision import store_in_bf16
+from ..options import nearest
 from . import distributed as dist
 from .health import HealthMonitor, initial_output_check, is_out_of_memory, out_of_memory_message
 from .runfolder import RunLock, claim
@@ -70,12 +73,14 @@ def _plain(v):
 
 def _config_changes(old, new, prefix="") -> list[str]:
     """'key: old → new' for every entry that differs between two resolved configs (``run.resume``, ``run.steps``,
-    ``run.progress`` and ``run.out`` are expected to change and are left out)."""
+    ``run.progress`` and ``run.out`` are expected to change and are left out, and so is
+    ``run.activation_checkpointing``, which leaves every result bit-identical)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new), key=str):
             key = f"{prefix}.{k}" if prefix else str(k)
-            if key in ("run.resume", "run.steps", "run.progress", "run.out", "run.max_minutes", "run.overwrite"):
+            if key in ("run.resume", "run.steps", "run.progress", "run.out", "run.max_minutes", "run.overwrite",
+                       "run.activation_checkpointing"):
                 continue
             out += _config_changes(old.get(k), new.get(k), key)
         return out
@@ -343,9 +348,14 @@ class Trainer:
                 f"method.lr=... (changed optimizer settings apply on resume), or set run.grad_clip")
 
     def _prepare_networks(self, teacher) -> None:
-        """GPU-throughput options, applied to every trained network and the teacher: NHWC memory format and
-        torch.compile (in place: parameter names, and so checkpoints, are unchanged)."""
+        """Memory options — activation checkpointing of the named networks, the frozen teacher in bf16 — and the
+        GPU-throughput options, applied to every trained network and the teacher: NHWC memory format and
+        torch.compile (all in place: parameter names, and so checkpoints, are unchanged). Runs after the method is
+        built, so the trained copies of the teacher were made from its fp32 weights."""
         run = self.cfg["run"]
+        self._checkpoint_activations(run.get("activation_checkpointing") or [])
+        if run.get("teacher_dtype", "fp32") == "bf16":
+            self._store_teachers_in_bf16()
         nets = list(self.method.nets.values()) + ([teacher] if teacher is not None else [])
         if run.get("channels_last"):
             for net in nets:
@@ -354,6 +364,45 @@ class Trainer:
         if run.get("compile"):
             for net in nets:
                 net.compile()
+
+    def _trained_param_ids(self) -> set:
+        return {id(p) for opt in self.method.optimizers.values() for g in opt.param_groups for p in g["params"]}
+
+    def _checkpoint_activations(self, names: list) -> None:
+        """Turn on block checkpointing in each named network of ``method.nets``; a name that is not a trained,
+        checkpointable network there is refused with the valid ones."""
+        if not names:
+            return
+        trained = self._trained_param_ids()
+        nets = self.method.nets
+        is_trained = {k: any(id(p) in trained for p in net.parameters()) for k, net in nets.items()}
+        valid = [k for k, net in nets.items() if is_trained[k] and checkpointable(net)]
+        for name in names:
+            if name in valid:
+                continue
+            if name not in nets:
+                why = f"has no network {name!r}{nearest(name, valid or list(nets))}"
+            elif not is_trained[name]:
+                why = f"network {name!r} is frozen (no optimizer trains it, so it keeps no activations for backward)"
+            else:
+                why = f"network {name!r} ({type(nets[name]).__name__}) has no blocks to checkpoint"
+            raise UserError(f"run.activation_checkpointing: method {self.method_cls.name!r} {why}; valid: "
+                            f"{', '.join(valid) or 'none'}")
+        for name in dict.fromkeys(names):
+            set_activation_checkpointing(nets[name])
+
+    def _store_teachers_in_bf16(self) -> None:
+        """``run.teacher_dtype=bf16``: the method's frozen teacher networks stored in bf16 (`store_in_bf16`)."""
+        teachers = self.method.teacher_networks()
+        if not teachers:
+            raise UserError(f"run.teacher_dtype=bf16 stores a distillation's frozen teacher in bf16, but method "
+                            f"{self.method_cls.name!r} has no teacher: remove the option (run.precision=bf16 "
+                            f"runs the losses in bf16)")
+        trained = self._trained_param_ids()
+        for net in teachers:
+            if any(id(p) in trained for p in net.parameters()):  # a method bug, not a user error
+                raise RuntimeError(f"{self.method_cls.name}: a network listed by teacher_networks() is trained")
+            store_in_bf16(net.requires_grad_(False))
 
     def _autocast(self):
         """bf16 autocast around the forward passes and losses (no loss scaling needed for bf16)."""

@@ -1,0 +1,135 @@
+"""Activation checkpointing of a network's blocks (``run.activation_checkpointing``).
+
+A checkpointed block keeps only its inputs for backward and recomputes its activations when the gradient reaches it
+(``torch.utils.checkpoint.checkpoint`` in non-reentrant mode): memory for activations drops to the block inputs
+plus one block's activations at a time, for one extra forward of the blocks. The non-reentrant checkpoint stashes
+the global CPU RNG state (and that of the inputs' CUDA device) before the block and restores it for the
+recomputation, so dropout draws the same masks and the gradients equal those of the plain network.
+
+This package's networks (SongUNet, DhariwalUNet: every encoder and decoder block; the MLP denoiser: every residual
+block) carry the ``ActivationCheckpointing`` mixin; a diffusers model uses diffusers' own
+``enable_gradient_checkpointing()`` (its ResNet blocks, non-reentrant).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _set_state(params, grads, modules, modes) -> tuple:
+    """Give ``params`` the ``requires_grad`` flags ``grads`` and ``modules`` the train/eval ``modes``; returns the
+    previous flags and modes."""
+    before = [p.requires_grad for p in params], [m.training for m in modules]
+    for p, g, b in zip(params, grads, before[0]):
+        if g != b:
+            p.requires_grad_(g)
+    for m, t, b in zip(modules, modes, before[1]):
+        if t != b:
+            m.training = t
+    return before
+
+
+_probe: list | None = None   # set by ``recomputation_probe``: receives each checkpointed block's saved bytes
+
+
+@contextlib.contextmanager
+def recomputation_probe():
+    """For memory estimates (``--dry-run``): inside the block, every checkpointed block's forward is first run once
+    more under a counting saved-tensors hook (the RNG state restored after), and the yielded list receives the
+    bytes it saved beyond its parameters and inputs: what backward holds again while it recomputes that block. The
+    checkpointed forward that follows is the real one, so an outer saved-tensors hook sees what checkpointing
+    keeps."""
+    global _probe
+    previous, _probe = _probe, []
+    try:
+        yield _probe
+    finally:
+        _probe = previous
+
+
+def _count_saved(block: nn.Module, fn, args) -> int:
+    skip = {t.untyped_storage().data_ptr() for t in list(block.parameters()) + [a for a in args if torch.is_tensor(a)]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            if st.data_ptr() not in skip:
+                seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        except (RuntimeError, NotImplementedError):   # tensors without storage: not counted
+            pass
+        return t
+    cuda = sorted({a.device for a in args if torch.is_tensor(a) and a.device.type == "cuda"}, key=str)
+    with torch.random.fork_rng(devices=cuda), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(seen.values())
+
+
+def checkpoint_block(block: nn.Module, fn, *args):
+    """``checkpoint(fn, *args)`` (non-reentrant) for ``fn`` running ``block``, whose recomputation in backward sees
+    the block as the forward saw it: the methods change a network's state between its forward and the backward —
+    ``frozen()`` turns ``requires_grad`` off for a pass whose gradient only reaches the input (autograd then saves
+    other tensors), SiD runs the fake score in eval mode (no dropout) — and the recomputation has to save the same
+    tensors with the same values, so it replays the forward's ``requires_grad`` flags and train/eval modes."""
+    if _probe is not None:
+        _probe.append(_count_saved(block, fn, args))
+    params, modules = list(block.parameters()), list(block.modules())
+    grads, modes = [p.requires_grad for p in params], [m.training for m in modules]
+
+    def replay(*a):
+        before = _set_state(params, grads, modules, modes)
+        try:
+            return fn(*a)
+        finally:
+            _set_state(params, before[0], modules, before[1])
+
+    return checkpoint(replay, *args, use_reentrant=False)
+
+
+class ActivationCheckpointing:
+    """Mixin for a network whose forward runs its blocks through ``self.run_block``."""
+
+    activation_checkpointing: bool = False   # a class default, so networks pickled before it existed still load
+
+    def set_activation_checkpointing(self, on: bool = True):
+        self.activation_checkpointing = bool(on)
+        return self
+
+    def run_block(self, block: nn.Module, *args, fn=None):
+        """``block(*args)`` (or ``fn(block, *args)``), checkpointed when enabled and a graph is being recorded
+        (no-grad passes, such as the frozen teacher's or sampling, save nothing, so there is nothing to spare)."""
+        fn = block if fn is None else functools.partial(fn, block)
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint_block(block, fn, *args)
+        return fn(*args)
+
+
+def _is_diffusers_model(m: nn.Module) -> bool:
+    return bool(getattr(m, "_supports_gradient_checkpointing", False)) and hasattr(m, "enable_gradient_checkpointing")
+
+
+def checkpointable(net: nn.Module) -> bool:
+    """Whether ``net`` contains a network whose blocks can be checkpointed."""
+    return any(isinstance(m, ActivationCheckpointing) or _is_diffusers_model(m) for m in net.modules())
+
+
+def set_activation_checkpointing(net: nn.Module, on: bool = True) -> int:
+    """Turn block checkpointing on (or off) in every network inside ``net`` (e.g. the raw network inside a
+    preconditioner); returns how many networks were switched (0: nothing in ``net`` supports it)."""
+    n = 0
+    for m in net.modules():
+        if isinstance(m, ActivationCheckpointing):
+            m.set_activation_checkpointing(on)
+            n += 1
+        elif _is_diffusers_model(m):
+            if on:   # diffusers' own switch (its ResNet blocks), with the replaying checkpoint above
+                m.enable_gradient_checkpointing(lambda block, *args: checkpoint_block(block, block.__call__, *args))
+            else:
+                m.disable_gradient_checkpointing()
+            n += 1
+    return n
