@@ -2,8 +2,6 @@
 EDM's persistent-record layout, malicious pickles refused with nothing run), strict weight loading, convert-teacher,
 and a student distilled from a converted teacher exported and reloaded."""
 
-import io
-import math
 import pickle
 import sys
 from pathlib import Path

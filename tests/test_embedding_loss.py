@@ -4,7 +4,6 @@ feature networks (frozen, deterministic per seed, batch-independent), the gradie
 trainer wiring (data for data-free methods, weight 0 = the base method bit for bit, exact resume, refusal for
 methods without a generator) and 2-D runs of DMD2 / Diff-Instruct / SiD / CD with EL on the ring8 teacher."""
 
-import itertools
 import json
 import math
 

@@ -5,10 +5,8 @@ weights), the weights load strictly, and re-measuring it gives the recorded prox
 `-m slow`: retrain the preset from scratch and check it reaches the shipped quality.
 """
 
-import copy
 
 import pytest
-import torch
 
 from diffdistill.config import load_preset, resolve
 from diffdistill.demo import SHIPPED_TEACHER

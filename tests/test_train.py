@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from conftest import tiny_points_cfg
-from diffdistill.config import resolve
 from diffdistill.io.checkpoint import list_checkpoints, load_checkpoint
 from diffdistill.train.trainer import DivergenceError, Trainer
 
