@@ -126,6 +126,10 @@ def test_dmd2_lr_decay_over_the_run_follows_iters():
     assert cfg["method"]["lr_decay_steps"] == 1234
     cfg = distill_config("dmd2", copy.deepcopy(state), overrides=["method.lr_decay_steps=500", "run.steps=900"])
     assert cfg["method"]["lr_decay_steps"] == 500
+    from diffdistill.options import UNBOUNDED_STEPS
+    with pytest.raises(UserError, match="give --iters N too"):   # --budget-minutes alone: no length to decay over
+        distill_config("dmd2", copy.deepcopy(state), flags={"run": {"steps": UNBOUNDED_STEPS, "max_minutes": 30}},
+                       overrides=["method.lr_decay_steps=run"])
 
 
 def test_options_command_lists_schema_and_presets(capsys):

@@ -27,6 +27,7 @@ from .eval.plots import write_png_folder
 from .io import convert_teacher, export_checkpoint, load_for_sampling
 from .io.diffusers import export_diffusers
 from .io.paths import check_output_file
+from .options import UNBOUNDED_STEPS
 from .methods.embedding_loss import ELOptions
 from .methods.registry import get_method, list_methods
 from .train.distributed import init_distributed, rank
@@ -123,7 +124,7 @@ def _run_flags(a) -> dict:
                              "device": a.device, "resume": a.resume,
                              "max_minutes": a.budget_minutes}.items() if v is not None}
     if a.budget_minutes is not None and a.iters is None:
-        run["steps"] = 10 ** 9  # the budget decides, as in `compare`
+        run["steps"] = UNBOUNDED_STEPS  # the budget decides, as in `compare`
     if a.overwrite:
         run["overwrite"] = True
     if a.no_progress:

@@ -33,6 +33,7 @@ from .eval.resources import peak_memory_mb, reset_peak_memory
 from .eval.stats import ALPHA, fmt_ci, t_interval, welch_p
 from .eval.throughput import sampling_throughput
 from .methods.registry import get_method
+from .options import UNBOUNDED_STEPS
 from .train.trainer import DivergenceError
 
 
@@ -111,7 +112,7 @@ def run_method(method: str, teacher_path, out: Path, data_cfg, *, iters, budget_
            "resume": "auto"}
     if budget_minutes:
         run["max_minutes"] = budget_minutes
-        run["steps"] = iters or 10**7  # the budget decides unless --iters is smaller
+        run["steps"] = iters or UNBOUNDED_STEPS  # the budget decides unless --iters is smaller
     elif iters:
         run["steps"] = iters
     _, tstate = load_teacher(teacher_path, device)

@@ -22,6 +22,9 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from .errors import UserError
 
+# run.steps of a run that a time budget ends (--budget-minutes without --iters): no fixed length.
+UNBOUNDED_STEPS = 10 ** 9
+
 
 def option(default, doc: str, *, ge=None, gt=None, le=None, lt=None, choices=None, flag: str | None = None):
     """A dataclass field with its doc and valid range: ``ge``/``gt``/``le``/``lt`` bound numbers (and every element

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..options import option
+from ..options import UNBOUNDED_STEPS, option
 from ..train.ema import EMAOptions
 from ..train.lr import warmup_lambda
 from .base import lr_factor
@@ -175,8 +175,12 @@ class DMD2(DistributionMatchingMethod):
     @classmethod
     def resolve_schedule(cls, run: dict, method: dict, given: set) -> None:
         """``lr_decay_steps: run`` decays the learning rates over the run's own length (run.steps, after --iters;
-        under a time budget run.steps is only a cap, so the decay then ends at the cap)."""
+        with --iters and a time budget the decay ends at --iters). A run that only a time budget ends has no length
+        to decay over: refused, naming the fix."""
         if method.get("lr_decay_steps") == "run":
+            if (run.get("steps") or 0) >= UNBOUNDED_STEPS:
+                raise UserError("method.lr_decay_steps=run decays over the run's length, but this run has none "
+                                "(--budget-minutes without --iters): give --iters N too, or lr_decay_steps=N")
             method["lr_decay_steps"] = run.get("steps")
 
     @classmethod
