@@ -289,7 +289,7 @@ class FlowPrecond(Precond):
                  sigma_min: float = 0.002, sigma_max: float = 80.0):
         if prediction not in FLOW_PREDICTIONS:
             raise UserError(f"net.precond_kwargs.prediction: a flow network predicts one of "
-                            f"{', '.join(FLOW_PREDICTIONS)}; got {prediction!r}")
+                            f"{', '.join(FLOW_PREDICTIONS)}; got {prediction!r}: set one of these")
         self.prediction, self.time_scale = prediction, float(time_scale)
         super().__init__(model, img_channels, img_resolution, label_dim, sigma_data, sigma_min, sigma_max)
 
