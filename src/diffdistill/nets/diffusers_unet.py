@@ -78,7 +78,7 @@ class DiffusersPrecond(Precond):
         family = schedule.get("family")
         if family == "flow":   # a velocity network whatever the config says (flow schedulers name no type)
             prediction_type = "velocity"
-        if prediction_type not in PREDICTION_TYPES + (("velocity",) if family == "flow" else ()):
+        elif prediction_type not in PREDICTION_TYPES:
             raise UserError(f"unsupported prediction_type {prediction_type!r}; supported: {', '.join(PREDICTION_TYPES)}")
         self.schedule, self.prediction_type = dict(schedule), prediction_type
         if family == "ddpm":
