@@ -112,6 +112,10 @@ def _add_sampler_flags(p):
     p.add_argument("--s-noise", type=float, metavar="F",
                    help="stochastic sampler: noise inflation S_noise > 0 (EDM ImageNet-64: 1.003) "
                         "(default 1, as EDM generate.py)")
+    p.add_argument("--guidance", type=float, metavar="W",
+                   help="classifier-free guidance scale of a class-conditional net: D_null + W*(D_class - D_null), "
+                        "the null class being the all-zero label (1: none; costs 2 network calls per step; the "
+                        "teacher must have been trained with method.label_dropout > 0)")
 
 
 def _sampler_options(a) -> dict:
@@ -396,7 +400,7 @@ def cmd_sample(a) -> int:
         raise UserError(f"--batch-size must be positive, got {a.batch_size}")
     check_device(a.device)
     net, state = load_for_sampling(a.checkpoint, a.device)
-    spec = sampling_spec_for(state, a.steps, a.sampler, _sampler_options(a))
+    spec = sampling_spec_for(state, a.steps, a.sampler, _sampler_options(a), a.guidance)
     out = Path(a.out)
     if out.suffix != ".npz" and not net.img_resolution:  # refuse before sampling, not after
         raise UserError("PNG output is for images; use --out FILE.npz for 2-D points")
@@ -448,7 +452,8 @@ def cmd_eval(a) -> int:
     rank0 = _init_ranks(a.device)
     metrics = evaluate_checkpoint(a.checkpoint, steps=a.steps, sampler=a.sampler, num_samples=a.num_samples,
                                   seed=seeds[0], device=a.device, inception=_inception_setup(a), seeds=seeds,
-                                  data=_data_spec(a.data) if a.data else None, sampler_options=_sampler_options(a))
+                                  data=_data_spec(a.data) if a.data else None, sampler_options=_sampler_options(a),
+                                  guidance=a.guidance)
     if not rank0:
         return 0
     text = json.dumps(metrics, indent=2)

@@ -87,7 +87,7 @@ def load_preset(owner: str, name: str) -> dict:
     return cfg
 
 
-TEACHER_PRESETS = ("digits", "ring8", "checkerboard", "two_moons")
+TEACHER_PRESETS = ("digits", "digits_cond", "ring8", "checkerboard", "two_moons")
 
 
 def deep_update(base: dict, new: dict) -> dict:

@@ -40,7 +40,20 @@ def _sha256(path) -> str | None:
 
 
 def sampling_spec_for(state: dict, steps: int | None = None, sampler: str | None = None,
-                      options: dict | None = None) -> dict:
+                      options: dict | None = None, guidance: float | None = None) -> dict:
+    """The checkpoint's sampling recipe with the user's changes (``_sampling_spec``) and, when given, a
+    classifier-free guidance scale (``generate``'s ``'guidance'``)."""
+    spec = _sampling_spec(state, steps, sampler, options)
+    if guidance is not None:
+        if not (state.get("net_config") or {}).get("label_dim"):
+            raise UserError(f"--guidance {guidance:g} needs a class-conditional network; this checkpoint's has no "
+                            f"labels (label_dim 0)")
+        spec["guidance"] = float(guidance)
+    return spec
+
+
+def _sampling_spec(state: dict, steps: int | None = None, sampler: str | None = None,
+                   options: dict | None = None) -> dict:
     """The checkpoint's own sampling recipe, or a teacher sampler with ``steps`` Karras steps. ``options``: the
     sampler's keyword options (``--s-churn`` …), over the checkpoint's own when the sampler is the checkpoint's;
     checked here, before any sampling."""
@@ -101,11 +114,25 @@ def class_histogram(logits: torch.Tensor) -> torch.Tensor:
     return torch.bincount(logits.argmax(1), minlength=logits.shape[1]).double() / len(logits)
 
 
-def digits_quality(samples: torch.Tensor, seed: int = 0) -> dict:
+def conditional_correctness(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The share of samples the classifier assigns to the class they were asked for, overall and per requested
+    class (None for a class never requested)."""
+    asked, got = labels.argmax(1), logits.argmax(1)
+    hit = (asked == got).double()
+    return {"class_accuracy": float(hit.mean()),
+            "class_accuracy_per_class": [round(float(hit[asked == c].mean()), 4) if (asked == c).any() else None
+                                         for c in range(labels.shape[1])]}
+
+
+def digits_quality(samples: torch.Tensor, seed: int = 0, labels=None) -> dict:
+    """Proxy-FID, KID, precision/recall and mode weights in the digits classifier's feature space; with ``labels``
+    (one-hot requested classes) also ``class_accuracy`` (conditional correctness)."""
     ref = digits_reference()
     with torch.no_grad():
         feats = ref["classifier"].features(samples.clamp(-1, 1))
-        hist = class_histogram(ref["classifier"].head(feats))
+        logits = ref["classifier"].head(feats)
+        hist = class_histogram(logits)
+    extra = conditional_correctness(logits, labels) if labels is not None and labels.shape[1] == 10 else {}
     # KID's cubic kernel (xᵀy/d + 1)³ explodes on raw classifier features (norms ≫ √d, unlike Inception's), so KID
     # is taken on features divided by one fixed scale: the RMS per-dimension value of the training features.
     scale = ref["train"].square().mean().sqrt()
@@ -121,7 +148,8 @@ def digits_quality(samples: torch.Tensor, seed: int = 0) -> dict:
             # a mode-weight problem, not a sample-quality one.
             "class_hist": [round(float(v), 4) for v in hist],
             "class_tv": float(0.5 * (hist - ref["train_classes"]).abs().sum()),
-            "feature_space": "digits-classifier-64d", "reference": f"digits train split ({ref['n_train']} images)"}
+            "feature_space": "digits-classifier-64d", "reference": f"digits train split ({ref['n_train']} images)",
+            **extra}
 
 
 def _precision_recall(real, fake, real_labels=None) -> dict:
@@ -165,12 +193,14 @@ def points_quality(samples: torch.Tensor, data_cfg: dict, seed: int = 0) -> dict
     return out
 
 
-def quality(samples: torch.Tensor, data_cfg: dict | None, seed: int = 0) -> dict:
+def quality(samples: torch.Tensor, data_cfg: dict | None, seed: int = 0, labels=None) -> dict:
+    """The data kind's built-in figures of ``samples``; ``labels`` (one-hot, the classes the samples were asked
+    for) adds conditional correctness where the data kind has a classifier (digits)."""
     data_cfg = data_cfg or {}
     if samples.ndim == 2:
         return points_quality(samples, data_cfg, seed)
     if data_cfg.get("name") == "digits" and tuple(samples.shape[1:]) == (1, 8, 8):
-        return digits_quality(samples, seed)
+        return digits_quality(samples, seed, labels)
     return {"note": "no built-in feature space for this data; FID needs an Inception weights file"}
 
 
@@ -199,18 +229,18 @@ def evaluate_net(net, spec: dict, data_cfg: dict | None, num_samples: int = 2000
     t0 = time.perf_counter()
     seeds = list(seeds) if seeds is not None else list(range(seed, seed + num_samples))
     num_samples, seed = len(seeds), seeds[0]
-    x, _, info = generate(net, seeds, spec, batch_size=batch_size, device=device)
+    x, labels, info = generate(net, seeds, spec, batch_size=batch_size, device=device)
     out = {"nfe": info["nfe"], "num_samples": num_samples, "seed": seed,
            "seeds": f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else "list",
            "images_per_second": round(info["images_per_second"], 2), **describe_spec(spec, net)}
-    out.update(quality(x, data_cfg, seed))
+    out.update(quality(x, data_cfg, seed, labels))
     out["eval_seconds"] = round(time.perf_counter() - t0, 2)
     return out
 
 
 def evaluate_checkpoint(path, steps=None, sampler=None, num_samples=2000, seed=0, device="cpu",
                         inception: dict | None = None, seeds=None, data: dict | None = None,
-                        sampler_options: dict | None = None) -> dict:
+                        sampler_options: dict | None = None, guidance: float | None = None) -> dict:
     """metrics.json of a checkpoint. ``inception`` (``{'extractor': TorchScriptExtractor, 'reference': Reference,
     'kid': bool, 'pr': bool, 'batch_size': int}``) replaces the data kind's built-in figures with Inception
     FID/KID/precision-recall and their recipe (eval/inception.py). ``data`` (a data section, e.g. ``{'name':
@@ -218,7 +248,7 @@ def evaluate_checkpoint(path, steps=None, sampler=None, num_samples=2000, seed=0
     records none. ``seeds`` (a list) replaces seed..seed+num_samples−1. ``sampler_options``: a teacher sampler's
     keyword options (``sampling_spec_for``)."""
     net, state = load_for_sampling(path, device)
-    spec = sampling_spec_for(state, steps, sampler, sampler_options)
+    spec = sampling_spec_for(state, steps, sampler, sampler_options, guidance)
     data_cfg = data or state["config"].get("data")
     if seeds is not None:
         seeds = list(seeds)

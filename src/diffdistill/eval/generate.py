@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from ..diffusion.guidance import GuidedDenoiser
 from ..diffusion.samplers import sample
 from ..errors import UserError
 
@@ -60,7 +61,9 @@ def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", c
              label_rule: str | None = None, clip: bool | None = None):
     """Generate one sample per seed with ``spec`` (``{'sampler', 'nfe'}`` or ``{'sampler', 'sigmas'}``, optionally
     ``'seed_labels'``: the class rule, 'mod' by default, and ``'sampler_options'``: the sampler's keyword options,
-    e.g. ``{'s_churn': 40}`` for the stochastic sampler).
+    e.g. ``{'s_churn': 40}`` for the stochastic sampler), and ``'guidance'``: a classifier-free guidance scale w
+    for a class-conditional net (``GuidedDenoiser``; w ≠ 1 costs two network evaluations per step, counted in
+    ``nfe``).
 
     Per seed, in EDM's order: the latent from the seed's generator, then (rule 'edm') its class from the same
     generator, then the sampler's fresh noise. ``class_labels`` (one-hot [N, L]) replaces the drawn classes (the
@@ -77,6 +80,10 @@ def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", c
     rule = label_rule or spec.get("seed_labels", "mod")
     if rule not in SEED_LABEL_RULES:
         raise UserError(f"unknown seed label rule {rule!r}; choose one of: {', '.join(SEED_LABEL_RULES)}")
+    w = float(spec.get("guidance", 1.0))
+    if w != 1.0 and not L:
+        raise UserError(f"guidance {w:g} needs a class-conditional network; this one has no labels (label_dim 0)")
+    net = GuidedDenoiser(denoiser, w) if w != 1.0 else denoiser
     out, labels_out, nfe, t0 = [], [], 0, time.perf_counter()
     was_training = denoiser.training
     denoiser.eval()
@@ -90,10 +97,11 @@ def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", c
         if labels is not None:
             labels_out.append(labels.cpu())
             labels = labels.to(device)
-        x, nfe = sample(denoiser, noise, spec["sampler"], sigmas=spec.get("sigmas"), nfe=spec.get("nfe"),
+        x, nfe = sample(net, noise, spec["sampler"], sigmas=spec.get("sigmas"), nfe=spec.get("nfe"),
                         labels=labels, generator=gens, clip=clip, options=spec.get("sampler_options"))
         out.append(x.float().cpu())
     denoiser.train(was_training)
     secs = time.perf_counter() - t0
+    nfe = nfe * (2 if w not in (0.0, 1.0) else 1)
     info = {"nfe": nfe, "seconds": secs, "images_per_second": len(seeds) / max(secs, 1e-9)}
     return torch.cat(out), (torch.cat(labels_out) if labels_out else None), info

@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from ..diffusion.guidance import GuidedDenoiser
 from ..diffusion.samplers import heun_sampler
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
@@ -68,13 +69,14 @@ def _chunk_labels(start: int, n: int, label_dim: int):
 
 @torch.no_grad()
 def teacher_pairs(teacher, num_pairs: int, path=None, seed: int = 0, chunk_size: int = 256, heun_steps: int = 18,
-                  device="cpu", say=print):
+                  device="cpu", say=print, guidance: float = 1.0):
     """(z_ref, y_ref, labels): ``num_pairs`` noises and the teacher's Heun-ODE outputs from σ_max·z_ref
     (``heun_steps`` Karras steps, 2·heun_steps − 1 NFE; 18 → 35). Chunk i holds pairs [i·chunk, (i+1)·chunk);
     its noise comes from a generator seeded by (seed, i) and its labels are (index mod label_dim) one-hot.
 
     With ``path`` the chunks are read from / written to ``path/pairs-XXXXX.pt`` (atomic writes), so an interrupted
-    generation resumes; a chunk made by another teacher or with other settings raises a UserError."""
+    generation resumes; a chunk made by another teacher or with other settings raises a UserError. ``guidance``:
+    the teacher's CFG scale on the ODE (the guided teacher whose distribution the DM loss targets)."""
     if num_pairs < 1:
         raise UserError(f"num_pairs must be positive, got {num_pairs}")
     shape = tuple(teacher.sample_shape)
@@ -82,6 +84,9 @@ def teacher_pairs(teacher, num_pairs: int, path=None, seed: int = 0, chunk_size:
     sigmas = karras_sigmas(heun_steps, teacher.sigma_min, teacher.sigma_max)
     meta = {"teacher": teacher_fingerprint(teacher), "num_pairs": int(num_pairs), "chunk_size": int(chunk_size),
             "seed": int(seed), "heun_steps": int(heun_steps), "shape": list(shape), "label_dim": L}
+    if guidance != 1:   # (unguided chunks keep the meta they always had)
+        meta["guidance"] = float(guidance)
+        teacher = GuidedDenoiser(teacher, guidance)
     root = Path(path) if path else None
     zs, ys, made = [], [], 0
     n_chunks = -(-num_pairs // chunk_size)
@@ -153,7 +158,7 @@ class DMD(DistributionMatchingMethod):
         say = (lambda m: print(f"[diffdistill] {m}", flush=True)) if dist.rank() == 0 else (lambda m: None)
         if o.reg_weight > 0:
             z, y, lab = teacher_pairs(self.teacher, o.num_pairs, pairs_path, o.pairs_seed, o.pairs_chunk,
-                                      o.heun_steps, ctx.device, say)
+                                      o.heun_steps, ctx.device, say, guidance=o.guidance_real)
         else:
             z = y = lab = None
         self.z_ref = None if z is None else z.to(ctx.device)

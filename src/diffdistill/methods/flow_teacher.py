@@ -53,5 +53,5 @@ class FlowTeacher(EDMTeacher):
         sigma = shift_sigma(sample_lognormal_sigma(x.shape[0], o.logit_mean, o.logit_std, generator=g),
                             o.shift).to(x.device)
         noise = torch.randn(x.shape, generator=g).to(x.device)
-        per_sample = edm_loss(net, x, sigma, noise, labels if net.label_dim else None, weight=net.loss_weight(sigma))
+        per_sample = edm_loss(net, x, sigma, noise, self.training_labels(labels), weight=net.loss_weight(sigma))
         return per_sample.mean() / x[0].numel(), {}

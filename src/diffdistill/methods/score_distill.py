@@ -22,11 +22,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..diffusion.guidance import guided_denoise
 from ..diffusion.losses import WEIGHTINGS, edm_loss, loss_weight
 from ..diffusion.precond import conditioned_sigma_max
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
-from ..options import option
+from ..options import Options, option
 from ..train import distributed as dist
 from .base import GainMatchedLROptions, Method, MethodContext
 
@@ -43,7 +44,27 @@ FAKE_SCORE_WEIGHTING_DOC = ("λ(σ) of the fake-score loss: 'teacher' = the teac
 
 
 @dataclass
-class ScoreDistillOptions(GainMatchedLROptions):
+class GuidanceOptions(Options):
+    """Classifier-free guidance inside score distillation, placed as the papers place it (``guided_denoise``: D_∅ +
+    w·(D_c − D_∅), the null class the all-zero label; 1 = none, the official setting for class-conditional EDM
+    teachers). DMD2's SD1.5 recipe guides the real score only (``--real_guidance_scale 1.75``, ``--fake_guidance_scale
+    1``, ε-space, which is the same D-space CFG); SiD-LSG guides the real score (κ₄) and the fake score in the
+    generator loss (κ₂ = κ₃), 2 for SD1.5 (run_sid.sh); 0 on the fake score is zero-CFG (an unconditional fake
+    score), a negative value anti-CFG."""
+
+    guidance_real: float = option(1.0, "CFG scale w of the teacher (real score) in the generator loss (DMD2 "
+                                       "--real_guidance_scale: 1.75 for SD1.5; SiD-LSG κ4 --cfg_eval_real; 1: none)")
+    guidance_fake: float = option(1.0, "CFG scale of the fake score in the generator loss (DMD2 "
+                                       "--fake_guidance_scale 1; SiD-LSG κ2 = κ3 --cfg_eval_fake; 0: zero-CFG, "
+                                       "< 0: anti-CFG; 1: none)")
+
+    def guided(self) -> bool:
+        return any(getattr(self, f) != 1.0 for f in ("guidance_real", "guidance_fake", "guidance_fake_train")
+                   if hasattr(self, f))
+
+
+@dataclass
+class ScoreDistillOptions(GuidanceOptions, GainMatchedLROptions):
     """Options every method of the family has: two optimizers (generator, fake score), the student's step count
     and the fake-score loss's reduction. Defaults: DMD2's ImageNet-64 run (tianweiy/DMD2 ``main/edm/train_edm.py``
     and ``experiments/imagenet/*lr2e-6*.sh``); Diff-Instruct restates its own."""
@@ -169,17 +190,19 @@ def in_mode(training: Optional[bool], *modules: nn.Module):
 
 
 @torch.no_grad()
-def paired_denoise(fake, real, x_t: torch.Tensor, sigma: torch.Tensor, labels=None, training: Optional[bool] = None):
+def paired_denoise(fake, real, x_t: torch.Tensor, sigma: torch.Tensor, labels=None, training: Optional[bool] = None,
+                   w_fake: float = 1.0, w_real: float = 1.0):
     """(D_fake(x_t; σ), D_real(x_t; σ)) without grad. The global RNG that dropout draws from — the CPU generator
     and, on a GPU, that device's CUDA generator — is rewound between the two calls, so nets in the same mode draw
     the same dropout masks: equal weights then give exactly equal outputs, and a zero gradient (Diff-Instruct,
     pkulwj1994/diff_instruct ``training/di_loss.py``: both nets in train mode, the CUDA RNG restored between the
-    calls). ``training`` runs both nets in that mode for the two calls (restored after); None keeps their modes."""
+    calls). ``training`` runs both nets in that mode for the two calls (restored after); None keeps their modes.
+    ``w_fake`` / ``w_real``: each net's CFG scale (``guided_denoise``; 1: a plain call)."""
     with in_mode(training, fake, real):
         state = _rng_state(x_t.device)
-        d_fake = fake(x_t, sigma, labels)
+        d_fake = guided_denoise(fake, x_t, sigma, labels, w_fake)
         _set_rng_state(state, x_t.device)
-        d_real = real(x_t, sigma, labels)
+        d_real = guided_denoise(real, x_t, sigma, labels, w_real)
     return d_fake, d_real
 
 
@@ -257,6 +280,9 @@ class FakeScoreMethod(Method):
         self.nets["fake_score"] = self.fake
         self.shape = tuple(self.teacher.sample_shape)
         self.label_dim = int(getattr(self.teacher, "label_dim", 0) or 0)
+        if self.opts.guided() and not self.label_dim:
+            raise UserError(f"{self.name}: classifier-free guidance (method.guidance_*) needs a class-conditional "
+                            f"teacher; this one has no labels: leave the guidance scales at 1")
         # The generator phase's samples, with grad (set by each method's generator loss; see ``generated_batch``).
         self.generated = None
         self.generated_labels = None
@@ -324,7 +350,8 @@ class DistributionMatchingMethod(FakeScoreMethod):
         Returns (L_DM, g, t)."""
         t, sigma = self.grid_sigma(x.shape[0], *self.dm_t_range, self.grid)
         x_t = x.detach() + self.bview(sigma, x) * self.randn_like(x)
-        d_fake, d_real = paired_denoise(self.fake, self.teacher, x_t, sigma, labels, self.paired_training)
+        d_fake, d_real = paired_denoise(self.fake, self.teacher, x_t, sigma, labels, self.paired_training,
+                                        self.opts.guidance_fake, self.opts.guidance_real)
         g = dm_gradient(x, d_real, d_fake)
         return dm_pseudo_loss(x, g), g, t
 

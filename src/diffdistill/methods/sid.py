@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..diffusion.guidance import GuidedDenoiser, guided_denoise
 from ..diffusion.losses import WEIGHTINGS, edm_loss, edm_loss_weight, loss_weight
 from ..diffusion.schedules import karras_sigma, sample_lognormal_sigma
 from ..errors import UserError
@@ -53,14 +54,19 @@ from ..options import option
 from ..train.ema import EMAOptions
 from .registry import register
 from .base import GainMatchedLROptions, lr_factor
-from .score_distill import FAKE_SCORE_WEIGHTING_DOC, FakeScoreMethod, frozen
+from .score_distill import FAKE_SCORE_WEIGHTING_DOC, FakeScoreMethod, GuidanceOptions, frozen
 
 W_MIN = 1e-5            # lower clip of the per-sample normaliser w (training/sid_loss.py:54)
 
 
 @dataclass
-class SiDOptions(EMAOptions, GainMatchedLROptions):
-    """SiD / SiDA options; defaults = mingyuanzhou/SiD (``sid_train.py`` on main, ``sida_train.py`` on ``sida``)."""
+class SiDOptions(GuidanceOptions, EMAOptions, GainMatchedLROptions):
+    """SiD / SiDA options; defaults = mingyuanzhou/SiD (``sid_train.py`` on main, ``sida_train.py`` on ``sida``).
+    Guidance: SiD-LSG's four scales (mingyuanzhou/SiD-LSG ``run_sid.sh``: κ1 = ``guidance_fake_train``, κ2 = κ3 =
+    ``guidance_fake``, κ4 = ``guidance_real``; all 2 in its SD1.5 / SD2.1 recipes, 1 in sid_train.py's defaults)."""
+
+    guidance_fake_train: float = option(1.0, "SiD-LSG κ1 (--cfg_train_fake): the fake score is trained through its "
+                                             "CFG-combined output at this scale (1: plain denoising loss)")
 
     lr: float = option(1e-5, "generator Adam lr (sid_train.py:102 --glr 1e-5)", gt=0)
     lr_critic: Optional[float] = option(None, "fake-score Adam lr; null: lr (sid_train.py:101 --lr 1e-5)", gt=0)
@@ -91,6 +97,9 @@ class SiDOptions(EMAOptions, GainMatchedLROptions):
         if self.student_steps != 1:
             raise UserError(f"sid trains one-step generators only (got method.student_steps={self.student_steps}); "
                             f"drop --student-steps")
+        if self.sida and (self.guidance_fake != 1 or self.guidance_fake_train != 1):
+            raise UserError("SiDA's discriminator reads the fake score's conditional pass: with method.sida use "
+                            "method.guidance_fake=1 and method.guidance_fake_train=1 (guidance_real may differ)")
 
 
 # ------------------------------------------------------------------------------------------------ σ schedule
@@ -309,7 +318,9 @@ class SiD(FakeScoreMethod):
         fake = WithLogits(self.fake) if with_logits else self.fake
         try:
             with frozen(self.teacher, self.fake):
-                d_real, d_fake = self.teacher(x_t.view_as(x_t), sigma, labels), fake(x_t.view_as(x_t), sigma, labels)
+                o = self.opts
+                d_real = guided_denoise(self.teacher, x_t.view_as(x_t), sigma, labels, o.guidance_real)
+                d_fake = guided_denoise(fake, x_t.view_as(x_t), sigma, labels, o.guidance_fake)
         finally:
             self.fake.train(was_training)
         return d_real, d_fake, (fake.logits if with_logits else None)
@@ -329,6 +340,8 @@ class SiD(FakeScoreMethod):
         sigma = self.lognormal_sigma(len(x))
         noise = self.randn_like(x)
         fake = WithLogits(self.fake) if self.opts.sida else self.fake
+        if self.opts.guidance_fake_train != 1:   # SiD-LSG κ1: train the fake score's guided output
+            fake = GuidedDenoiser(self.fake, self.opts.guidance_fake_train)
         l_fake = sid_fake_score_loss(fake, x, sigma, noise, labels, self.opts.fake_score_weighting)
         logs = {"sid/fake_score": float(l_fake.detach())}
         if not self.opts.sida:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..diffusion.guidance import drop_labels
 from ..diffusion.losses import edm_loss
 from ..diffusion.schedules import sample_lognormal_sigma
 from ..nets.factory import build_denoiser
@@ -35,6 +36,9 @@ class TeacherOptions(EMAOptions):
     ema_halflife_kimg: float = option(500.0, "EMA half-life in kimg (EDM)", gt=0)
     sampler: str = option("heun", "how the teacher is sampled by default", choices=("heun", "euler", "ddim"))
     nfe: int = option(35, "network evaluations per sample by default (EDM: 35, Heun with 18 steps)", ge=1)
+    label_dropout: float = option(0.0, "probability of training a sample with the null (all-zero) label, so the "
+                                  "teacher can be sampled with classifier-free guidance (EDM's label_dropout; "
+                                  "off in EDM's recipes)", ge=0, lt=1)
 
 
 @dataclass
@@ -69,8 +73,15 @@ class EDMTeacher(Method):
         sigma = sample_lognormal_sigma(x.shape[0], self.opts.p_mean, self.opts.p_std, generator=g).to(x.device)
         noise = torch.randn(x.shape, generator=g).to(x.device)
         net = self.nets["net"]
-        loss = edm_loss(net, x, sigma, noise, labels if net.label_dim else None, net.sigma_data).mean()
+        labels = self.training_labels(labels)
+        loss = edm_loss(net, x, sigma, noise, labels, net.sigma_data).mean()
         return loss, {}
+
+    def training_labels(self, labels):
+        """The batch's labels with ``label_dropout`` applied (None for an unconditional net)."""
+        if not self.nets["net"].label_dim:
+            return None
+        return drop_labels(labels, self.opts.label_dropout, self.ctx.generator)
 
     def sampling_net(self):
         return self.ema.net
