@@ -14,7 +14,6 @@ distillation methods, each against a direct computation:
 - sampling with ``--guidance`` and conditional correctness.
 """
 
-import json
 import math
 
 import pytest
