@@ -297,3 +297,20 @@ def test_teacher_label_dropout_in_the_edm_loss():
     assert 0 < int((kept.sum(1) == 0).sum()) < 32
     want = edm_loss(m.nets["net"], x, sigma, noise, kept, 0.5).mean()
     assert torch.allclose(got, want, rtol=1e-6)
+
+
+def test_dmd_regression_pairs_come_from_the_guided_teacher(tmp_path):
+    """DMD with guidance_real = w regresses onto the guided teacher's ODE outputs (its DM loss targets that
+    distribution); cached unguided chunks are not reused for w ≠ 1."""
+    from diffdistill.diffusion.samplers import heun_sampler
+    from diffdistill.diffusion.schedules import karras_sigmas
+    from diffdistill.methods.dmd import teacher_pairs
+    teacher, _ = _cond_teacher()
+    z, y1, labels = teacher_pairs(teacher, 6, tmp_path / "pairs", heun_steps=3, say=lambda m: None)
+    with pytest.raises(UserError, match="other pair settings"):
+        teacher_pairs(teacher, 6, tmp_path / "pairs", heun_steps=3, say=lambda m: None, guidance=2.0)
+    z2, y2, _ = teacher_pairs(teacher, 6, None, heun_steps=3, say=lambda m: None, guidance=2.0)
+    want, _ = heun_sampler(GuidedDenoiser(teacher, 2.0), z2, karras_sigmas(3, teacher.sigma_min, teacher.sigma_max),
+                           labels)
+    assert torch.equal(z, z2) and torch.allclose(y2, want.float(), atol=1e-6)
+    assert not torch.allclose(y1, y2, atol=1e-4)
