@@ -92,7 +92,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default=str(TEACHER))
     p.add_argument("--methods", default="dmd2,sid")
-    p.add_argument("--guidance", default="1,1.5,2,3", help="guidance scales w, comma-separated")
+    p.add_argument("--guidance", default="1,1.5,2,3", help="students' guidance scales w, comma-separated")
+    p.add_argument("--teacher-guidance", default=None, help="the teacher's guidance scales (default: --guidance)")
     p.add_argument("--budget-minutes", type=float, default=10.0, help="training minutes per distillation")
     p.add_argument("--sid-lsg", action="store_true", help="SiD: guide the fake score too (κ1 = κ2 = κ3 = κ4 = w)")
     p.add_argument("--jobs", type=int, default=1, help="distillations run at once (one thread each)")
@@ -102,10 +103,11 @@ def main() -> int:
     root = Path(a.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     ws = [float(v) for v in a.guidance.split(",")]
+    teacher_ws = sorted(set(ws) | {float(v) for v in (a.teacher_guidance or a.guidance).split(",")})
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     teacher = Path(a.teacher).resolve()
     results = {"teacher_file": str(teacher), "budget_minutes": a.budget_minutes, "teacher": [], "students": []}
-    for w in ws:
+    for w in teacher_ws:
         m = evaluate(teacher, root / f"teacher-w{w:g}.metrics.json", ["--guidance", str(w)])
         results["teacher"].append({"w": w, **row(m)})
         print(f"teacher w={w:g}: proxy-FID {m['proxy_fid']:.2f}, class accuracy {m['class_accuracy']:.3f}", flush=True)
@@ -120,7 +122,7 @@ def main() -> int:
              "| recall |", "|---|---|---|---|---|---|---|---|---|"]
     t_by_w = {t["w"]: t for t in results["teacher"]}
     t1 = t_by_w.get(1.0, results["teacher"][0])
-    for w in ws:
+    for w in teacher_ws:
         t = t_by_w[w]
         lines.append(f"| {w:g} | teacher (Heun 35 NFE) | — | {t['proxy_fid']:.2f} | 1 | {t['proxy_fid'] / t1['proxy_fid']:.2f} "
                      f"| {100 * t['class_accuracy']:.1f} % | {t['class_tv']:.3f} | {t['recall']:.3f} |")

@@ -1,4 +1,6 @@
-"""The digits teacher shipped in the package is what the project's own `digits` preset produces, and it is good.
+"""The digits teachers shipped in the package are what the project's own presets produce, and they are good:
+`teacher_digits` (preset `digits`, unconditional) and `teacher_digits_cond` (preset `digits_cond`: 10 classes,
+10 % label dropout, so it can be sampled with classifier-free guidance).
 
 Default suite: the file's recorded recipe equals today's preset (so the preset cannot drift from the shipped
 weights), the weights load strictly, and re-measuring it gives the recorded proxy-FID, within 2× the real-data floor.
@@ -12,27 +14,37 @@ from diffdistill.config import load_preset, resolve
 from diffdistill.demo import SHIPPED_TEACHER
 from diffdistill.eval.evaluate import digits_floor_and_ceiling, evaluate_net
 from diffdistill.io import load_for_sampling
+from diffdistill.methods.registry import get_method
 
 pytestmark = pytest.mark.skipif(not SHIPPED_TEACHER.exists(), reason="no shipped teacher in this checkout")
+SHIPPED = {"digits": SHIPPED_TEACHER, "digits_cond": SHIPPED_TEACHER.with_name("teacher_digits_cond.safetensors")}
 
 STABLE_KEYS = ("data", "net", "method")
 
 
 def _recipe(cfg):
+    """The parts of a config that decide the weights; the method section completed with its schema's defaults (a
+    file written before an option existed records it as its default)."""
     run = {k: cfg["run"][k] for k in ("steps", "batch_size", "seed")}
-    return {"run": run, **{k: cfg[k] for k in STABLE_KEYS}}
+    method = dict(cfg["method"])
+    name = method.pop("name", "edm")
+    return {"run": run, **{k: cfg[k] for k in STABLE_KEYS},
+            "method": {"name": name, **get_method(name).Options.from_dict(method).to_dict()}}
 
 
-def test_shipped_teacher_matches_the_preset():
-    net, state = load_for_sampling(SHIPPED_TEACHER)
-    assert state["role"] == "teacher" and state["method"] == "edm" and state["preset"] == "digits"
-    assert _recipe(state["config"]) == _recipe(resolve("digits"))
-    assert state["step"] == load_preset("edm", "digits")["run"]["steps"]
-    assert SHIPPED_TEACHER.stat().st_size <= 2 * 1024 * 1024
+@pytest.mark.parametrize("preset", SHIPPED)
+def test_shipped_teacher_matches_the_preset(preset):
+    net, state = load_for_sampling(SHIPPED[preset])
+    assert state["role"] == "teacher" and state["method"] == "edm" and state["preset"] == preset
+    assert _recipe(state["config"]) == _recipe(resolve(preset))
+    assert state["step"] == load_preset("edm", preset)["run"]["steps"]
+    assert net.label_dim == load_preset("edm", preset)["net"]["label_dim"]
+    assert SHIPPED[preset].stat().st_size <= 2 * 1024 * 1024
 
 
-def test_shipped_teacher_quality_is_what_it_says():
-    net, state = load_for_sampling(SHIPPED_TEACHER)
+@pytest.mark.parametrize("preset", SHIPPED)
+def test_shipped_teacher_quality_is_what_it_says(preset):
+    net, state = load_for_sampling(SHIPPED[preset])
     rec = state["measured"]
     m = evaluate_net(net, {"sampler": "heun", "nfe": 35}, state["config"]["data"], rec["num_samples"],
                      seed=rec["seed"])
@@ -40,6 +52,9 @@ def test_shipped_teacher_quality_is_what_it_says():
     assert m["proxy_fid"] == pytest.approx(rec["proxy_fid_35nfe"], rel=0.05)
     # same-size comparison with the floor (297 held-out real digits): the teacher is within 2× of real data
     assert m["proxy_fid_n297"] <= 2 * floor, (m["proxy_fid_n297"], floor)
+    if net.label_dim:   # conditional correctness (classes seed mod 10), as recorded, and high
+        assert m["class_accuracy"] == pytest.approx(rec["class_accuracy_35nfe"], abs=0.01)
+        assert m["class_accuracy"] >= 0.9
 
 
 @pytest.mark.slow
