@@ -65,9 +65,10 @@ class EDMTeacher(Method):
 
     def loss(self, phase, batch, step):
         x, labels = batch
-        g = self.ctx.generator
-        sigma = sample_lognormal_sigma(x.shape[0], self.opts.p_mean, self.opts.p_std, generator=g).to(x.device)
-        noise = torch.randn(x.shape, generator=g).to(x.device)
+        draws, p_mean, p_std = self.ctx.draws, self.opts.p_mean, self.opts.p_std
+        sigma = draws.per_sample(x.shape[0], lambda m, g: sample_lognormal_sigma(m, p_mean, p_std, generator=g))
+        sigma = sigma.to(x.device)
+        noise = draws.randn(x.shape).to(x.device)
         net = self.nets["net"]
         loss = edm_loss(net, x, sigma, noise, labels if net.label_dim else None, net.sigma_data).mean()
         return loss, {}
