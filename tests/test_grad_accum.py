@@ -110,6 +110,7 @@ CASES = {
     "dmd2_el": dict(method="dmd2", lr=1e-3, warmup_steps=0, dfake_gen_update_ratio=2, gan_weight=0.05,
                     el={"ratio_every": 1}),
     "diff_instruct_el_fixed": dict(method="diff_instruct", lr=1e-3, el={"mode": "fixed", "weight": 0.3}),
+    "cd_el": dict(method="cd", lr=1e-3, el={"ratio_every": 2}),   # EL's samples: a fresh draw after the loss
 }
 
 
