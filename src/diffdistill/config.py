@@ -28,6 +28,10 @@ class RunOptions(Options):
     steps: int = option(1000, "training iterations", ge=1, flag="--iters")
     batch_size: int = option(128, "batch per process", ge=1, flag="--batch-size")
     global_batch_size: Optional[int] = option(None, "if set: batch_size = global_batch_size / processes", ge=1)
+    grad_accum: int = option(1, "gradient accumulation: each phase's per-process batch is computed as this many "
+                                "micro-batches (activations of one micro-batch), gradients summed before one "
+                                "optimizer step; the same result as the whole batch (every method but RDD, SiDA "
+                                "and CFD's diversity term; README: Gradient accumulation)", ge=1)
     log_every: int = option(50, "iterations between log.jsonl records", ge=1)
     ckpt_every: int = option(500, "iterations between checkpoints (0: only at the end)", ge=0)
     sample_every: int = option(500, "iterations between sample grids (0: only at the end)", ge=0)

@@ -24,13 +24,15 @@ def null_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(labels)
 
 
-def drop_labels(labels, p: float, generator: torch.Generator):
+def drop_labels(labels, p: float, generator: torch.Generator | None = None, uniform: torch.Tensor | None = None):
     """Label dropout for CFG-able training: each sample's label replaced by the null condition with probability
-    ``p`` (EDM's rule). Draws nothing when p = 0 or the batch is unconditional, so such runs keep their RNG stream."""
+    ``p`` (EDM's rule: labels × [u ≥ p], u ~ U[0, 1) per sample, drawn from ``generator`` as ``rand([B, 1])`` or
+    given as ``uniform``). Draws nothing when p = 0 or the batch is unconditional, so such runs keep their RNG
+    stream."""
     if labels is None or p <= 0:
         return labels
-    keep = torch.rand(labels.shape[0], 1, generator=generator) >= p
-    return labels * keep.to(labels.device, labels.dtype)
+    u = torch.rand(labels.shape[0], 1, generator=generator) if uniform is None else uniform.reshape(-1, 1)
+    return labels * (u >= p).to(labels.device, labels.dtype)
 
 
 def guided_denoise(net, x: torch.Tensor, sigma: torch.Tensor, labels, scale: float) -> torch.Tensor:

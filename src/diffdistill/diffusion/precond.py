@@ -96,18 +96,21 @@ class Precond(nn.Module):
         """D(x; σ). With ``return_bottleneck=True`` returns ``(D, features)``, where ``features`` are the raw
         network's bottleneck activations (SongUNet: the last encoder output; MLP: the last hidden layer), e.g. for
         a GAN discriminator head on a fake-score network (DMD2); ``bottleneck_only=True`` returns the features
-        alone (the same values) without computing D."""
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+        alone (the same values) without computing D.
+        The boundary is float32; a network converted to float64 (``.double()``: the exactness tests) runs in
+        float64 throughout."""
+        dt = self.compute_dtype()
+        x = x.to(dt)
+        sigma = torch.as_tensor(sigma, dtype=dt, device=x.device).reshape(-1)
         if sigma.numel() == 1:
             sigma = sigma.expand(x.shape[0])
         if self.label_dim:
             if labels is None:
                 raise ValueError("this denoiser is class-conditional: pass labels (one-hot, shape [B, label_dim])")
-            labels = labels.to(torch.float32).reshape(-1, self.label_dim)
+            labels = labels.to(dt).reshape(-1, self.label_dim)
         else:
             labels = None
-        c_skip, c_out, c_in, c_noise = (torch.as_tensor(c, dtype=torch.float32, device=x.device).expand(sigma.shape)
+        c_skip, c_out, c_in, c_noise = (torch.as_tensor(c, dtype=dt, device=x.device).expand(sigma.shape)
                                         for c in self.coefficients(sigma))
         bshape = (-1,) + (1,) * (x.ndim - 1)
         if bottleneck_only:
@@ -116,8 +119,13 @@ class Precond(nn.Module):
             F_x, feats = self.model(c_in.reshape(bshape) * x, c_noise, labels, return_bottleneck=True)
         else:
             F_x = self.model(c_in.reshape(bshape) * x, c_noise, labels)
-        D = c_skip.reshape(bshape) * x + c_out.reshape(bshape) * F_x.to(torch.float32)
+        D = c_skip.reshape(bshape) * x + c_out.reshape(bshape) * F_x.to(dt)
         return (D, feats) if return_bottleneck else D
+
+    def compute_dtype(self) -> torch.dtype:
+        """float32, or float64 when the network's parameters are float64."""
+        p = next(self.model.parameters(), None)
+        return torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
 
 
 MAX_OUTPUT_GAIN = 2.5   # SiD's σ_init (sid_train.py:95): the one-step input noise level of its generator

@@ -19,6 +19,7 @@ from ..diffusion.precond import gain_matched_lr_factor
 from ..options import Options, option
 from ..train import distributed as dist
 from ..train.ema import EMA, EMAOptions
+from .draws import Draws
 
 LR_GAIN_MATCH_DOC = ("scale the learning rates by min(1, an EDM network's |c_out| / the teacher's |c_out|) at the "
                      "student's input σ, so a step moves the one-step output as far as for an EDM teacher (1 for EDM "
@@ -45,7 +46,7 @@ class MethodContext:
 
     device: torch.device
     generator: torch.Generator          # this rank's RNG for noise/σ draws (its state is checkpointed)
-    batch_size: int                     # per rank
+    batch_size: int                     # per rank and iteration (all micro-batches together)
     world_size: int = 1
     net_config: dict = field(default_factory=dict)   # how to build the student/teacher architecture
     teacher: Optional[nn.Module] = None  # frozen Denoiser (distillation methods)
@@ -54,6 +55,18 @@ class MethodContext:
     num_classes: int = 0
     run_dir: Optional[str] = None        # the run directory (methods that precompute files, e.g. DMD's pairs)
     data_name: Optional[str] = None      # the data set's name (CFD/RDD pick a classifier for it)
+    # Every random draw of a loss goes through this (``draws.py``): with run.grad_accum = k it hands each
+    # micro-batch its rows of the whole batch's draws. Default: plain draws from ``generator``.
+    draws: Optional[Draws] = None
+
+    def __post_init__(self):
+        if self.draws is None:
+            self.draws = Draws(self.generator)
+
+    @property
+    def micro_batch_size(self) -> int:
+        """The samples one loss call computes on: ``batch_size``, or one micro-batch's share of it."""
+        return self.draws.share(self.batch_size, "the per-process batch")
 
 
 class Method(ABC):
@@ -68,6 +81,9 @@ class Method(ABC):
     generator_phase: ClassVar[Optional[str]] = None
     # The option schema: a dataclass whose defaults are the official recipe (see ``options.py``).
     Options: ClassVar[type] = Options
+    # Why a batch cannot be split into micro-batches with the same result (a loss that couples the samples of a
+    # batch); run.grad_accum > 1 is then refused with this reason. None: accumulation is exact (``draws.py``).
+    accumulation_refusal_reason: ClassVar[Optional[str]] = None
     # The option that sets the student's one-step input noise level, named by the start-of-run health check when
     # the student's initial samples are off the data's scale (None: the method has no such option).
     input_sigma_option: ClassVar[Optional[str]] = None
@@ -77,6 +93,13 @@ class Method(ABC):
         """Whether a run with these options reads real data (the trainer then builds a data loader). Default: the
         class's ``needs_data``; methods whose data use depends on an option (DMD2's GAN, SiDA) override it."""
         return cls.needs_data
+
+    @classmethod
+    def accumulation_refusal(cls, opts) -> Optional[str]:
+        """Why run.grad_accum > 1 is refused with these options (None: allowed and exact). Default: the class's
+        ``accumulation_refusal_reason``; methods whose coupling depends on an option (SiDA, CFD's dataset loss)
+        override it."""
+        return cls.accumulation_refusal_reason
 
     @classmethod
     def resolve_schedule(cls, run: dict, method: dict, given: set) -> None:
@@ -138,7 +161,8 @@ class Method(ABC):
 
     def generated_batch(self, batch, step: int):
         """(x, labels): this step's generated samples with the graph into the generator, for supplements; called
-        after ``loss(generator_phase, batch, step)`` in the same step. Only methods with a ``generator_phase``."""
+        after ``loss(generator_phase, batch, step)`` in the same step (and micro-batch). Only methods with a
+        ``generator_phase``."""
         raise NotImplementedError(f"method {self.name!r} trains no generator from noise")
 
     def extra_state(self) -> dict:

@@ -230,9 +230,9 @@ class ConsistencyDistillation(Method):
             raise UserError("consistency distillation trains on real data: give --data (default: the teacher's)")
         x = batch[0].to(self.ctx.device)
         n = x.shape[0]
-        i = torch.randint(len(self.grid) - 1, (n,), generator=self.ctx.generator)
+        i = self.ctx.draws.randint(len(self.grid) - 1, n)
         t, t_next = self.grid[i].to(x.device), self.grid[i + 1].to(x.device)
-        noise = torch.randn(x.shape, generator=self.ctx.generator).to(x.device)
+        noise = self.ctx.draws.randn(x.shape).to(x.device)
         loss = consistency_distillation_loss(self.student, self.target.net, self.teacher, x, noise, t, t_next,
                                              self.labels_of(batch), self.opts.distance, self.opts.huber_c,
                                              self.sigma_min)
@@ -241,9 +241,9 @@ class ConsistencyDistillation(Method):
     def generated_batch(self, batch, step):
         """A one-step sample f_θ(T·z, T) with grad into θ (fresh z), labels from the real batch: what a supplement
         such as the embedding loss compares with real data (this project's choice; the paper pairs CD with none)."""
-        n = self.ctx.batch_size if batch is None else len(batch[0])
+        n = self.ctx.micro_batch_size if batch is None else len(batch[0])
         labels = self.labels_of(batch) if self.label_dim else None
-        z = torch.randn((n,) + self.shape, generator=self.ctx.generator).to(self.ctx.device)
+        z = self.ctx.draws.randn((n,) + self.shape).to(self.ctx.device)
         x = consistency_function(self.student, z * self.sigma_max, self.sigma_max, labels, self.sigma_min)
         return x, labels
 

@@ -115,6 +115,13 @@ class CFD(ProgressiveDistillation):
               "(Sun et al. 2023)"
     Options = CFDOptions
 
+    @classmethod
+    def accumulation_refusal(cls, opts):
+        if cls.accumulation_refusal_reason is None and opts.beta > 0 and opts.gamma < 1:
+            return ("its dataset loss's diversity term (beta > 0, gamma < 1) is a function of the batch's mean class "
+                    "distribution, which micro-batches cannot sum; set method.beta=0 or method.gamma=1 to accumulate")
+        return cls.accumulation_refusal_reason
+
     def __init__(self, ctx, opts=None, **overrides):
         super().__init__(ctx, opts, **overrides)
         self.classifier = load_feature_classifier(self.opts.classifier, self.shape, ctx.data_name).to(ctx.device)

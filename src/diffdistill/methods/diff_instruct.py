@@ -100,7 +100,7 @@ class DiffInstruct(FakeScoreMethod):
     def generate(self, with_grad: bool, batch=None):
         """(x, labels): a fresh batch x = G(σ_init·z; σ_init); labels random, or the real batch's when there is one.
         Without grad (the fake score's samples) G runs in eval mode, as di_training_loop.py draws them."""
-        n = self.ctx.batch_size
+        n = self.ctx.micro_batch_size
         labels = self.labels_for(batch, n)
         z = self.randn(n)
         with torch.set_grad_enabled(with_grad), in_mode(None if with_grad else False, self.G):
@@ -108,7 +108,8 @@ class DiffInstruct(FakeScoreMethod):
         return x, labels
 
     def lognormal_sigma(self, n: int) -> torch.Tensor:
-        return sample_lognormal_sigma(n, self.opts.p_mean, self.opts.p_std, generator=self.ctx.generator).to(
+        p_mean, p_std = self.opts.p_mean, self.opts.p_std
+        return self.ctx.draws.per_sample(n, lambda m, g: sample_lognormal_sigma(m, p_mean, p_std, generator=g)).to(
             self.ctx.device)
 
     def loss(self, phase, batch, step):

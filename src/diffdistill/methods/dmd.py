@@ -151,6 +151,8 @@ class DMD(DistributionMatchingMethod):
             set_dropout(self.fake, o.dropout)
         self.sigma_max = self.student_sigma_max   # the one-step input σ (regression pairs keep the teacher's)
         self.reg_batch_size = o.reg_batch_size or ctx.batch_size
+        if o.reg_weight > 0:   # the regression minibatch splits into micro-batches like the batch
+            ctx.draws.check_divisible(self.reg_batch_size, "method.reg_batch_size")
         pairs_path = o.pairs_path
         if pairs_path is None and ctx.run_dir is not None:
             pairs_path = str(Path(ctx.run_dir) / "dmd_pairs")
@@ -170,7 +172,7 @@ class DMD(DistributionMatchingMethod):
         self.optimizers["critic"] = torch.optim.AdamW(self.fake.parameters(), lr=o.critic_lr() * f, **adamw)
         for k in ("generator", "critic"):
             self.schedulers[k] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[k], warmup_lambda(o.warmup_steps))
-        self._cache = None
+        self._cache = None   # (step, micro-batch) → (detached x, labels) of the generator phase, for the critic
 
     def phases(self, step):
         return ["generator", "critic"]
@@ -183,19 +185,21 @@ class DMD(DistributionMatchingMethod):
         raise ValueError(f"unknown phase {phase!r}")
 
     def _generator_loss(self, batch, step):
-        n = self.ctx.batch_size
+        n = self.ctx.micro_batch_size
         labels = self.random_labels(n)   # uniform, as DMD2's train_edm.py draws the generator's labels
         z = self.randn(n)
         use_reg, labels_all = self.z_ref is not None, labels
         if use_reg:  # one forward for the DM batch and the regression minibatch
-            idx = torch.randint(len(self.z_ref), (self.reg_batch_size,), generator=self.ctx.generator)
+            draws, pairs = self.ctx.draws, len(self.z_ref)
+            idx = draws.randint(pairs, draws.share(self.reg_batch_size, "method.reg_batch_size"))
             idx = idx.to(self.z_ref.device)
             z = torch.cat([z, self.z_ref[idx]])
             if labels is not None:
                 labels_all = torch.cat([labels, self.labels_ref[idx]])
         out = self.G(z * self.sigma_max, torch.full((z.shape[0],), self.sigma_max, device=z.device), labels_all)
         x = out[:n]
-        self._cache = (step, x.detach(), labels)
+        self._cache = {key: v for key, v in (self._cache or {}).items() if key[0] == step}
+        self._cache[step, self.ctx.draws.part] = (x.detach(), labels)
         self.generated, self.generated_labels = x, labels
         l_dm, _, _ = self.distribution_matching_loss(x, labels)
         loss, logs = l_dm, {"dmd/dm": float(l_dm.detach())}
@@ -206,15 +210,16 @@ class DMD(DistributionMatchingMethod):
         return loss, logs
 
     def _critic_loss(self, step):
-        if self._cache is not None and self._cache[0] == step:
-            _, x, labels = self._cache
+        cached = (self._cache or {}).pop((step, self.ctx.draws.part), None)
+        self._cache = self._cache or None   # None: nothing cached
+        if cached is not None:
+            x, labels = cached
         else:  # only when the generator phase was skipped (not in the 1:1 schedule)
-            n = self.ctx.batch_size
+            n = self.ctx.micro_batch_size
             labels = self.random_labels(n)
             with torch.no_grad():
                 x = self.G(self.randn(n) * self.sigma_max, torch.full((n,), self.sigma_max, device=self.ctx.device),
                            labels)
-        self._cache = None
         l_fake = self.critic_denoising_loss(x, labels, self.opts.critic_reduction)
         return l_fake, {"dmd/fake_score": float(l_fake.detach())}
 

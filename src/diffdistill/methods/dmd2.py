@@ -37,6 +37,7 @@ from ..options import UNBOUNDED_STEPS, option
 from ..train.ema import EMAOptions
 from ..train.lr import warmup_lambda
 from .base import lr_factor
+from .draws import as_draws
 from .registry import register
 from .score_distill import (CRITIC_T_MAX, CRITIC_T_MIN, DM_T_MAX, DM_T_MIN, GRID_SIZE, DMDFamilyOptions,
                             DistributionMatchingMethod, dmd_sigma_grid, frozen, set_dropout, shared_randint)
@@ -56,16 +57,17 @@ def student_sigmas(num_steps: int, grid: torch.Tensor) -> list[float]:
     return [float(grid[j]) for j in student_sigma_indices(num_steps, len(grid))]
 
 
-def backward_simulation_input(G, z: torch.Tensor, sigmas: list[float], k: int, generator: torch.Generator,
-                              labels=None) -> torch.Tensor:
+def backward_simulation_input(G, z: torch.Tensor, sigmas: list[float], k: int, generator, labels=None) -> torch.Tensor:
     """DMD2's backward simulation (multi-step section of the paper): the input of student step k as the student itself would produce it at
     inference. x = σ_0·z; then k times, without grad: x̂ = G(x; σ_j), x = x̂ + σ_{j+1}·ε with fresh ε. At k = 0 the
-    result is exactly σ_0·z; for a generator that returns a constant x₀ it is x₀ + σ_k·ε."""
+    result is exactly σ_0·z; for a generator that returns a constant x₀ it is x₀ + σ_k·ε. ``generator``: a
+    ``torch.Generator`` or the method's ``Draws``."""
+    draws = as_draws(generator)
     x = z * sigmas[0]
     with torch.no_grad():
         for j in range(k):
             x_hat = G(x, torch.full((x.shape[0],), sigmas[j], device=x.device), labels)
-            x = x_hat + sigmas[j + 1] * torch.randn(x.shape, generator=generator).to(x.device)
+            x = x_hat + sigmas[j + 1] * draws.randn(x.shape).to(x.device)
     return x
 
 
@@ -234,7 +236,8 @@ class DMD2(DistributionMatchingMethod):
             self.optimizers["generator"], warmup_lambda(warm_g, decay and math.ceil(decay / self.ratio)))
         self.schedulers["critic"] = torch.optim.lr_scheduler.LambdaLR(self.optimizers["critic"],
                                                                       warmup_lambda(warm, decay))
-        self._cache = None  # (step, detached x, labels) of this step's generator phase, for the critic phase
+        # (step, micro-batch) → (detached x, labels) of this step's generator phase, for the critic phase (None: none)
+        self._cache = None
         # Optional generator EMA (not in the official DMD2 code; FastGen's reproduction samples from one). Off by
         # default; on a small problem it smooths the generator's step-to-step oscillation under the TTUR.
         self.ema = self.track_ema("generator", o) if o.ema_enabled() else None
@@ -245,22 +248,23 @@ class DMD2(DistributionMatchingMethod):
 
     def generate(self, batch, with_grad: bool):
         """(x, labels, k): a batch of student outputs at a backward-simulated step k (k = 0 for 1-step)."""
-        n = self.ctx.batch_size
+        n = self.ctx.micro_batch_size
         labels = self.random_labels(n)   # uniform, whatever the real batch's (train_edm.py draws them so)
         z = self.randn(n)
         K = len(self.sigmas)
-        k = shared_randint(K, self.ctx.generator) if K > 1 else 0
-        x_in = backward_simulation_input(self.G, z, self.sigmas, k, self.ctx.generator, labels)
+        k = self.ctx.draws.shared(lambda g: shared_randint(K, g)) if K > 1 else 0
+        x_in = backward_simulation_input(self.G, z, self.sigmas, k, self.ctx.draws, labels)
         sigma = torch.full((n,), self.sigmas[k], device=x_in.device)
         with torch.set_grad_enabled(with_grad):
             x = self.G(x_in, sigma, labels)
         return x, labels, k
 
-    def gan_logits(self, x: torch.Tensor, labels=None) -> torch.Tensor:
+    def gan_logits(self, x: torch.Tensor, labels=None, groups: int = 1) -> torch.Tensor:
         """Diffusion-GAN logits: noise x at σ = grid[U{gan_t_min..gan_t_max}] (fresh per sample; official 0..999),
-        run the fake-score network and the head on its bottleneck features. Gradients reach x when x has them."""
-        _, sigma = self.grid_sigma(x.shape[0], *self.gan_t_range, self.grid)
-        x_t = x + self.bview(sigma, x) * self.randn_like(x)
+        run the fake-score network and the head on its bottleneck features. Gradients reach x when x has them.
+        ``groups``: x is that many batches concatenated (the critic's [real; generated])."""
+        _, sigma = self.grid_sigma(x.shape[0], *self.gan_t_range, self.grid, groups)
+        x_t = x + self.bview(sigma, x) * self.randn_like(x, groups)
         return self.head(self.fake(x_t, sigma, labels, bottleneck_only=True))
 
     # ---------------------------------------------------------------------------------------------- losses
@@ -273,7 +277,8 @@ class DMD2(DistributionMatchingMethod):
 
     def _generator_loss(self, batch, step):
         x, labels, k = self.generate(batch, with_grad=True)
-        self._cache = (step, x.detach(), labels)
+        self._cache = {key: v for key, v in (self._cache or {}).items() if key[0] == step}
+        self._cache[step, self.ctx.draws.part] = (x.detach(), labels)
         self.generated, self.generated_labels = x, labels
         l_dm, g, _ = self.distribution_matching_loss(x, labels)
         loss = l_dm
@@ -287,11 +292,12 @@ class DMD2(DistributionMatchingMethod):
         return loss, logs
 
     def _critic_loss(self, batch, step):
-        if self._cache is not None and self._cache[0] == step:
-            _, x, labels = self._cache
+        cached = (self._cache or {}).pop((step, self.ctx.draws.part), None)
+        self._cache = self._cache or None   # None: nothing cached
+        if cached is not None:
+            x, labels = cached
         else:
             x, labels, _ = self.generate(batch, with_grad=False)
-        self._cache = None
         x = x.detach()
         l_fake = self.critic_denoising_loss(x, labels, self.opts.critic_reduction)
         loss = l_fake
@@ -304,7 +310,7 @@ class DMD2(DistributionMatchingMethod):
                 real_labels = batch[1].to(x.device)
             both = torch.cat([real, x])
             both_labels = None if labels is None else torch.cat([real_labels, labels])
-            logits = self.gan_logits(both, both_labels)
+            logits = self.gan_logits(both, both_labels, groups=2)
             l_d = gan_critic_loss(logits[:len(real)], logits[len(real):])
             loss = loss + self.gan_critic_weight * l_d
             logs.update({"dmd2/d_gan": float(l_d.detach()),

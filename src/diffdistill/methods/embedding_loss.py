@@ -281,10 +281,15 @@ class ELOptions(Options):
 class EmbeddingLoss:
     """The EL supplement for the trainer's ``supplements`` hook: ``applies_to(method, phase)`` is true in the
     method's generator phase (when the weight is not 0), ``loss(method, batch, step, base_loss)`` returns
-    (λ·L_EL, logs). Needs real data (``needs_data``). Its state (the relative-mode scale) is checkpointed."""
+    (λ·L_EL, logs). Needs real data (``needs_data``). Its state (the relative-mode scale) is checkpointed.
+
+    Its MMD couples every sample of the batch (``couples_batch``), so under gradient accumulation the trainer does
+    not sum micro-batch losses but caches gradients: ``batch_gradient`` on the whole batch's generated samples,
+    and, in relative mode when the ratio is due, ``weight_from_gradients`` from the two accumulated gradients."""
 
     name = "el"
     needs_data = True
+    couples_batch = True
 
     def __init__(self, opts: ELOptions | None = None, **overrides):
         self.opts = opts = ELOptions.from_dict(overrides, owner="the embedding loss") if opts is None else opts
@@ -312,40 +317,79 @@ class EmbeddingLoss:
     def applies_to(self, method, phase) -> bool:
         return self.weight != 0 and phase is not None and phase == getattr(method, "generator_phase", None)
 
-    def _grad_norm(self, loss, params) -> float:
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    @staticmethod
+    def _norm(grads) -> float:
         sq = sum(float(g.detach().double().square().sum()) for g in grads if g is not None)
         return dist.all_reduce_mean(math.sqrt(sq))
+
+    def _grad_norm(self, loss, params) -> float:
+        return self._norm(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+
+    def distance(self, x_g: torch.Tensor, batch, step: int) -> torch.Tensor:
+        """L_EL (unweighted) between generated samples ``x_g`` and the first len(x_g) samples of the real batch."""
+        if batch is None:
+            raise UserError("the embedding loss compares with real data, but the trainer has none: give --data")
+        x_r = batch[0][: len(x_g)].to(x_g.device)
+        nets = self.feature_nets(tuple(x_g.shape[1:]), step, x_g.device)
+        return embedding_mmd(nets, x_g, x_r, self.kernel, self.scales, self.unbiased)
+
+    def ratio_due(self, step: int) -> bool:
+        """Whether the gradient-norm ratio is measured at this step (always until relative mode has one)."""
+        due = self.ratio_every and (self.last_refresh is None or step - self.last_refresh >= self.ratio_every)
+        return bool(due or (self.mode == "relative" and self.scale is None))
+
+    def record_ratio(self, step: int, g_el: float, g_base: float) -> None:
+        """A measured pair of gradient norms (‖∇L_EL‖, ‖∇L_base‖) on the generator's parameters."""
+        # A zero base gradient (e.g. DMD2's first step, where the fake score still equals the teacher) gives no
+        # ratio: measure again at the next generator step.
+        if g_el > 0 and g_base > 0 and math.isfinite(g_el) and math.isfinite(g_base):
+            self.last_ratio = g_el / g_base
+            if self.mode == "relative":
+                self.scale = 1.0 / self.last_ratio
+            self.last_refresh = step
+
+    def current_weight(self) -> float:
+        """λ now: ``weight`` (fixed), or weight·scale (relative; 0 until the first ratio has been measured)."""
+        if self.mode == "relative":
+            return self.weight * self.scale if self.scale is not None else 0.0
+        return self.weight
+
+    def weight_logs(self, lam: float) -> dict:
+        logs = {"el/weight": lam}
+        if self.last_ratio is not None:
+            logs["el/grad_ratio"] = lam * self.last_ratio   # ‖∇ λ·L_EL‖ / ‖∇ L_base‖ at the last measurement
+        return logs
 
     def loss(self, method, batch, step, base_loss=None):
         if batch is None:
             raise UserError("the embedding loss compares with real data, but the trainer has none: give --data")
         x_g, _ = method.generated_batch(batch, step)
-        x_r = batch[0][: len(x_g)].to(x_g.device)
-        nets = self.feature_nets(tuple(x_g.shape[1:]), step, x_g.device)
-        l_el = embedding_mmd(nets, x_g, x_r, self.kernel, self.scales, self.unbiased)
+        l_el = self.distance(x_g, batch, step)
         logs = {"el/mmd2": float(l_el.detach())}
-        due = self.ratio_every and (self.last_refresh is None or step - self.last_refresh >= self.ratio_every)
-        if self.mode == "relative" and self.scale is None:
-            due = True
-        if due and base_loss is not None and base_loss.requires_grad:
+        if self.ratio_due(step) and base_loss is not None and base_loss.requires_grad:
             params = [p for p in method.trainable_params(method.generator_phase) if p.requires_grad]
-            g_el, g_base = self._grad_norm(l_el, params), self._grad_norm(base_loss, params)
-            # A zero base gradient (e.g. DMD2's first step, where the fake score still equals the teacher) gives no
-            # ratio: measure again at the next generator step.
-            if g_el > 0 and g_base > 0 and math.isfinite(g_el) and math.isfinite(g_base):
-                self.last_ratio = g_el / g_base
-                if self.mode == "relative":
-                    self.scale = 1.0 / self.last_ratio
-                self.last_refresh = step
-        if self.mode == "relative":   # no EL until the first ratio has been measured
-            lam = self.weight * self.scale if self.scale is not None else 0.0
-        else:
-            lam = self.weight
-        logs["el/weight"] = lam
-        if self.last_ratio is not None:
-            logs["el/grad_ratio"] = lam * self.last_ratio   # ‖∇ λ·L_EL‖ / ‖∇ L_base‖ at the last measurement
+            self.record_ratio(step, self._grad_norm(l_el, params), self._grad_norm(base_loss, params))
+        lam = self.current_weight()
+        logs.update(self.weight_logs(lam))
         return lam * l_el, logs
+
+    # -------------------------------------------------------------------------------------------- accumulation
+    def batch_gradient(self, method, x_g: torch.Tensor, batch, step: int):
+        """Under gradient accumulation: (L_EL, ∂L_EL/∂x_g, λ or None, logs) for the whole batch's generated samples
+        ``x_g`` (every micro-batch's, detached) against the whole real batch. λ is None when the ratio is due this
+        step: the trainer then keeps EL's parameter gradient apart and asks ``weight_from_gradients``."""
+        x = x_g.detach().requires_grad_(True)
+        with torch.enable_grad():
+            l_el = self.distance(x, batch, step)
+            (grad,) = torch.autograd.grad(l_el, x)
+        weight = None if self.ratio_due(step) else self.current_weight()
+        return l_el.detach(), grad, weight, {"el/mmd2": float(l_el.detach())}
+
+    def weight_from_gradients(self, step: int, grads, base_grads) -> float:
+        """λ from this step's accumulated gradients of L_EL and of the base loss on the generator's parameters
+        (the ratio ``loss`` measures with the whole batch in one pass)."""
+        self.record_ratio(step, self._norm(grads), self._norm(base_grads))
+        return self.current_weight()
 
     def options(self) -> dict:
         """Every option with its value (what a run's config records, defaults included)."""

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..diffusion.losses import edm_loss
 from ..diffusion.precond import shift_sigma
 from ..diffusion.schedules import sample_lognormal_sigma
@@ -49,9 +47,9 @@ class FlowTeacher(EDMTeacher):
 
     def loss(self, phase, batch, step):
         x, labels = batch
-        g, o, net = self.ctx.generator, self.opts, self.nets["net"]
-        sigma = shift_sigma(sample_lognormal_sigma(x.shape[0], o.logit_mean, o.logit_std, generator=g),
-                            o.shift).to(x.device)
-        noise = torch.randn(x.shape, generator=g).to(x.device)
+        draws, o, net = self.ctx.draws, self.opts, self.nets["net"]
+        sigma = shift_sigma(draws.per_sample(x.shape[0], lambda m, g: sample_lognormal_sigma(
+            m, o.logit_mean, o.logit_std, generator=g)), o.shift).to(x.device)
+        noise = draws.randn(x.shape).to(x.device)
         per_sample = edm_loss(net, x, sigma, noise, self.training_labels(labels), weight=net.loss_weight(sigma))
         return per_sample.mean() / x[0].numel(), {}

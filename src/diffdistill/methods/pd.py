@@ -339,7 +339,7 @@ class ProgressiveDistillation(Method):
         N = self.student_steps
         grid = torch.tensor(pd_student_sigmas(2 * N, self.sigma_min, self.sigma_max, self.opts.rho, self.opts.grid),
                             dtype=torch.float64)
-        i = torch.randint(N, (n,), generator=self.ctx.generator)
+        i = self.ctx.draws.randint(N, n)
         dev = self.ctx.device
         return tuple(grid[2 * i + d].to(dev, torch.float32) for d in (0, 1, 2))
 
@@ -352,7 +352,7 @@ class ProgressiveDistillation(Method):
         x = batch[0].to(self.ctx.device)
         labels = batch[1].to(self.ctx.device) if (self.label_dim and batch[1] is not None) else None
         sigma, sigma_mid, sigma_next = self.stage_sigmas(len(x))
-        noise = torch.randn(x.shape, generator=self.ctx.generator).to(x.device)
+        noise = self.ctx.draws.randn(x.shape).to(x.device)
         x_s = x + _bview(sigma, x) * noise
         x_target = pd_target(self.teacher, x_s, sigma, sigma_mid, sigma_next, labels)
         x_hat = self.student(x_s, sigma, labels)

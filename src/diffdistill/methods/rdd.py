@@ -235,6 +235,10 @@ class RDD(CFD):
     name = "rdd"
     summary = "RDD: CFD + cross-sample pixel-to-pixel relations and a pixel memory bank (Feng et al. 2024)"
     Options = RDDOptions
+    accumulation_refusal_reason = (
+        "its relational losses compare every pair of samples (and pixels) of the batch, its memory bank enqueues "
+        "each step's batch once and its projection head's BatchNorm normalises over the batch, so micro-batches "
+        "cannot sum to the batch's loss")
 
     def __init__(self, ctx, opts=None, **overrides):
         super().__init__(ctx, opts, **overrides)

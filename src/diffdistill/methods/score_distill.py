@@ -293,12 +293,13 @@ class FakeScoreMethod(Method):
             raise RuntimeError(f"{self.name}: generated_batch() is only valid after the generator phase's loss")
         return self.generated, self.generated_labels
 
-    # draws (all from the trainer's checkpointed generator, moved to the device afterwards)
+    # draws (all from the trainer's checkpointed generator through ``ctx.draws``, moved to the device afterwards)
     def randn(self, n: int) -> torch.Tensor:
-        return torch.randn((n,) + self.shape, generator=self.ctx.generator).to(self.ctx.device)
+        return self.ctx.draws.randn((n,) + self.shape).to(self.ctx.device)
 
-    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.randn(x.shape, generator=self.ctx.generator).to(x.device)
+    def randn_like(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """``groups``: x is that many batches concatenated (see ``Draws.per_sample``)."""
+        return self.ctx.draws.randn_like(x, groups)
 
     def labels_for(self, batch, n: int):
         """Labels for n generated samples: the real batch's labels when there are some, else random one-hot;
@@ -313,7 +314,8 @@ class FakeScoreMethod(Method):
         """n uniformly random one-hot labels from the trainer's generator (None for unconditional models)."""
         if not self.label_dim:
             return None
-        return random_onehot(n, self.label_dim, self.ctx.generator).to(self.ctx.device)
+        L = self.label_dim
+        return self.ctx.draws.per_sample(n, lambda m, g: random_onehot(m, L, g)).to(self.ctx.device)
 
     @staticmethod
     def bview(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -339,9 +341,9 @@ class DistributionMatchingMethod(FakeScoreMethod):
         # The mode both nets run in for the paired DM call (None: teacher eval, fake score as it is).
         self.paired_training: Optional[bool] = None
 
-    def grid_sigma(self, n: int, lo: int, hi: int, grid: torch.Tensor):
-        """(indices, σ = grid[indices]) with indices uniform on {lo..hi}."""
-        t = sample_grid_index(n, lo, hi, self.ctx.generator)
+    def grid_sigma(self, n: int, lo: int, hi: int, grid: torch.Tensor, groups: int = 1):
+        """(indices, σ = grid[indices]) with indices uniform on {lo..hi}; ``groups`` as in ``randn_like``."""
+        t = self.ctx.draws.per_sample(n, lambda m, g: sample_grid_index(m, lo, hi, g), groups)
         return t, grid[t].to(self.ctx.device)
 
     def distribution_matching_loss(self, x: torch.Tensor, labels=None):

@@ -259,6 +259,13 @@ class SiD(FakeScoreMethod):
     def uses_data(cls, opts):
         return opts.sida  # SiD is data-free; SiDA's GAN reads real images
 
+    @classmethod
+    def accumulation_refusal(cls, opts):
+        if opts.sida:
+            return ("SiDA's GAN losses multiply batch means (mean λ(σ) × the mean BCE over every logit of the batch; "
+                    "the generator's BCE mean × the mean of 1/w), which micro-batches cannot sum")
+        return None
+
     def images_seen(self, step: int) -> int:
         """Images seen before this iteration (the official loop's ``cur_nimg``)."""
         return step * self.ctx.batch_size * self.ctx.world_size
@@ -287,7 +294,7 @@ class SiD(FakeScoreMethod):
         """(x_g, labels): a fresh batch x_g = G(σ_init·z; σ_init) with the real batch's labels when the trainer
         loaded data, random one-hot labels otherwise (None when unconditional). Without grad G runs in eval mode
         (as the official fake-score step does), with grad in train mode."""
-        n = self.ctx.batch_size
+        n = self.ctx.micro_batch_size
         labels = self.labels_for(batch, n)
         z = self.randn(n)
         s = self.opts.sigma_init
@@ -299,12 +306,13 @@ class SiD(FakeScoreMethod):
 
     def sample_sigma(self, n: int) -> torch.Tensor:
         """Generator-loss noise levels σ(t), t ~ U[0, t_max/1000]."""
-        return sample_sid_sigma(n, self.ctx.generator, self.opts.tmax, self.teacher.sigma_min,
-                                self.teacher.sigma_max).to(self.ctx.device)
+        tmax, lo, hi = self.opts.tmax, self.teacher.sigma_min, self.teacher.sigma_max
+        return self.ctx.draws.per_sample(n, lambda m, g: sample_sid_sigma(m, g, tmax, lo, hi)).to(self.ctx.device)
 
     def lognormal_sigma(self, n: int) -> torch.Tensor:
-        return sample_lognormal_sigma(n, self.opts.p_mean, self.opts.p_std,
-                                      generator=self.ctx.generator).to(self.ctx.device)
+        p_mean, p_std = self.opts.p_mean, self.opts.p_std
+        return self.ctx.draws.per_sample(n, lambda m, g: sample_lognormal_sigma(m, p_mean, p_std, generator=g)).to(
+            self.ctx.device)
 
     def denoise_pair(self, x_t: torch.Tensor, sigma: torch.Tensor, labels=None, with_logits: bool = False):
         """(f_φ(x_t), f_ψ(x_t), SiDA logits of that f_ψ pass or None), with the graph through x_t but none into

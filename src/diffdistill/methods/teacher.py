@@ -69,9 +69,10 @@ class EDMTeacher(Method):
 
     def loss(self, phase, batch, step):
         x, labels = batch
-        g = self.ctx.generator
-        sigma = sample_lognormal_sigma(x.shape[0], self.opts.p_mean, self.opts.p_std, generator=g).to(x.device)
-        noise = torch.randn(x.shape, generator=g).to(x.device)
+        draws, p_mean, p_std = self.ctx.draws, self.opts.p_mean, self.opts.p_std
+        sigma = draws.per_sample(x.shape[0], lambda m, g: sample_lognormal_sigma(m, p_mean, p_std, generator=g))
+        sigma = sigma.to(x.device)
+        noise = draws.randn(x.shape).to(x.device)
         net = self.nets["net"]
         labels = self.training_labels(labels)
         loss = edm_loss(net, x, sigma, noise, labels, net.sigma_data).mean()
@@ -81,7 +82,10 @@ class EDMTeacher(Method):
         """The batch's labels with ``label_dropout`` applied (None for an unconditional net)."""
         if not self.nets["net"].label_dim:
             return None
-        return drop_labels(labels, self.opts.label_dropout, self.ctx.generator)
+        if labels is None or self.opts.label_dropout <= 0:
+            return labels
+        u = self.ctx.draws.per_sample(len(labels), lambda m, g: torch.rand(m, 1, generator=g))
+        return drop_labels(labels, self.opts.label_dropout, uniform=u)
 
     def sampling_net(self):
         return self.ema.net

@@ -124,7 +124,9 @@ def is_out_of_memory(e: BaseException) -> bool:
 def memory_knobs() -> str:
     """The options that lower memory, as they exist in this version (bf16 only once ``run.precision`` exists)."""
     knobs = ["lower --batch-size (it is per process; run more processes with torchrun, or set "
-             "run.global_batch_size, to keep the global batch)"]
+             "run.global_batch_size, to keep the global batch)",
+             ("keep the batch and compute it as k micro-batches (--set run.grad_accum=k: the same result, the "
+              "activations of B/k samples)")]
     if "precision" in RUN_DEFAULTS:
         knobs.append("use bf16 autocast (--set run.precision=bf16)")
     knobs.append("recompute the trained networks' activations in backward (--set "

@@ -11,7 +11,8 @@ Estimate (per process): weights and buffers + optimizer state (Adam/AdamW: 2 ten
 with momentum: 1) + the largest phase's gradients and activations + data and loose tensors. Activations are
 *measured*: the phase's forward pass runs at batch 2 and at batch 4 with an autograd hook that adds up the bytes of
 every tensor saved for backward (parameters excluded), and the difference is extrapolated linearly to the chosen
-batch. With activation checkpointing the hook sees what the checkpoints keep, and the largest checkpointed
+batch — to one micro-batch (batch / run.grad_accum) under gradient accumulation, which keeps one micro-batch's
+activations at a time. With activation checkpointing the hook sees what the checkpoints keep, and the largest checkpointed
 block's own saved tensors (held again while backward recomputes it) are added. On the digits DMD2 run (batch 64 and 256) this matched the peak of torch's allocated bytes over a
 forward + backward (profiler) within 2 %; the CPU process's resident size grew 1.3–1.6× the estimate (allocator
 arenas, optimizer temporaries), hence the 30–60 % allowance the report names.
@@ -200,10 +201,12 @@ def estimate_memory(trainer, probe=(2, 4)) -> dict:
     exclude = {t.untyped_storage().data_ptr() for info in infos
                for t in list(info.module.parameters()) + list(info.module.buffers())}
     B = trainer.cfg["run"]["batch_size"]
+    k = int(trainer.cfg["run"].get("grad_accum", 1))
+    micro = B // k   # activations are held for one micro-batch at a time (run.grad_accum)
     acts, recomputed, errors = {}, {}, {}
 
     def extrapolate(a, b):
-        return max(0.0, a + (B - probe[0]) * max(b - a, 0) / (probe[1] - probe[0]))
+        return max(0.0, a + (micro - probe[0]) * max(b - a, 0) / (probe[1] - probe[0]))
     for ph, s in first_step.items():
         try:
             r = []
@@ -218,7 +221,7 @@ def estimate_memory(trainer, probe=(2, 4)) -> dict:
     peak = weights + opt_state + loose_bytes + (grads.get(worst, 0) + acts.get(worst, 0) if worst else 0)
     return {"networks": infos, "loose": loose, "weights": weights, "optimizer_state": opt_state, "grads": grads,
             "activations": acts, "recomputed": recomputed, "errors": errors, "loose_bytes": loose_bytes, "worst_phase": worst,
-            "peak": peak, "batch_size": B, "probe": probe}
+            "peak": peak, "batch_size": B, "grad_accum": k, "micro_batch": micro, "probe": probe}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -253,8 +256,9 @@ def dry_run_report(trainer) -> str:
         shown = ", ".join(f"{n} {list(t.shape)} {_fmt_bytes(t.numel() * t.element_size())}" for n, t in big[:6])
         more = f" and {len(big) - 6} more" if len(big) > 6 else ""
         lines.append(f"tensors held by the run: {shown}{more}")
-    B = est["batch_size"]
-    lines += ["", f"peak memory estimate per process at batch {B}:",
+    B, k = est["batch_size"], est["grad_accum"]
+    accum = f" as {k} micro-batches of {est['micro_batch']} (run.grad_accum; activations of one)" if k > 1 else ""
+    lines += ["", f"peak memory estimate per process at batch {B}{accum}:",
               f"  weights and buffers      {_fmt_bytes(est['weights']):>12s}",
               f"  optimizer state          {_fmt_bytes(est['optimizer_state']):>12s}   "
               f"(Adam/AdamW: 2 tensors per trained parameter)",

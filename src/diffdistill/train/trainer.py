@@ -1,7 +1,8 @@
 """The one training loop. It knows the Method interface only (phases → loss → backward → step), never a method.
 
 Per step: draw this rank's batch (a pure function of seed, rank and step, so resuming needs no loader state), run
-each phase of the method, guard against non-finite losses and gradients, average gradients across ranks, clip,
+each phase of the method (as ``run.grad_accum`` micro-batches whose gradients sum to the batch's: see
+``accumulate_phase``), guard against non-finite losses and gradients, average gradients across ranks, clip,
 step, update EMAs, then log / sample / checkpoint on schedule. Checkpoints hold everything needed to continue
 bit-exactly: every net, optimizer and scheduler, the method's extra state, the step and all RNG states.
 """
@@ -25,6 +26,7 @@ from ..io.checkpoint import (atomic_write, checkpoint_path, find_resume_checkpoi
                              prune_checkpoints, remove_stale_files, save_checkpoint, verify_checkpoint)
 from ..io.paths import check_output_dir
 from ..methods.base import MethodContext
+from ..methods.draws import Draws
 from ..methods.registry import get_method
 from ..nets.checkpointing import checkpointable, set_activation_checkpointing
 from ..nets.low_precision import store_in_bf16
@@ -118,6 +120,37 @@ def check_data_matches_net(shape: tuple, num_classes: int, net_cfg: dict, teache
                         f"use --set net.label_dim=0 or give labelled data (class sub-folders / dataset.json)")
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for a low-precision (bf16 autocast) loss; fp64 stays fp64, so a float64 run's 1/k is exact."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def check_micro_batches(run: dict) -> None:
+    """Refuse a per-process batch that ``run.grad_accum`` does not split into equal micro-batches."""
+    k, B = int(run.get("grad_accum", 1)), run["batch_size"]
+    if B % k:
+        lo, hi = (B // k) * k, -(-B // k) * k
+        divisors = [d for d in range(2, min(B, 16) + 1) if B % d == 0]
+        raise UserError(f"run.grad_accum={k} does not divide the per-process batch {B} into equal micro-batches: "
+                        f"use a batch that is a multiple of {k} (e.g. {lo or hi} or {hi})"
+                        + (f" or a run.grad_accum that divides {B} ({', '.join(map(str, divisors[:4]))})"
+                           if divisors else ""))
+
+
+def check_grad_accum(run: dict, method_cls, opts) -> int:
+    """``run.grad_accum`` (k), after refusing a method whose loss couples the samples of a batch with these
+    options (its ``accumulation_refusal``), naming why. Returns k."""
+    k = int(run.get("grad_accum", 1))
+    if k == 1:
+        return k
+    reason = method_cls.accumulation_refusal(opts)
+    if reason:
+        raise UserError(f"run.grad_accum={k} is refused for method {method_cls.name!r}, whose micro-batches would "
+                        f"not give the batch's result: {reason}; use run.grad_accum=1 (a smaller --batch-size or "
+                        f"run.activation_checkpointing also lower memory)")
+    return k
+
+
 def reads_data(method_cls, opts, supplements=()) -> bool:
     """Whether a run of ``method_cls`` with ``opts`` and these supplements reads real data."""
     return method_cls.uses_data(opts) or any(getattr(s, "needs_data", False) for s in supplements)
@@ -132,6 +165,7 @@ class Trainer:
         check_device(run["device"])
         self.device = torch.device(run["device"])
         run["batch_size"] = per_process_batch(run, dist.launched_world_size())
+        check_micro_batches(run)
         dist.init_distributed(run["device"])
         self.rank, self.world = dist.rank(), dist.world_size()
         method_cfg = dict(cfg["method"])
@@ -141,8 +175,11 @@ class Trainer:
         # config records every option (defaults included).
         opts = method_cls.Options.from_dict(method_cfg, owner=method_cls.name)
         cfg["method"] = {"name": method_cls.name, **opts.to_dict()}
+        self.grad_accum = check_grad_accum(run, method_cls, opts)
         torch.manual_seed(run["seed"] + self.rank)  # dropout etc. use the global RNG
         self.gen = torch.Generator().manual_seed(run["seed"] * 7919 + self.rank)
+        # every random draw of the losses goes through this, so k micro-batches see the batch's draws
+        self.draws = Draws(self.gen, self.grad_accum)
 
         self.dataset = dataset
         # Data is loaded when the method or a supplement reads it (e.g. the embedding loss on a data-free method).
@@ -165,7 +202,8 @@ class Trainer:
         ctx = MethodContext(device=self.device, generator=self.gen, batch_size=run["batch_size"],
                             world_size=self.world, net_config=net_cfg, teacher=teacher, teacher_path=teacher_path,
                             sample_shape=shape, num_classes=getattr(self.dataset, "num_classes", 0),
-                            run_dir=str(self.out), data_name=(cfg.get("data") or {}).get("name"))
+                            run_dir=str(self.out), data_name=(cfg.get("data") or {}).get("name"),
+                            draws=self.draws)
         self.method = method_cls(ctx, opts)
         self.teacher = teacher
         for net in self.method.nets.values():
@@ -416,10 +454,10 @@ class Trainer:
             loss, extra = self._phase_loss(phase, batch, step)
         return loss.float(), extra
 
-    def _phase_loss(self, phase: str, batch, step: int):
+    def _phase_loss(self, phase: str, batch, step: int, supplements=None):
         loss, extra = self.method.loss(phase, batch, step)
         base_loss = loss
-        for sup in self.supplements:
+        for sup in self.supplements if supplements is None else supplements:
             if sup.applies_to(self.method, phase):
                 sup_loss, sup_logs = sup.loss(self.method, batch, step, base_loss=base_loss)
                 loss = loss + sup_loss
@@ -433,13 +471,21 @@ class Trainer:
         for phase in self.method.phases(self.step):
             self.phase = phase
             opt = self.method.optimizers[phase]
-            loss, extra = self.phase_loss(phase, batch, self.step)
-            if not dist.all_true(bool(torch.isfinite(loss).all())):  # every rank takes the same branch
-                if self._nonfinite("loss", phase, loss.detach(), extra):
+            if self.grad_accum == 1:
+                loss, extra = self.phase_loss(phase, batch, self.step)
+                if not dist.all_true(bool(torch.isfinite(loss).all())):  # every rank takes the same branch
+                    if self._nonfinite("loss", phase, loss.detach(), extra):
+                        opt.zero_grad(set_to_none=True)
+                        return None
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            else:
+                opt.zero_grad(set_to_none=True)
+                done = self.accumulate_phase(phase, batch, self.grad_accum)
+                if done is None:
                     opt.zero_grad(set_to_none=True)
                     return None
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+                loss, extra = done
             params = self.method.trainable_params(phase)
             dist.average_gradients(params)
             clip = self.cfg["run"].get("grad_clip")
@@ -456,6 +502,116 @@ class Trainer:
             logs[f"grad_norm/{phase}"] = float(gnorm)
             logs.update(extra)
         return logs
+
+    # ---------------------------------------------------------------- gradient accumulation
+    @staticmethod
+    def micro_batches(batch, k: int) -> list:
+        """The real batch as k consecutive equal slices (None for data-free runs): micro-batch j holds rows
+        [j·B/k, (j+1)·B/k), the rows whose random draws ``Draws`` hands it."""
+        if batch is None:
+            return [None] * k
+        n = len(batch[0]) // k
+        return [tuple(None if t is None else t[j * n:(j + 1) * n] for t in batch) for j in range(k)]
+
+    def accumulate_phase(self, phase: str, batch, k: int):
+        """One phase as k micro-batches (``run.grad_accum``): each micro-batch's loss is back-propagated ÷ k, so
+        the parameters' gradients sum to the whole batch's; the caller then averages over ranks, clips and steps
+        once. Every random draw goes through ``self.draws``, which hands micro-batch j its rows of the whole batch's
+        draws, so the result equals one pass over the batch up to round-off. A supplement whose loss couples the
+        batch's samples (``couples_batch``: the embedding loss's MMD) is computed on the whole batch by gradient
+        caching (``_coupled_gradients``). Returns (loss, logs) — the loss and every logged value a mean over the
+        micro-batches — or None when the NaN policy skips the step."""
+        step, method = self.step, self.method
+        micro = self.micro_batches(batch, k)
+        applies = [s for s in self.supplements if s.applies_to(method, phase)]
+        coupled = [s for s in applies if getattr(s, "couples_batch", False)]
+        plain = [s for s in applies if s not in coupled]
+        params = [p for p in method.trainable_params(phase) if p.requires_grad]
+        self.draws.begin(k)
+        try:
+            targets, coupled_logs = [], {}
+            if coupled:
+                targets = self._coupled_gradients(phase, micro, batch, coupled, plain)
+                if targets is None:
+                    return None
+                for sup, value, _, _, logs in targets:
+                    coupled_logs.update(logs)
+            apart = {}   # coupled supplement → its parameter gradient, kept apart until its weight is known
+            losses, extras = [], []
+            for j, mb in enumerate(micro):
+                self.draws.micro(j)
+                with self._autocast():
+                    loss, extra = self._phase_loss(phase, mb, step, plain)
+                    surrogates = []
+                    if targets:   # ∂/∂θ Σ x_j·g_j is this micro-batch's share of the coupled loss's gradient
+                        x = method.generated_batch(mb, step)[0]
+                        rows = slice(j * len(x), (j + 1) * len(x))
+                        surrogates = [_at_least_fp32((x * grad[rows].to(x.dtype)).sum())
+                                      for _, _, grad, _, _ in targets]
+                loss = _at_least_fp32(loss)
+                finite = dist.all_true(bool(torch.isfinite(loss).all()))   # every rank takes the same branch
+                if not finite and self._nonfinite("loss", phase, loss.detach(), extra):
+                    return None
+                total = loss / k
+                for (sup, _, _, weight, _), sur in zip(targets, surrogates):
+                    if weight is None:
+                        grads = torch.autograd.grad(sur, params, retain_graph=True, allow_unused=True)
+                        acc = apart.setdefault(sup, [None] * len(params))
+                        for i, g in enumerate(grads):
+                            if g is not None:
+                                acc[i] = g if acc[i] is None else acc[i] + g
+                    else:
+                        total = total + weight * sur
+                total.backward()
+                losses.append(loss.detach())
+                extras.append(extra)
+            self.draws.end()
+        finally:
+            self.draws.begin(1)
+        # weights that follow from this step's gradient norms (the embedding loss's relative mode): the base
+        # gradient is what the loop left in .grad, the coupled loss's own gradient was kept apart
+        weights = {sup: weight for sup, _, _, weight, _ in targets}
+        base = [p.grad for p in params]
+        for sup, grads in apart.items():
+            weights[sup] = sup.weight_from_gradients(step, grads, base)
+        for sup, grads in apart.items():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.grad = weights[sup] * g if p.grad is None else p.grad.add_(g, alpha=weights[sup])
+        loss = torch.stack(losses).mean().float()
+        for sup, value, _, _, _ in targets:
+            loss = loss + weights[sup] * value
+            coupled_logs.update(sup.weight_logs(weights[sup]))
+        logs = {}
+        for extra in extras:
+            for key, v in extra.items():
+                logs.setdefault(key, []).append(v)
+        logs = {key: sum(v) / len(v) for key, v in logs.items()}
+        return loss, {**logs, **coupled_logs}
+
+    def _coupled_gradients(self, phase, micro, batch, coupled, plain):
+        """Gradient caching for supplements whose loss couples the batch: every micro-batch's generated samples
+        first (its phase loss without a graph, the draws recorded), then each supplement's loss on the whole batch
+        and its gradient with respect to those samples, which the micro-batches then back-propagate through their
+        own graphs. Returns [(supplement, loss value, ∂loss/∂x, weight or None, logs)] (weight None: it follows
+        from this step's gradient norms), or None when the NaN policy skips the step."""
+        xs = []
+        with torch.no_grad():
+            for j, mb in enumerate(micro):
+                self.draws.micro(j)
+                with self._autocast():
+                    self._phase_loss(phase, mb, self.step, plain)
+                    xs.append(self.method.generated_batch(mb, self.step)[0].detach())
+        x = torch.cat(xs)
+        out = []
+        for sup in coupled:
+            with self._autocast():
+                value, grad, weight, logs = sup.batch_gradient(self.method, x, batch, self.step)
+            finite = dist.all_true(bool(torch.isfinite(value).all()))
+            if not finite and self._nonfinite("loss", phase, value, logs):
+                return None
+            out.append((sup, _at_least_fp32(value.detach()), grad, weight, logs))
+        return out
 
     def update_emas(self, nimg_before: int) -> None:
         """Every EMA copy the method tracks, with β from the images seen before this iteration (EDM's rule)."""
@@ -484,8 +640,10 @@ class Trainer:
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
+            k = self.grad_accum
             where = (f"at step {self.step}, phase {self.phase!r}, batch {self.cfg['run']['batch_size']} per process "
-                     f"on {self.device}")
+                     + (f"as {k} micro-batches of {self.cfg['run']['batch_size'] // k} " if k > 1 else "")
+                     + f"on {self.device}")
             msg = out_of_memory_message(e, where)
             self.health.event(self.step, "out_of_memory", phase=self.phase, error=str(e).splitlines()[0][:200]
                               if str(e) else type(e).__name__)
