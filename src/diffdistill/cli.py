@@ -115,7 +115,7 @@ def _add_sampler_flags(p):
     p.add_argument("--guidance", type=float, metavar="W",
                    help="classifier-free guidance scale of a class-conditional net: D_null + W*(D_class - D_null), "
                         "the null class being the all-zero label (1: none; costs 2 network calls per step; the "
-                        "teacher must have been trained with method.label_dropout > 0)")
+                        "teacher must have been trained with method.label_dropout > 0) (default: none, 1)")
 
 
 def _sampler_options(a) -> dict:
