@@ -17,35 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _subprocess import cli, run
+
 KINDS = {   # name → train_diffusers_teacher.py flags
     "eps": [],
     "v": ["--prediction-type", "v_prediction"],
     "x0": ["--prediction-type", "sample"],
     "eps-scaled": ["--beta-schedule", "scaled_linear", "--beta-start", "0.00085", "--beta-end", "0.012"],
 }
-
-
-def run(cmd: list[str], log: Path) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
-    text = log.read_text()
-    if rc != 0:
-        raise SystemExit(f"failed ({rc}): {' '.join(cmd)}\n{text[-2000:]}")
-    return text
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "diffdistill.cli", *args]
 
 
 def evaluate(target: Path, out: Path, log: Path) -> dict:
