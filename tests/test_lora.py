@@ -190,15 +190,12 @@ def test_merged_network_computes_the_adapter_function(arch):
 
 
 # ------------------------------------------------------------------------------------------------ training
-def _trainer(tmp_path, method, steps, lora=None, teacher=None, **opts):
-    from diffdistill.train.trainer import Trainer
-    if teacher is None:
-        teacher, cfg = tiny_teacher(MLP_CFG)
-    else:
-        cfg = MLP_CFG
+def _trainer(tmp_path, method, steps, lora=None, run=None, **opts):
     from diffdistill.config import validate_run
+    from diffdistill.train.trainer import Trainer
+    teacher, cfg = tiny_teacher(MLP_CFG)
     run = validate_run({"out": str(tmp_path), "steps": steps, "batch_size": 32, "log_every": 1, "ckpt_every": 0,
-                        "sample_every": 0, "progress": False, "grad_clip": 10.0})
+                        "sample_every": 0, "progress": False, "grad_clip": 10.0, **(run or {})})
     full = {"run": run, "data": {"name": "ring8", "n": 500, "seed": 0}, "net": cfg,
             "method": {"name": method, "lr": 1e-2, **opts}}
     if lora is not None:
@@ -270,6 +267,23 @@ def test_shared_base_equals_separate_copies(tmp_path, method):
             assert all(torch.equal(a, b) for a, b in zip(params_a[k], params_b[k])), k
     first, last = runs[0][0][1], runs[0][-1][1]
     assert not all(torch.equal(a, b) for a, b in zip(first["generator"], last["generator"]))   # it did train
+
+
+def test_bf16_teacher_with_a_shared_base(tmp_path):
+    """run.teacher_dtype=bf16 stores the one shared base in bf16; the adapters stay fp32 and train, every role
+    answers in fp32."""
+    from diffdistill.nets.low_precision import stored_in_bf16
+    tr = _trainer(tmp_path, "dmd2", 2, {"rank": 4}, run={"teacher_dtype": "bf16"}, **METHOD_OPTS["dmd2"])
+    m = tr.method
+    assert tr.teacher is m.teacher and stored_in_bf16(m.teacher) and m.G.stack.base_in_bf16()
+    assert {p.dtype for _, p in m.G.stack.base_parameters() if p.ndim >= 2} == {torch.bfloat16}
+    assert {p.dtype for net in (m.G, m.fake) for p in net.parameters()} == {torch.float32}
+    before = [p.detach().clone() for p in m.G.parameters()]
+    tr.run()
+    assert not all(torch.equal(a, b) for a, b in zip(before, m.G.parameters()))
+    x, sigma = _inputs(m.teacher)
+    with torch.no_grad():
+        assert {m.G(x, sigma).dtype, m.teacher(x, sigma).dtype} == {torch.float32}
 
 
 def test_unsupported_method_is_refused_in_one_line(tmp_path):

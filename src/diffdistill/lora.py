@@ -154,8 +154,11 @@ class LoRAStack:
         self.adapters: list[str] = []
         self.layers: list[tuple[str, nn.Module]] = []
         self._adapter_params: list[nn.Parameter] = []
-        self._state: Optional[str] = None
+        self._state: Optional[str] = None      # the active adapter (None: disabled)
+        self._mode: Optional[bool] = None      # the train/eval mode the stack last gave the base
+        self._inside = 0                       # > 0 while a role runs the base
         self.base_role = LoRARole(self, None)
+        base.register_forward_pre_hook(self._direct_call)
 
     # ---------------------------------------------------------------- adapters
     def add_adapter(self, name: str, copy_from: str | None = None) -> "LoRARole":
@@ -172,7 +175,9 @@ class LoRAStack:
                                     adapter_name=name)
         self.adapters.append(name)
         self._refresh()
-        self._switch(None)
+        for _, layer in self.layers:   # the new adapter's layers join in the state the stack's are in
+            layer.set_adapter(self._state or name)
+            layer.enable_adapters(self._state is not None)
         for p, f in flags:
             p.requires_grad_(f)
         for _, p in self.adapter_parameters(name):
@@ -187,7 +192,6 @@ class LoRAStack:
         from peft.tuners.lora import LoraLayer
         self.layers = [(p, m) for p, m in self.base.named_modules() if isinstance(m, LoraLayer)]
         self._adapter_params = [p for a in self.adapters for _, p in self.adapter_parameters(a)]
-        self._all_modules = list(self.base.modules())
 
     def adapter_parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
         """[(peft key, parameter)] of adapter ``name``: ``<layer path>.lora_A.weight`` / ``.lora_B.weight``."""
@@ -216,34 +220,45 @@ class LoRAStack:
 
     # ---------------------------------------------------------------- switching
     def _switch(self, adapter: Optional[str]) -> None:
+        """peft's switch on every layer: ``set_adapter`` / ``enable_adapters``. It also makes the active adapter
+        trainable and the others not, which must not override the methods' own flags: they are put back."""
+        flags = [(p, p.requires_grad) for p in self._adapter_params]
         for _, layer in self.layers:
             if adapter is None:
                 layer.enable_adapters(False)
             else:
                 layer.set_adapter(adapter)
-                layer.enable_adapters(True)
+                if layer.disable_adapters:
+                    layer.enable_adapters(True)
+        for p, f in flags:
+            p.requires_grad_(f)
         self._state = adapter
+
+    def _set(self, adapter: Optional[str], training: Optional[bool]) -> None:
+        # Only changes are applied (a switch walks every adapted layer): the base keeps the last role's adapter
+        # and mode until another role, or a direct call, needs other ones.
+        if adapter != self._state:
+            self._switch(adapter)
+        if training is not None and training != self._mode:
+            self.base.train(training)
+            self._mode = training
+
+    def _direct_call(self, module, args) -> None:
+        """A forward pre-hook on the base: called directly, not through a role, the base is the teacher (adapters
+        disabled, in whatever mode it is)."""
+        if not self._inside:
+            self._set(None, None)
 
     @contextlib.contextmanager
     def use(self, adapter: Optional[str], training: bool):
-        """Run the block with ``adapter`` active (None: adapters disabled, the teacher) and the base in train or eval
-        mode; the previous adapter, modes and every ``requires_grad`` flag are restored after (peft's switch sets
-        the active adapter trainable and the others not, which the methods' own flags must override)."""
-        flags = [(p, p.requires_grad) for p in self._adapter_params]
-        modes = [(m, m.training) for m in self._all_modules]
-        previous = self._state
-        self._switch(adapter)
-        for p, f in flags:
-            p.requires_grad_(f)
-        self.base.train(training)
+        """Run the block with ``adapter`` active (None: adapters disabled, the teacher) and the base in train
+        (``training``) or eval mode."""
+        self._set(adapter, training)
+        self._inside += 1
         try:
             yield
         finally:
-            self._switch(previous)
-            for p, f in flags:
-                p.requires_grad_(f)
-            for m, t in modes:
-                m.training = t
+            self._inside -= 1
 
 
 def _plain_key(key: str) -> str:
@@ -396,8 +411,9 @@ def lora_summary(nets: dict) -> list[str]:
     for stack, roles, base_name in stacks.values():
         base = sum(p.numel() for _, p in stack.base_parameters())
         adapters = ", ".join(f"{n} {sum(p.numel() for p in nets[n].parameters()):,d}" for n in roles)
-        lines.append(f"  base{f' ({base_name})' if base_name else ''}: {base:,d} parameters, frozen, held once; "
-                     f"adapters (the trainable parameters of each role): {adapters}")
+        held = "held once for every role" if o.shared_base else "a copy of the teacher's"
+        lines.append(f"  base{f' ({base_name})' if base_name else ''}: {base:,d} parameters, frozen, {held}; "
+                     f"adapters (each role's trainable parameters): {adapters}")
     return lines
 
 
