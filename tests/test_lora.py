@@ -14,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from dm_helpers import MLP_CFG, UNET_CFG, tiny_teacher  # noqa: E402
+from dm_helpers import MLP_CFG, tiny_teacher  # noqa: E402
 
 pytest.importorskip("peft")
 
@@ -377,6 +377,33 @@ def test_merge_export_reload_equals_the_adapter_forward(lora_run, tmp_path):
     assert torch.equal(got, want)
 
 
+def test_peft_export_of_a_diffusers_student_is_relative_to_the_unet(tmp_path):
+    """A diffusers-UNet student's adapter exports with diffusers' ``unet.`` keys and an adapter_config whose targets
+    are UNet module paths: peft puts it on a plain diffusers UNet, which then computes the student."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from diffdistill.io.checkpoint import save_checkpoint
+    from diffdistill.io.load import export_lora_adapter
+    teacher = _teacher("diffusers_unet2d")
+    plain = copy.deepcopy(teacher)
+    _, (g,) = lora_copies(teacher, ["generator"], LoRAOptions(rank=4), "diffusers_unet2d", None, "cpu")
+    _perturb(g, scale=0.2)
+    save_checkpoint({"lora": g.lora_record(), "sample_net": g.state_dict(), "net_config": CONFIGS[
+        "diffusers_unet2d"](), "role": "student", "method": "dmd2", "step": 1}, tmp_path / "c.pt")
+    export_lora_adapter(tmp_path / "c.pt", tmp_path / "adapter")
+    sd = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert sd and all(k.startswith("unet.") and ".lora_" in k for k in sd)
+    cfg = LoraConfig.from_pretrained(str(tmp_path / "adapter"))
+    unet = plain.model.unet
+    inject_adapter_in_model(cfg, unet)
+    res = set_peft_model_state_dict(unet, {k.removeprefix("unet."): v for k, v in sd.items()})
+    assert not res.unexpected_keys
+    x, sigma = _inputs(teacher)
+    with torch.no_grad():
+        assert torch.equal(plain(x, sigma), g.eval()(x, sigma))
+
+
 def test_cli_export_and_sample_of_a_lora_checkpoint(lora_run, tmp_path):
     from diffdistill.cli import main
     from diffdistill.io.checkpoint import list_checkpoints
@@ -444,3 +471,24 @@ def test_short_lora_distillation_moves_toward_the_teacher(ring8_teacher, tmp_pat
     print("lora sid ring8", {"start": start, "student": res["student"], "teacher": res["teacher"]})
     assert isinstance(m.G, LoRARole) and m.G.stack is m.fake.stack
     assert res["student"] < 0.5 * start
+
+
+@pytest.mark.slow
+def test_lora_sid_digits_beside_the_full_weight_student(tmp_path):
+    """SiD on the shipped digits teacher, 200 iterations of the images preset, full-weight student and rank-8 LoRA
+    students on one shared base (lr ×5, as LoRA is usually run): both fall far below the step-0 student's
+    proxy-FID (the teacher at σ = 2.5). The numbers are printed beside each other (README, "LoRA students")."""
+    from diffdistill.demo import SHIPPED_TEACHER
+    from diffdistill.distill import distill
+    from diffdistill.eval.evaluate import evaluate_net
+    if not SHIPPED_TEACHER.exists():
+        pytest.skip("no shipped teacher in this checkout")
+    fid = {}
+    for name, over in [("full", []), ("lora", ["lora.rank=8", "method.lr=5e-4"])]:
+        tr = distill("sid", SHIPPED_TEACHER, overrides=over, flags={"run": {
+            "out": str(tmp_path / name), "steps": 200, "progress": False, "ckpt_every": 0, "sample_every": 0}})
+        data = tr.cfg["data"]
+        fid[name] = evaluate_net(tr.method.sampling_net(), tr.method.sampling_spec(), data, 2000, seed=0)["proxy_fid"]
+        fid["start"] = evaluate_net(tr.method.teacher, tr.method.sampling_spec(), data, 2000, seed=0)["proxy_fid"]
+    print("sid digits proxy-FID, 200 iterations:", fid)
+    assert fid["lora"] < 0.2 * fid["start"] and fid["full"] < 0.2 * fid["start"]

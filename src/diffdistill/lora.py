@@ -271,7 +271,8 @@ class LoRARole(nn.Module):
 
     ``parameters()`` / ``state_dict()`` / ``load_state_dict()`` cover the adapter only (the teacher role: the base's
     own weights); ``train()``/``eval()`` set the mode the base runs in for this role; ``copy.deepcopy`` makes a
-    new adapter on the same base with this one's weights (so an EMA copy is one more adapter, not a copy of the base)."""
+    new adapter on the same base with this one's weights (so an EMA copy is one more adapter, not a copy of the
+    base)."""
 
     def __init__(self, stack: LoRAStack, adapter: Optional[str]):
         super().__init__()
@@ -439,9 +440,9 @@ def merged_network(net: nn.Module, rec: dict, adapter_state: dict) -> nn.Module:
 
 
 def load_adapter(net: nn.Module, folder, adapter_name: str = "default") -> nn.Module:
-    """Put an adapter written by ``diffdistill export --format peft`` onto a plain ``net`` of the same architecture (peft's
-    ``inject_adapter_in_model`` + ``set_peft_model_state_dict``, this package's layers registered); returns ``net``
-    with the adapter active."""
+    """Put an adapter written by ``diffdistill export --format peft`` onto a plain ``net`` of the same architecture
+    (peft's ``inject_adapter_in_model`` + ``set_peft_model_state_dict``, this package's layers registered); returns
+    ``net`` with the adapter active."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
     cfg = LoraConfig.from_pretrained(str(folder))
