@@ -475,20 +475,23 @@ def test_short_lora_distillation_moves_toward_the_teacher(ring8_teacher, tmp_pat
 
 @pytest.mark.slow
 def test_lora_sid_digits_beside_the_full_weight_student(tmp_path):
-    """SiD on the shipped digits teacher, 200 iterations of the images preset, full-weight student and rank-8 LoRA
-    students on one shared base (lr ×5, as LoRA is usually run): both fall far below the step-0 student's
-    proxy-FID (the teacher at σ = 2.5). The numbers are printed beside each other (README, "LoRA students")."""
+    """SiD on the shipped digits teacher, 100 iterations at batch 64 (images preset otherwise): the full-weight
+    student and a rank-8 LoRA student on one shared base at lr 2e-3 (LoRA takes a higher rate). Both fall far below
+    the step-0 student's proxy-FID (the teacher at σ = 2.5); LoRA within 2× of the full student. Measured (one seed,
+    README "LoRA students"): start 483, full 23.3, LoRA 28.3 (lr 5e-4: 43.6)."""
     from diffdistill.demo import SHIPPED_TEACHER
     from diffdistill.distill import distill
     from diffdistill.eval.evaluate import evaluate_net
     if not SHIPPED_TEACHER.exists():
         pytest.skip("no shipped teacher in this checkout")
     fid = {}
-    for name, over in [("full", []), ("lora", ["lora.rank=8", "method.lr=5e-4"])]:
+    for name, over in [("full", []), ("lora", ["lora.rank=8", "method.lr=2e-3"])]:
         tr = distill("sid", SHIPPED_TEACHER, overrides=over, flags={"run": {
-            "out": str(tmp_path / name), "steps": 200, "progress": False, "ckpt_every": 0, "sample_every": 0}})
+            "out": str(tmp_path / name), "steps": 100, "batch_size": 64, "progress": False, "ckpt_every": 0,
+            "sample_every": 0}})
         data = tr.cfg["data"]
         fid[name] = evaluate_net(tr.method.sampling_net(), tr.method.sampling_spec(), data, 2000, seed=0)["proxy_fid"]
         fid["start"] = evaluate_net(tr.method.teacher, tr.method.sampling_spec(), data, 2000, seed=0)["proxy_fid"]
-    print("sid digits proxy-FID, 200 iterations:", fid)
-    assert fid["lora"] < 0.2 * fid["start"] and fid["full"] < 0.2 * fid["start"]
+    print("sid digits proxy-FID, 100 iterations:", fid)
+    assert fid["full"] < 0.1 * fid["start"] and fid["lora"] < 0.1 * fid["start"]
+    assert fid["lora"] < 2 * fid["full"]
