@@ -25,11 +25,13 @@ from .eval.generate import generate
 from .eval.inception import compute_reference, load_extractor, load_reference, resolve_inception_path, save_reference
 from .eval.plots import write_png_folder
 from .io import convert_teacher, export_checkpoint, load_for_sampling
+from .io.load import export_lora_adapter
 from .io.diffusers import export_diffusers
 from .io.paths import check_output_file
 from .options import UNBOUNDED_STEPS
+from .lora import LoRAOptions
 from .methods.embedding_loss import ELOptions
-from .methods.registry import get_method, list_methods
+from .methods.registry import get_method, list_methods, lora_methods
 from .train.distributed import init_distributed, rank
 from .train.health import is_out_of_memory, out_of_memory_message
 from .train.memory import dry_run_report
@@ -217,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "  diffdistill options METHOD     e.g. diffdistill options dmd2; set one with --set "
                               "method.KEY=VALUE\n"
                               "  diffdistill options run        the run keys (--set run.KEY=VALUE)\n"
-                              "  diffdistill options el         the embedding loss's keys (--set el.KEY=VALUE)",
+                              "  diffdistill options el         the embedding loss's keys (--set el.KEY=VALUE)\n"
+                              "  diffdistill options lora       LoRA students (--set lora.rank=8; "
+                              + ", ".join(lora_methods()) + ")",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("--method", required=True, choices=sorted(methods), metavar="NAME",
                    type=lambda name: name.replace("-", "_"),  # diff-instruct == diff_instruct
@@ -255,17 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "estimate peak memory for the batch, then exit without training or writing anything")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config entry, repeatable, e.g. --set method.lr=5e-4 --set run.ckpt_every=200 "
-                        "(the keys: 'diffdistill options METHOD', 'options run', 'options el')")
+                        "(the keys: 'diffdistill options METHOD', 'options run', 'options el', 'options lora')")
 
     o = sub.add_parser("options", help="list a method's options (type, range, official default, source) and presets")
-    o.add_argument("name", help="a method (e.g. dmd2), 'run' or 'el'")
+    o.add_argument("name", help="a method (e.g. dmd2), 'run', 'el' or 'lora'")
 
     x = sub.add_parser("export", help="write a checkpoint's sampling weights as .safetensors with JSON metadata")
     x.add_argument("checkpoint", help="a teacher or student checkpoint (.pt) written by diffdistill")
     x.add_argument("out", help="OUT.safetensors, or a folder with --format diffusers")
-    x.add_argument("--format", choices=["safetensors", "diffusers"], default="safetensors",
-                   help="safetensors: one file with JSON metadata; diffusers: a folder with unet/ (UNet2DModel), "
-                        "scheduler/ and diffdistill_sampling.json (students of diffusers teachers only) "
+    x.add_argument("--format", choices=["safetensors", "diffusers", "peft"], default="safetensors",
+                   help="safetensors: one file with JSON metadata (a LoRA student: merged into its base teacher); "
+                        "diffusers: a folder with unet/ (UNet2DModel), scheduler/ and diffdistill_sampling.json "
+                        "(students of diffusers teachers only); peft: a LoRA student's adapter alone, a folder with "
+                        "adapter_model.safetensors and adapter_config.json as peft writes them "
                         "(default %(default)s)")
 
     c = sub.add_parser("compare", help="run several methods on one teacher with the same seeds and budget; "
@@ -490,6 +496,13 @@ def cmd_convert_teacher(a) -> int:
 
 
 def cmd_export(a) -> int:
+    if a.format == "peft":
+        if Path(a.out).exists() and (not Path(a.out).is_dir() or any(Path(a.out).iterdir())):
+            raise UserError(f"export --format peft writes a new folder: {a.out} already exists and is not empty")
+        info = export_lora_adapter(a.checkpoint, a.out)
+        print(f"wrote {a.out}/adapter_model.safetensors + adapter_config.json (LoRA rank {info['lora']['rank']}, "
+              f"{len(info['lora']['target_modules'])} layers; base teacher {info['lora']['base']['path']})")
+        return 0
     if a.format == "diffusers":
         if Path(a.out).exists() and (not Path(a.out).is_dir() or any(Path(a.out).iterdir())):
             raise UserError(f"export --format diffusers writes a new folder: {a.out} already exists and is not empty")
@@ -507,8 +520,9 @@ def cmd_export(a) -> int:
 
 
 def cmd_options(a) -> int:
-    if a.name in ("run", "el"):
-        schema, title, presets = {"run": RunOptions, "el": ELOptions}[a.name], f"{a.name} options", []
+    if a.name in ("run", "el", "lora"):
+        schema = {"run": RunOptions, "el": ELOptions, "lora": LoRAOptions}[a.name]
+        title, presets = f"{a.name} options", []
     else:
         cls = get_method(a.name)
         schema, title, presets = cls.Options, f"{cls.name}: {cls.summary}", list_presets(cls.name)

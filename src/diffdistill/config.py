@@ -66,7 +66,7 @@ class RunOptions(Options):
 
 
 # Top-level sections of a config; anything else is a typo.
-SECTIONS = ("run", "data", "net", "method", "el", "teacher", "preset")
+SECTIONS = ("run", "data", "net", "method", "el", "lora", "teacher", "preset")
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 

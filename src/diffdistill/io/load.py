@@ -6,6 +6,8 @@ dict (``net_config``, ``sample_net``, ``sampling``, ``role``, ``method``, ``conf
 - an NVlabs/edm network snapshot (``.pkl``, read by a restricted unpickler: its code never runs),
 - a local diffusers ``UNet2DModel`` folder (``local_files_only``).
 
+A LoRA student's checkpoint holds its adapter only: loading it reads the base teacher from the recorded path and
+merges the adapter in (``with_merged_lora``), so every reader gets a plain student.
 ``load_for_sampling`` builds the network from it; ``load_teacher`` also checks the file holds a teacher.
 """
 
@@ -16,10 +18,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..errors import UserError
+from ..lora import merged_network, peft_config, weights_fingerprint
 from ..nets.factory import build_denoiser
-from .checkpoint import export_safetensors, load_checkpoint
+from .checkpoint import atomic_write, export_safetensors, load_checkpoint
 from .diffusers import load_diffusers_teacher
 from .edm_pickle import load_edm_snapshot
 
@@ -73,7 +77,35 @@ def load_model_file(path) -> dict:
     state = load_foreign_teacher(p)
     if state is None:
         state = load_exported(p) if p.suffix == ".safetensors" else load_checkpoint(p)
-    return state
+    return with_merged_lora(state, p)
+
+
+def with_merged_lora(state: dict, where) -> dict:
+    """A LoRA checkpoint (``sample_net`` an adapter, ``lora`` its record) with its base teacher loaded from the
+    recorded path, checked against the recorded weights fingerprint, and the adapter merged in: ``sample_net``
+    becomes the full student's weights (``lora.merged`` true), so it loads as a plain student. Other states are
+    returned unchanged."""
+    rec = state.get("lora")
+    if not rec or rec.get("merged"):
+        return state
+    base = rec.get("base") or {}
+    path = base.get("path")
+    if not path or not Path(path).exists():
+        raise UserError(f"{where} is a LoRA checkpoint: it holds the adapter only, and its base teacher "
+                        f"{path or '(not recorded)'} is not there: put the teacher back at that path (the merged "
+                        f"export, 'diffdistill export', needs it too)")
+    net = build_denoiser(state["net_config"])
+    teacher = load_model_file(path)
+    if teacher.get("role") != "teacher":
+        raise UserError(f"{where}: its base {path} is a {teacher.get('role')} checkpoint, not the teacher the LoRA "
+                        f"adapter was trained on: put that teacher back at the path")
+    net.load_state_dict(teacher["sample_net"])
+    found = weights_fingerprint(net.state_dict())
+    if found != base.get("fingerprint"):
+        raise UserError(f"{where}: the teacher at {path} is not the base its LoRA adapter was trained on (weights "
+                        f"fingerprint {found}, recorded {base.get('fingerprint')}): put that teacher back at the path")
+    merged = merged_network(net, rec, state["sample_net"])
+    return {**state, "sample_net": merged.state_dict(), "lora": {**rec, "merged": True}}
 
 
 def load_for_sampling(path, device="cpu"):
@@ -96,11 +128,44 @@ def load_teacher(path, device="cpu"):
 def export_checkpoint(ckpt_path, out_path, extra_metadata: dict | None = None) -> dict:
     """Write the sampling weights of a checkpoint as safetensors, with everything needed to rebuild and sample
     the network as JSON metadata (method, role, step, config, net_config, sampling recipe)."""
-    state = load_checkpoint(ckpt_path)
+    state = with_merged_lora(load_checkpoint(ckpt_path), ckpt_path)   # a LoRA student: merged into its base
     meta = {k: state.get(k) for k in EXPORT_KEYS}
+    if state.get("lora"):
+        meta["lora"] = state["lora"]   # provenance: how it was trained (the weights are the merged student's)
     meta.update(extra_metadata or {})
     export_safetensors(state["sample_net"], out_path, meta)
     return meta
+
+
+def _diffusers_key(key: str) -> str:
+    """A Denoiser-relative module path or key of a diffusers student as diffusers' LoRA files name it (``unet.``)."""
+    return "unet." + key[len("model.unet."):] if key.startswith("model.unet.") else key
+
+
+def export_lora_adapter(ckpt_path, out_dir) -> dict:
+    """Write a LoRA checkpoint's adapter as peft writes one: ``OUT/adapter_model.safetensors`` (peft's keys, as
+    ``get_peft_model_state_dict`` gives them for the Denoiser; for a diffusers UNet the ``unet.`` keys of diffusers'
+    LoRA files) and ``OUT/adapter_config.json`` (the ``LoraConfig``), plus ``OUT/diffdistill_lora.json`` (the base
+    teacher, network config and sampling recipe). Returns that metadata."""
+    state = load_checkpoint(ckpt_path)
+    rec = state.get("lora")
+    if not rec:
+        raise UserError(f"{ckpt_path} holds no LoRA adapter (it was not trained with lora.rank): export --format "
+                        f"safetensors writes its full weights")
+    diffusers = (state.get("net_config") or {}).get("arch") == "diffusers_unet2d"
+    rename = _diffusers_key if diffusers else (lambda k: k)
+    tensors = {rename(k): v.detach().contiguous().cpu() for k, v in state["sample_net"].items()}
+    # diffusers' LoRA config is relative to the UNet, this package's to the Denoiser
+    targets = [rename(t).removeprefix("unet.") if diffusers else t for t in rec["target_modules"]]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {**{k: state.get(k) for k in EXPORT_KEYS}, "lora": rec,
+            "keys": "diffusers UNet (unet.…)" if diffusers else "Denoiser (peft: get_peft_model_state_dict)"}
+    atomic_write(out / "adapter_model.safetensors",
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "diffdistill": json.dumps(info)}))
+    peft_config(rec["rank"], rec["alpha"], rec["dropout"], targets).save_pretrained(str(out))
+    atomic_write(out / "diffdistill_lora.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
+    return info
 
 
 def convert_teacher(src, out, dropout: float | None = None, verify: bool = True) -> dict:

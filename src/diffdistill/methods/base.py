@@ -8,6 +8,7 @@ is finite, back-propagates, averages gradients over ranks, clips and steps ``opt
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ..diffusion.precond import gain_matched_lr_factor
+from ..lora import lora_copies
 from ..options import Options, option
 from ..train import distributed as dist
 from ..train.ema import EMA, EMAOptions
@@ -58,6 +60,7 @@ class MethodContext:
     # Every random draw of a loss goes through this (``draws.py``): with run.grad_accum = k it hands each
     # micro-batch its rows of the whole batch's draws. Default: plain draws from ``generator``.
     draws: Optional[Draws] = None
+    lora: Any = None                     # the run's LoRAOptions when ``lora.rank`` is set (``trainable_copies``)
 
     def __post_init__(self):
         if self.draws is None:
@@ -67,6 +70,12 @@ class MethodContext:
     def micro_batch_size(self) -> int:
         """The samples one loss call computes on: ``batch_size``, or one micro-batch's share of it."""
         return self.draws.share(self.batch_size, "the per-process batch")
+
+
+def trainable_copy(teacher: nn.Module) -> nn.Module:
+    """A trainable copy of the teacher (train mode, requires_grad on): the generator's and the fake score's
+    initialisation in DMD, DMD2 and Diff-Instruct."""
+    return copy.deepcopy(teacher).train().requires_grad_(True)
 
 
 class Method(ABC):
@@ -87,6 +96,9 @@ class Method(ABC):
     # The option that sets the student's one-step input noise level, named by the start-of-run health check when
     # the student's initial samples are off the data's scale (None: the method has no such option).
     input_sigma_option: ClassVar[Optional[str]] = None
+    # Whether the method makes its trained networks with ``trainable_copies``, which the ``lora`` section turns into
+    # LoRA adapters; the trainer refuses ``lora.rank`` for the others.
+    supports_lora: ClassVar[bool] = False
 
     @classmethod
     def uses_data(cls, opts) -> bool:
@@ -119,6 +131,18 @@ class Method(ABC):
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, Any] = {}
         self.emas: dict[str, EMA] = {}   # updated by the trainer after every iteration (``track_ema``)
+
+    def trainable_copies(self, *names: str) -> list[nn.Module]:
+        """Trainable copies of ``self.teacher``, one per name (train mode, on the device): full copies, or, with
+        ``lora.rank`` set, LoRA adapters (``diffdistill.lora``) — on one frozen base shared with the teacher, which
+        ``self.teacher`` and ``ctx.teacher`` then become the teacher role of, or on frozen copies of their own."""
+        ctx = self.ctx
+        if ctx.lora is None or not ctx.lora.enabled():
+            return [trainable_copy(self.teacher).to(ctx.device) for _ in names]
+        teacher, copies = lora_copies(self.teacher, names, ctx.lora, (ctx.net_config or {}).get("arch"),
+                                      ctx.teacher_path, ctx.device)
+        self.teacher = ctx.teacher = teacher
+        return copies
 
     def track_ema(self, net_name: str, rule: EMAOptions, key: str | None = None) -> EMA:
         """Keep an EMA copy of ``self.nets[net_name]`` under ``key`` (default the net's name); the trainer updates

@@ -52,7 +52,6 @@ from ..train.ema import EMAOptions
 from ..train.lr import warmup_lambda
 from .base import GainMatchedLROptions, Method, lr_factor
 from .registry import register
-from .score_distill import trainable_copy
 
 DISTANCES = ("l2", "l1", "pseudo_huber")
 HUBER_C_PER_SQRT_DIM = 0.00054      # iCT (Song & Dhariwal 2023): c = 0.00054·√d
@@ -178,6 +177,7 @@ class ConsistencyDistillation(Method):
     generator_phase = "student"
     Options = CDOptions
     input_sigma_option = "sigma_max"
+    supports_lora = True   # the student, its target and its evaluation EMA are adapters on one base
 
     def __init__(self, ctx, opts=None, **overrides):
         super().__init__(ctx, opts, **overrides)
@@ -185,7 +185,7 @@ class ConsistencyDistillation(Method):
         if ctx.teacher is None:
             raise UserError("method 'cd' distils a teacher: give one with --teacher CKPT")
         self.teacher = ctx.teacher.eval().requires_grad_(False)
-        self.student = trainable_copy(self.teacher).to(ctx.device)
+        self.student, = self.trainable_copies("student")
         self.nets["student"] = self.student
         # θ⁻: the trainer's EMA of the student with constant β = μ, updated after each optimizer step as the
         # official code does (cm/train_util.py:390-394); μ = 0 makes it an exact copy, sg(θ) at every loss call.

@@ -34,3 +34,9 @@ def list_methods(role: str | None = None) -> dict[str, str]:
     """name → one-line summary, optionally only methods of one role ('teacher' or 'student')."""
     _load_all()
     return {k: v.summary for k, v in sorted(METHODS.items()) if role is None or v.role == role}
+
+
+def lora_methods() -> list[str]:
+    """Methods whose trained copies of the teacher can be LoRA adapters (``Method.supports_lora``)."""
+    _load_all()
+    return sorted(k for k, v in METHODS.items() if v.supports_lora)

@@ -15,7 +15,6 @@ pkulwj1994/diff_instruct) are CC BY-NC-SA: nothing here is copied from them; the
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,7 +28,7 @@ from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
 from ..options import Options, option
 from ..train import distributed as dist
-from .base import GainMatchedLROptions, Method, MethodContext
+from .base import GainMatchedLROptions, Method, MethodContext, trainable_copy  # noqa: F401 (re-exported)
 
 # Grid-index ranges of DMD/DMD2 (in σ space, so they stay fixed when the model is scaled down).
 GRID_SIZE = 1000
@@ -245,12 +244,6 @@ def frozen(*modules: nn.Module):
             p.requires_grad_(flag)
 
 
-def trainable_copy(teacher: nn.Module) -> nn.Module:
-    """A trainable copy of the teacher (train mode, requires_grad on): the generator's and the fake score's
-    initialisation in DMD, DMD2 and Diff-Instruct."""
-    return copy.deepcopy(teacher).train().requires_grad_(True)
-
-
 def shared_randint(high: int, generator: torch.Generator) -> int:
     """One integer uniform on {0..high−1} drawn from ``generator``; with several ranks rank 0's draw is broadcast
     so the whole global batch shares it (DMD2's backward-simulation step index)."""
@@ -268,14 +261,14 @@ class FakeScoreMethod(Method):
 
     role = "student"
     generator_phase = "generator"
+    supports_lora = True
 
     def __init__(self, ctx: MethodContext, opts=None, **overrides):
         super().__init__(ctx, opts, **overrides)
         if ctx.teacher is None:
             raise UserError(f"method {self.name!r} distils a teacher: give one with --teacher CKPT")
         self.teacher = ctx.teacher.eval().requires_grad_(False)
-        self.G = trainable_copy(self.teacher).to(ctx.device)
-        self.fake = trainable_copy(self.teacher).to(ctx.device)
+        self.G, self.fake = self.trainable_copies("generator", "fake_score")
         self.nets["generator"] = self.G
         self.nets["fake_score"] = self.fake
         self.shape = tuple(self.teacher.sample_shape)

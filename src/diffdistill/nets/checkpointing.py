@@ -70,23 +70,41 @@ def _count_saved(block: nn.Module, fn, args) -> int:
     return sum(seen.values())
 
 
+def _adapter_state(modules) -> list:
+    """(layer, active adapters, disabled) of every peft adapter layer among ``modules`` (LoRA roles on a shared base
+    switch these between their forwards, so a recomputation must see the forward's)."""
+    return [(m, list(m.active_adapters), bool(m.disable_adapters)) for m in modules
+            if hasattr(m, "merged_adapters") and hasattr(m, "set_adapter") and hasattr(m, "enable_adapters")]
+
+
+def _set_adapter_state(state) -> None:
+    for m, active, disabled in state:
+        m.set_adapter(active)
+        m.enable_adapters(not disabled)
+
+
 def checkpoint_block(block: nn.Module, fn, *args):
     """``checkpoint(fn, *args)`` (non-reentrant) for ``fn`` running ``block``, whose recomputation in backward sees
     the block as the forward saw it: the methods change a network's state between its forward and the backward —
     ``frozen()`` turns ``requires_grad`` off for a pass whose gradient only reaches the input (autograd then saves
-    other tensors), SiD runs the fake score in eval mode (no dropout) — and the recomputation has to save the same
-    tensors with the same values, so it replays the forward's ``requires_grad`` flags and train/eval modes."""
+    other tensors), SiD runs the fake score in eval mode (no dropout), LoRA roles on a shared base switch the active
+    adapter — and the recomputation has to save the same tensors with the same values, so it replays the forward's
+    ``requires_grad`` flags, train/eval modes and active adapters."""
     if _probe is not None:
         _probe.append(_count_saved(block, fn, args))
     params, modules = list(block.parameters()), list(block.modules())
     grads, modes = [p.requires_grad for p in params], [m.training for m in modules]
+    adapters = _adapter_state(modules)
 
     def replay(*a):
+        flags, active = [p.requires_grad for p in params], _adapter_state(modules)
+        _set_adapter_state(adapters)   # before the flags: peft's switch sets requires_grad itself
         before = _set_state(params, grads, modules, modes)
         try:
             return fn(*a)
         finally:
-            _set_state(params, before[0], modules, before[1])
+            _set_adapter_state(active)
+            _set_state(params, flags, modules, before[1])
 
     return checkpoint(replay, *args, use_reentrant=False)
 

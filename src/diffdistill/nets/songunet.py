@@ -71,6 +71,20 @@ class Conv2d(nn.Module):
         f = torch.outer(f, f)[None, None] / f.sum() ** 2  # separable, normalised 2-D filter [1, 1, k, k]
         self.register_buffer('resample_filter', f if up or down else None)
 
+    def resample_input(self, x):
+        """``x`` after this layer's FIR up- or down-sampling, i.e. what its convolution sees (``x`` itself for a layer
+        without resampling). Not defined for fused resampling, where the convolution sits between the two."""
+        f = self.resample_filter
+        if f is None:
+            return x
+        if self.fused_resample and self.weight is not None:
+            raise ValueError("a fused-resampling Conv2d has no separate resampled input")
+        f = f.to(x.dtype)
+        pad, C = (f.shape[-1] - 1) // 2, self.in_channels
+        if self.up:
+            return F.conv_transpose2d(x, (4 * f).tile(C, 1, 1, 1), groups=C, stride=2, padding=pad)
+        return F.conv2d(x, f.tile(C, 1, 1, 1), groups=C, stride=2, padding=pad)
+
     def forward(self, x):
         f = self.resample_filter
         w = None if self.weight is None else self.weight.to(x.dtype)
@@ -85,13 +99,7 @@ class Conv2d(nn.Module):
                 x = F.conv2d(x, w, padding=w_pad + f_pad)
                 x = F.conv2d(x, f.tile(self.out_channels, 1, 1, 1), groups=self.out_channels, stride=2)
             return x if self.bias is None else x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
-        if f is not None:
-            f = f.to(x.dtype)
-            pad, C = (f.shape[-1] - 1) // 2, self.in_channels
-            if self.up:
-                x = F.conv_transpose2d(x, (4 * f).tile(C, 1, 1, 1), groups=C, stride=2, padding=pad)
-            else:
-                x = F.conv2d(x, f.tile(C, 1, 1, 1), groups=C, stride=2, padding=pad)
+        x = self.resample_input(x)
         if w is not None:
             x = F.conv2d(x, w, padding=w.shape[-1] // 2)
         if self.bias is not None:

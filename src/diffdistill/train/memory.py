@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..lora import LoRARole, lora_summary
 from ..nets.checkpointing import recomputation_probe
 
 _SKIP_TYPES = (torch.optim.Optimizer, torch.Generator, torch.device, type)
@@ -86,6 +87,11 @@ def find_networks(method, supplements=(), extra_roots=None):
         visit(sup, f"{type(sup).__name__.lower()}", 1)
     for k, v in (extra_roots or {}).items():
         visit(v, k, 0)
+    # A LoRA role's parameters are its adapter's; the frozen base it runs lives in its stack. With a shared base
+    # that is the teacher (found above); separate bases are listed as "<role>.base", each once.
+    for name, m in list(modules.values()):
+        if isinstance(m, LoRARole):
+            visit(m.stack.base_role, f"{name}.base", 0)
 
     trained = {}
     for phase, opt in method.optimizers.items():
@@ -245,12 +251,15 @@ def dry_run_report(trainer) -> str:
         trained = ("optimizer " + "/".join(info.phases)) if info.phases else "frozen (no optimizer)"
         if info.shared_with:
             trained += f"; shares its parameters with {info.shared_with}"
+        if isinstance(info.module, LoRARole):
+            trained += "; LoRA adapter" if info.module.adapter else "; frozen LoRA base"
         if any(getattr(m, "activation_checkpointing", False) or getattr(m, "gradient_checkpointing", False)
                for m in info.module.modules()):   # this package's networks / diffusers' blocks
             trained += "; activation checkpointing"
         lines.append(f"{info.name:28s} {info.params:>12,d} {_fmt_bytes(info.bytes):>10s}  {info.dtypes:16s} {trained}")
     uniq = sum(i.params for i in est["networks"] if not i.shared_with)
     lines.append(f"{'total (distinct)':28s} {uniq:>12,d}")
+    lines += lora_summary({i.name: i.module for i in est["networks"]})
     big = sorted(est["loose"], key=lambda nt: -nt[1].numel() * nt[1].element_size())
     if big:
         shown = ", ".join(f"{n} {list(t.shape)} {_fmt_bytes(t.numel() * t.element_size())}" for n, t in big[:6])

@@ -25,9 +25,10 @@ from ..eval.plots import save_samples_png
 from ..io.checkpoint import (atomic_write, checkpoint_path, find_resume_checkpoint, list_checkpoints, load_checkpoint,
                              prune_checkpoints, remove_stale_files, save_checkpoint, verify_checkpoint)
 from ..io.paths import check_output_dir
+from ..lora import lora_options
 from ..methods.base import MethodContext
 from ..methods.draws import Draws
-from ..methods.registry import get_method
+from ..methods.registry import get_method, lora_methods
 from ..nets.checkpointing import checkpointable, set_activation_checkpointing
 from ..nets.low_precision import store_in_bf16
 from ..options import nearest
@@ -176,6 +177,7 @@ class Trainer:
         opts = method_cls.Options.from_dict(method_cfg, owner=method_cls.name)
         cfg["method"] = {"name": method_cls.name, **opts.to_dict()}
         self.grad_accum = check_grad_accum(run, method_cls, opts)
+        lora = self._lora_options(cfg, method_cls)
         torch.manual_seed(run["seed"] + self.rank)  # dropout etc. use the global RNG
         self.gen = torch.Generator().manual_seed(run["seed"] * 7919 + self.rank)
         # every random draw of the losses goes through this, so k micro-batches see the batch's draws
@@ -203,12 +205,12 @@ class Trainer:
                             world_size=self.world, net_config=net_cfg, teacher=teacher, teacher_path=teacher_path,
                             sample_shape=shape, num_classes=getattr(self.dataset, "num_classes", 0),
                             run_dir=str(self.out), data_name=(cfg.get("data") or {}).get("name"),
-                            draws=self.draws)
+                            draws=self.draws, lora=lora)
         self.method = method_cls(ctx, opts)
-        self.teacher = teacher
+        self.teacher = ctx.teacher   # the method may wrap it (LoRA with a shared base: the base's teacher role)
         for net in self.method.nets.values():
             dist.broadcast_module(net)
-        self._prepare_networks(teacher)
+        self._prepare_networks(self.teacher)
         self.supplements = list(supplements)
         self.step = 0
         self.nimg = 0
@@ -221,13 +223,31 @@ class Trainer:
                                     factor=run.get("spike_factor", 10.0), say=self._say,
                                     collapse_steps=run.get("collapse_steps", 50))
 
+    @staticmethod
+    def _lora_options(cfg: dict, method_cls):
+        """The ``lora`` section checked against its schema; None when LoRA is off (then the section is dropped from
+        the saved config), its options when on — refused, in one line, for a method that makes no trainable copies
+        of a teacher."""
+        lora = lora_options(cfg.get("lora"))
+        if not lora.enabled():
+            cfg.pop("lora", None)
+            return None
+        if not method_cls.supports_lora:
+            raise UserError(f"lora.rank: method {method_cls.name!r} does not train LoRA adapters (they replace the "
+                            f"trainable copies of a frozen teacher in {', '.join(lora_methods())}): remove the "
+                            f"lora section")
+        cfg["lora"] = lora.to_dict()
+        return lora
+
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
         net = self.method.sampling_net()
+        record = getattr(net, "lora_record", None)   # a LoRA role: its adapter, with what rebuilds the student
         return {
             "method": self.method_cls.name, "role": self.method_cls.role, "step": self.step, "nimg": self.nimg,
             "config": self.cfg, "net_config": self.cfg.get("net", {}), "sampling": self.method.sampling_spec(),
-            "sample_net": net.state_dict(), "method_state": self.method.state_dict(),
+            "sample_net": net.state_dict(), "lora": record() if callable(record) else None,
+            "method_state": self.method.state_dict(),
             "supplement_state": {getattr(s, "name", type(s).__name__): s.state_dict()
                                  for s in self.supplements if hasattr(s, "state_dict")},
             "rng": _rng_state(self.gen), "world_size": self.world, "health": self.health.state_dict(), "train_seconds": self.train_seconds,
@@ -241,6 +261,12 @@ class Trainer:
         if state.get("method") != self.method_cls.name:
             raise UserError(f"checkpoint was written by method {state.get('method')!r}, not {self.method_cls.name!r}:"
                             f" resume with the same --method or start a new run directory")
+        lora = {k: (state.get("config") or {}).get("lora", {}).get(k) for k in ("rank", "target_modules",
+                                                                                "shared_base")}
+        now = {k: (self.cfg.get("lora") or {}).get(k) for k in lora}
+        if lora != now:
+            raise UserError(f"checkpoint was written with lora {lora}, this run has {now}: resume with the same lora "
+                            f"options (the adapters' shapes and layers must match)")
         if state.get("world_size", 1) != self.world:
             raise UserError(f"checkpoint was written with {state.get('world_size')} ranks, now {self.world}: "
                             f"resume with the same number of processes")
