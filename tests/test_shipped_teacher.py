@@ -42,7 +42,7 @@ def test_shipped_teacher_matches_the_preset(preset):
     assert SHIPPED[preset].stat().st_size <= 2 * 1024 * 1024
 
 
-@pytest.mark.parametrize("preset", SHIPPED)
+@pytest.mark.parametrize("preset", [pytest.param("digits"), pytest.param("digits_cond", marks=pytest.mark.slow)])
 def test_shipped_teacher_quality_is_what_it_says(preset):
     net, state = load_for_sampling(SHIPPED[preset])
     rec = state["measured"]
@@ -55,6 +55,15 @@ def test_shipped_teacher_quality_is_what_it_says(preset):
     if net.label_dim:   # conditional correctness (classes seed mod 10), as recorded, and high
         assert m["class_accuracy"] == pytest.approx(rec["class_accuracy_35nfe"], abs=0.01)
         assert m["class_accuracy"] >= 0.9
+
+
+def test_shipped_conditional_teacher_gives_the_requested_digit():
+    """The default suite's quick check of the conditional teacher (the full re-measurement is ``-m slow``): 200
+    samples, classes seed mod 10, class accuracy ≥ 90 % unguided, and guidance raises it."""
+    net, _ = load_for_sampling(SHIPPED["digits_cond"])
+    plain = evaluate_net(net, {"sampler": "heun", "nfe": 35}, {"name": "digits"}, 200, seed=0)
+    guided = evaluate_net(net, {"sampler": "heun", "nfe": 35, "guidance": 2.0}, {"name": "digits"}, 200, seed=0)
+    assert plain["class_accuracy"] >= 0.9 and guided["class_accuracy"] > plain["class_accuracy"], (plain, guided)
 
 
 @pytest.mark.slow
