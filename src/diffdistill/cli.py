@@ -32,7 +32,7 @@ from .options import UNBOUNDED_STEPS
 from .lora import LoRAOptions
 from .methods.embedding_loss import ELOptions
 from .methods.registry import get_method, list_methods, lora_methods
-from .train.distributed import init_distributed, rank
+from .train.distributed import init_distributed, rank, release
 from .train.health import is_out_of_memory, out_of_memory_message
 from .train.memory import dry_run_report
 from .train.trainer import DivergenceError, OutOfMemoryStop, Trainer
@@ -88,6 +88,9 @@ def _add_run_flags(p):
     _add_training_flags(p)
     p.add_argument("--dry-run", action="store_true",
                    help="list the networks with parameter counts and estimate peak memory, then exit (writes nothing)")
+    p.add_argument("--plan-ranks", type=int, metavar="N",
+                   help="with --dry-run and run.fsdp: plan each process's share of the sharded networks for N "
+                        "processes (default: the processes launched; the per-process batch stays as resolved)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config entry, repeatable, e.g. --set method.lr=5e-4 --set run.ckpt_every=200 "
                         "('diffdistill options run' lists the run keys)")
@@ -257,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dry-run", action="store_true",
                    help="list every network (student, teacher, helpers, EMA copies) with parameter counts and "
                         "estimate peak memory for the batch, then exit without training or writing anything")
+    m.add_argument("--plan-ranks", type=int, metavar="N",
+                   help="with --dry-run and run.fsdp: plan each process's share of the sharded networks for N "
+                        "processes (default: the processes launched; the per-process batch stays as resolved)")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config entry, repeatable, e.g. --set method.lr=5e-4 --set run.ckpt_every=200 "
                         "(the keys: 'diffdistill options METHOD', 'options run', 'options el', 'options lora')")
@@ -312,6 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _plan_ranks(a) -> int | None:
+    """--plan-ranks N, checked (None when not given)."""
+    n = getattr(a, "plan_ranks", None)
+    if n is not None and n < 1:
+        raise UserError(f"--plan-ranks must be a positive number of processes, got {n}")
+    if n is not None and not a.dry_run:
+        raise UserError("--plan-ranks plans a --dry-run's memory: add --dry-run")
+    return n
+
+
 def cmd_train_teacher(a) -> int:
     flags = _run_flags(a)
     if a.objective:
@@ -320,9 +336,9 @@ def cmd_train_teacher(a) -> int:
     if a.data:
         flags["data"] = _data_spec(a.data)
     cfg = resolve(a.preset, a.config, flags, a.set, default_preset="digits")
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, dry_run=a.dry_run)
     if a.dry_run:
-        print(dry_run_report(trainer))
+        print(dry_run_report(trainer, _plan_ranks(a)))
         print(resolved_config_text(trainer.cfg))
         return 0
     trainer.run()
@@ -370,7 +386,7 @@ def cmd_distill(a) -> int:
             flags["run"]["out"] = tmp  # files a method precomputes (DMD's pairs) go to a temp folder
             trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set, dry_run=True,
                               preset=a.preset)
-            print(dry_run_report(trainer))
+            print(dry_run_report(trainer, _plan_ranks(a)))
             print(resolved_config_text(trainer.cfg, hide_out=True))
         return 0
     trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set, preset=a.preset)
@@ -592,6 +608,8 @@ def main(argv=None) -> int:
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    finally:
+        release()   # the one-process group a run.fsdp run made, so a later command in this process starts plain
 
 
 if __name__ == "__main__":

@@ -60,9 +60,22 @@ class RunOptions(Options):
     teacher_dtype: str = option("fp32", "the frozen teacher's weights: fp32, or bf16 (half the memory; its forward "
                                         "runs under bf16 autocast and returns fp32); the trained copies start from "
                                         "the fp32 weights", choices=("fp32", "bf16"))
+    fsdp: bool = option(False, "FSDP2: every network the method trains (and its EMA copies) sharded over the "
+                               "processes, block by block and at the root (gloo on CPU, nccl on CUDA); "
+                               "checkpoints sharded with torch.distributed.checkpoint (README: FSDP2)")
+    fsdp_teacher: str = option("replicate", "with run.fsdp, the frozen teacher: replicate (a full copy per "
+                                            "process) or shard (its blocks all-gathered one at a time when "
+                                            "evaluated)", choices=("replicate", "shard"))
+    draws: str = option("rank", "random draws of the losses on several processes: rank (each process its own "
+                                "stream) or global (every process draws the global batch's noise from one stream "
+                                "and takes its rows: N processes then equal one process with the same global "
+                                "batch, up to round-off)", choices=("rank", "global"))
 
     def validate(self):
         check_device(self.device)
+        if self.fsdp_teacher == "shard" and not self.fsdp:
+            raise UserError("run.fsdp_teacher=shard shards the teacher alongside the FSDP2-sharded networks: add "
+                            "--set run.fsdp=true, or leave run.fsdp_teacher at replicate")
 
 
 # Top-level sections of a config; anything else is a typo.

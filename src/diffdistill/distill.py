@@ -114,7 +114,7 @@ def distill(method: str, teacher_path, flags=None, config_file=None, overrides=N
         cfg["net"] = {**cfg["net"], "sigma_data": sigma_data}
         teacher.sigma_data = sigma_data
     trainer = Trainer(cfg, teacher=teacher, teacher_path=str(teacher_path), dataset=dataset,
-                      supplements=supplements)
+                      supplements=supplements, dry_run=dry_run)
     if dry_run:
         trainer.start_check()
         return trainer

@@ -13,6 +13,13 @@ the steps removes the temp file and raises a one-line UserError with the space n
 bytes later change (a truncated copy, a bad disk) no longer matches its manifest: ``load_checkpoint`` refuses it and
 ``--resume auto`` skips it, loudly.
 Exported weights for users go to safetensors (``export_safetensors``).
+
+A sharded checkpoint (``run.fsdp``) is the same ``.pt`` file plus a folder ``ckpt-00000100.dcp`` of
+``torch.distributed.checkpoint`` shards (every rank writes its own): the shards go to ``.ckpt-00000100.dcp.tmp``,
+which is renamed once every rank has written, and only then are the manifest — which lists every shard file with
+its bytes and sha256 — and the ``.pt`` file written as above. So a ``.pt`` file that exists has its complete shard
+folder, ``verify_checkpoint`` checks the shards too, and a kill leaves at most a temp or orphan folder, removed on
+the next save.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from ..errors import UserError
 
 FORMAT = "diffdistill-checkpoint-v1"
 MANIFEST_FORMAT = "diffdistill-manifest-v1"
+SHARD_KEY = "__sharded_tensor__"   # marks a placeholder for a tensor kept in the shard folder (train/sharding.py)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -150,8 +158,63 @@ def _disk_full_error(e: OSError, state: dict, path: Path) -> UserError:
                      f"needs {needed}; the partial file was removed and {kept}")
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
-    """Write ``state`` to ``path`` with its manifest (see the module docstring for the order of the steps)."""
+def sharded_dir(path) -> Path:
+    """The folder of a checkpoint's DCP shards: ``ckpt-00000100.pt`` → ``ckpt-00000100.dcp``."""
+    path = Path(path)
+    return path.with_name(path.name[:-len(".pt")] + ".dcp" if path.name.endswith(".pt") else path.name + ".dcp")
+
+
+def save_sharded(tensors: dict, path, rank: int) -> dict | None:
+    """Write ``tensors`` (DTensors) with ``torch.distributed.checkpoint`` into a temp folder, then — rank 0, once
+    every rank has written — hash every file and rename the folder to ``sharded_dir(path)``. A collective; returns
+    the manifest's ``shards`` entry on rank 0 (None elsewhere), to be passed to ``save_checkpoint``."""
+    import torch.distributed.checkpoint as dcp
+    path = Path(path)
+    final = sharded_dir(path)
+    tmp = path.parent / f".{final.name}.tmp"
+    try:
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+    except Exception as e:   # DCP re-raises a rank's failure on every rank, wrapped
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if "No space left" in str(e) or "Disk quota" in str(e):
+            raise UserError(f"{_disk_full_reason(OSError(errno.ENOSPC, ''), path.parent)} writing the shards of "
+                            f"checkpoint {path}: the partial folder was removed and the previous checkpoints are "
+                            f"intact; free space there, then run the same command plus --resume auto") from None
+        raise
+    if rank != 0:
+        return None
+    files = {}
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            digest, size = file_sha256(f)
+            files[str(f.relative_to(tmp))] = {"bytes": size, "sha256": digest}
+    if final.exists():   # an older folder of the same step (a run restarted from an earlier checkpoint)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(path.parent)
+    return {"dir": final.name, "files": files}
+
+
+def _verify_shards(path: Path, shards: dict) -> tuple[bool, str]:
+    folder = path.parent / str(shards.get("dir", ""))
+    if not folder.is_dir():
+        return False, f"its shard folder {folder.name} is missing"
+    for name, want in (shards.get("files") or {}).items():
+        f = folder / name
+        if not f.is_file():
+            return False, f"shard file {folder.name}/{name} is missing"
+        size = f.stat().st_size
+        if size != int(want["bytes"]):
+            return False, f"shard file {folder.name}/{name} has {size} bytes but its manifest says {want['bytes']}"
+        if file_sha256(f)[0] != want["sha256"]:
+            return False, f"shard file {folder.name}/{name}: sha256 differs from its manifest"
+    return True, ""
+
+
+def save_checkpoint(state: dict, path: Path, shards: dict | None = None) -> None:
+    """Write ``state`` to ``path`` with its manifest (see the module docstring for the order of the steps);
+    ``shards``: what ``save_sharded`` returned, for a sharded checkpoint (the manifest lists its files)."""
     path = Path(path)
     state = dict(state, format=FORMAT)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +228,8 @@ def save_checkpoint(state: dict, path: Path) -> None:
         manifest = {"format": MANIFEST_FORMAT, "file": path.name, "bytes": size, "sha256": digest,
                     "step": state.get("step"), "method": state.get("method"), "role": state.get("role"),
                     "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if shards is not None:
+            manifest["shards"] = shards
         _atomic_write(manifest_path(path), lambda t: Path(t).write_text(json.dumps(manifest, indent=1) + "\n"))
         os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -199,6 +264,11 @@ def verify_checkpoint(path) -> tuple[bool | None, str]:
         return False, f"{size} bytes but its manifest says {want_bytes} ({'truncated' if size < want_bytes else 'grown'})"
     if file_sha256(path)[0] != want_sha:
         return False, "sha256 differs from its manifest (the file was modified or damaged)"
+    if manifest.get("shards"):
+        ok, reason = _verify_shards(path, manifest["shards"])
+        if not ok:
+            return False, reason
+        return True, f"sha256 of it and its {len(manifest['shards'].get('files') or {})} shard files match its manifest"
     return True, "sha256 matches its manifest"
 
 
@@ -231,6 +301,8 @@ def load_checkpoint(path, verify: bool = True) -> dict:
 _STEP_RE = re.compile(r"^ckpt-(\d+)\.pt$")
 _TEMP_RE = re.compile(r"^\.ckpt-\d+\.pt(\.json)?\..*\.tmp$")
 _MANIFEST_RE = re.compile(r"^ckpt-(\d+)\.pt\.json$")
+_SHARDS_RE = re.compile(r"^ckpt-(\d+)\.dcp$")
+_SHARDS_TEMP_RE = re.compile(r"^\.ckpt-\d+\.dcp\.tmp$")
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -271,12 +343,19 @@ def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
 
 
 def remove_stale_files(ckpt_dir: Path) -> list[Path]:
-    """Delete what a killed save leaves behind: temp files and manifests without a checkpoint."""
+    """Delete what a killed save leaves behind: temp files and manifests without a checkpoint, and shard folders
+    that are temporary or have no checkpoint."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
     removed = []
     for p in ckpt_dir.iterdir():
+        if p.is_dir():
+            m = _SHARDS_RE.match(p.name)
+            if _SHARDS_TEMP_RE.match(p.name) or (m and not (ckpt_dir / f"ckpt-{m.group(1)}.pt").exists()):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+            continue
         orphan = _MANIFEST_RE.match(p.name) and not p.with_name(p.name[:-len(".json")]).exists()
         if _TEMP_RE.match(p.name) or orphan:
             p.unlink(missing_ok=True)
@@ -291,6 +370,7 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
     for p in list_checkpoints(ckpt_dir)[:-keep]:
         p.unlink(missing_ok=True)
         manifest_path(p).unlink(missing_ok=True)
+        shutil.rmtree(sharded_dir(p), ignore_errors=True)
 
 
 def export_safetensors(state_dict: dict, path: Path, metadata: dict) -> None:
@@ -298,3 +378,37 @@ def export_safetensors(state_dict: dict, path: Path, metadata: dict) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     meta = {k: json.dumps(v) for k, v in metadata.items()}  # every value JSON, so readers json.loads all
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_consolidated(path, verify: bool = True) -> dict:
+    """A checkpoint's whole state in one process, with full tensors: for a sharded checkpoint (``run.fsdp``) every
+    placeholder of its ``.pt`` file is filled from its shard folder (no process group needed; every tensor is read
+    into memory). An unsharded checkpoint is returned as ``load_checkpoint`` reads it."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    state = load_checkpoint(path, verify=verify)
+    if not has_placeholders(state):
+        return state
+    with tempfile.TemporaryDirectory(prefix="diffdistill-consolidate-") as tmp:
+        dcp_to_torch_save(sharded_dir(path), Path(tmp) / "full.pt")
+        full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
+    return fill_placeholders(state, lambda spec: full[spec[SHARD_KEY]])
+
+
+def has_placeholders(state) -> bool:
+    """Whether ``state`` holds a placeholder of a sharded tensor (a checkpoint written with run.fsdp)."""
+    if isinstance(state, dict):
+        return SHARD_KEY in state or any(has_placeholders(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return any(has_placeholders(v) for v in state)
+    return False
+
+
+def fill_placeholders(state, make):
+    """``state`` with every placeholder ``{SHARD_KEY: key, shape, dtype, placements}`` replaced by ``make(it)``."""
+    if isinstance(state, dict) and SHARD_KEY in state:
+        return make(state)
+    if isinstance(state, dict):
+        return {k: fill_placeholders(v, make) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(fill_placeholders(v, make) for v in state)
+    return state

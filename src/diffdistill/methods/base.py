@@ -93,6 +93,9 @@ class Method(ABC):
     # Why a batch cannot be split into micro-batches with the same result (a loss that couples the samples of a
     # batch); run.grad_accum > 1 is then refused with this reason. None: accumulation is exact (``draws.py``).
     accumulation_refusal_reason: ClassVar[Optional[str]] = None
+    # Why the method's networks cannot be sharded with FSDP2 (``run.fsdp``), which is then refused with this reason.
+    # None: the trainer shards every network of ``nets`` and every EMA copy (``train/sharding.py``).
+    fsdp_refusal_reason: ClassVar[Optional[str]] = None
     # The option that sets the student's one-step input noise level, named by the start-of-run health check when
     # the student's initial samples are off the data's scale (None: the method has no such option).
     input_sigma_option: ClassVar[Optional[str]] = None
@@ -112,6 +115,11 @@ class Method(ABC):
         ``accumulation_refusal_reason``; methods whose coupling depends on an option (SiDA, CFD's dataset loss)
         override it."""
         return cls.accumulation_refusal_reason
+
+    @classmethod
+    def fsdp_refusal(cls, opts) -> Optional[str]:
+        """Why run.fsdp is refused with these options (None: allowed). Default: ``fsdp_refusal_reason``."""
+        return cls.fsdp_refusal_reason
 
     @classmethod
     def resolve_schedule(cls, run: dict, method: dict, given: set) -> None:

@@ -14,6 +14,13 @@ A method draws per-sample values with ``per_sample(n, draw)`` (``draw(m, generat
 rows; ``n`` is the rows of *this* (micro-)batch) or the shortcuts ``randn`` / ``randn_like`` / ``randint``, and
 batch-shared values with ``shared(draw)``. ``share(n)`` is a full-batch count's share of one micro-batch (the
 samples a data-free method generates per loss call). Nothing else about the accumulation reaches a method.
+
+The same mechanism makes a multi-process run draw like one process (``run.draws=global``): every rank's generator
+starts from the same seed, every per-sample draw is made at the *global* batch's size (world × the per-process
+rows) and rank r takes block r — so a run on W processes sees exactly the noise, σ's and labels of one process with
+the W-times batch, and with the trainer's data order (rank r reads rows r·B..(r+1)·B of the global batch) computes
+the same losses and updates up to the round-off of the gradient reduction. With accumulation the global batch is
+W·k blocks and rank r's micro-batch j is block r·k + j.
 """
 
 from __future__ import annotations
@@ -30,9 +37,12 @@ class Draws:
     """The random draws of a method's losses (see the module docstring). ``generator``: the trainer's checkpointed
     RNG; ``accumulation``: ``run.grad_accum`` (k), used to check counts that must split into k parts."""
 
-    def __init__(self, generator: torch.Generator, accumulation: int = 1):
+    def __init__(self, generator: torch.Generator, accumulation: int = 1, world: int = 1, rank: int = 0):
+        """``world`` > 1 (``run.draws=global``): ``generator`` is seeded alike on every rank and each per-sample draw
+        is made for the world's global batch, of which this ``rank`` takes its block (module docstring)."""
         self.generator = generator
         self.accumulation = int(accumulation)
+        self.world, self.rank = int(world), int(rank)
         self.parts, self.part = 1, 0        # k and j of the micro-batch being computed (1, 0: a whole batch)
         self._tape: list | None = None      # [(kind, rows per part, groups, full value)] of this phase
         self._recording = False
@@ -94,20 +104,23 @@ class Draws:
         """A per-sample draw for this (micro-)batch's ``n`` rows: ``draw(m, generator)`` must return a tensor whose
         first dimension is m. ``groups`` > 1: the rows are that many consecutive blocks of the batch (DMD2's
         discriminator draws for cat([real, generated])); a micro-batch then gets its share of every block."""
-        if self.parts == 1:
+        parts = self.parts * self.world          # blocks of the draw: micro-batches of every rank
+        if parts == 1:
             return draw(n, self.generator)
-        if self._recording:
-            full = draw(n * self.parts, self.generator)
-            if full.shape[0] != n * self.parts:
-                raise RuntimeError(f"a per-sample draw returned {full.shape[0]} rows for {n * self.parts}")
+        if self.parts == 1:                       # a whole per-process batch (global draws): nothing to replay
+            full = draw(n * parts, self.generator)
+        elif self._recording:
+            full = draw(n * parts, self.generator)
             self._tape.append(("rows", n, groups, full))
         else:
             full = self._next("rows", n, groups)
+        if full.shape[0] != n * parts:
+            raise RuntimeError(f"a per-sample draw returned {full.shape[0]} rows for {n * parts}")
         if n % groups:
             raise RuntimeError(f"{n} rows do not split into {groups} groups")
-        per = n // groups
-        blocks = full.reshape((groups, per * self.parts) + tuple(full.shape[1:]))
-        rows = blocks[:, self.part * per:(self.part + 1) * per]
+        per, block = n // groups, self.rank * self.parts + self.part
+        blocks = full.reshape((groups, per * parts) + tuple(full.shape[1:]))
+        rows = blocks[:, block * per:(block + 1) * per]
         return rows.reshape((n,) + tuple(full.shape[1:]))
 
     def shared(self, draw: Callable[[torch.Generator], Any]):

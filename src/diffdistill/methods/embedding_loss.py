@@ -323,7 +323,19 @@ class EmbeddingLoss:
         return dist.all_reduce_mean(math.sqrt(sq))
 
     def _grad_norm(self, loss, params) -> float:
-        return self._norm(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+        # this rank's gradient, before any reduction (of the unsharded parameters under FSDP2)
+        return self._norm(torch.autograd.grad(loss, dist.autograd_leaves(params), retain_graph=True,
+                                              allow_unused=True))
+
+    def fsdp_refusal(self, grad_accum: int) -> str | None:
+        """Why run.fsdp is refused with this supplement (None: allowed): under accumulation the trainer keeps the
+        coupled loss's parameter gradient apart to weigh it by gradient norms, which sharded (already reduced)
+        gradients do not allow."""
+        if grad_accum > 1 and self.weight != 0 and (self.mode == "relative" or self.ratio_every):
+            return ("with run.grad_accum > 1 the embedding loss's gradient-norm ratio (el.mode=relative or "
+                    "el.ratio_every > 0) needs each rank's unreduced gradients; use el.mode=fixed with "
+                    "el.ratio_every=0, or run.grad_accum=1")
+        return None
 
     def distance(self, x_g: torch.Tensor, batch, step: int) -> torch.Tensor:
         """L_EL (unweighted) between generated samples ``x_g`` and the first len(x_g) samples of the real batch."""

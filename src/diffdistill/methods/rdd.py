@@ -239,6 +239,9 @@ class RDD(CFD):
         "its relational losses compare every pair of samples (and pixels) of the batch, its memory bank enqueues "
         "each step's batch once and its projection head's BatchNorm normalises over the batch, so micro-batches "
         "cannot sum to the batch's loss")
+    fsdp_refusal_reason = ("it builds a new projection head and optimizer at every halving and calls the head "
+                           "functionally on detached copies of its parameters, which FSDP2's sharded parameters "
+                           "do not allow")
 
     def __init__(self, ctx, opts=None, **overrides):
         super().__init__(ctx, opts, **overrides)

@@ -110,9 +110,11 @@ def checkpoint_block(block: nn.Module, fn, *args):
 
 
 class ActivationCheckpointing:
-    """Mixin for a network whose forward runs its blocks through ``self.run_block``."""
+    """Mixin for a network whose forward runs its blocks through ``self.run_block``; ``block_types`` names the
+    classes of those blocks (``blocks`` finds them, e.g. for FSDP2's per-block sharding)."""
 
     activation_checkpointing: bool = False   # a class default, so networks pickled before it existed still load
+    block_types: tuple = ()
 
     def set_activation_checkpointing(self, on: bool = True):
         self.activation_checkpointing = bool(on)
@@ -151,3 +153,26 @@ def set_activation_checkpointing(net: nn.Module, on: bool = True) -> int:
                 m.disable_gradient_checkpointing()
             n += 1
     return n
+
+
+# diffusers' own units for device maps and FSDP (``_no_split_modules``), for models that do not state them
+_DIFFUSERS_BLOCKS = ("ResnetBlock2D", "Attention", "BasicTransformerBlock", "Transformer2DModel")
+
+
+def blocks(net: nn.Module) -> list[nn.Module]:
+    """The blocks of every network inside ``net``, outermost first-level ones only: the modules this package's
+    networks run through ``run_block`` (their ``block_types``: residual and attention blocks, what activation
+    checkpointing recomputes one at a time), or a diffusers model's ``_no_split_modules`` (its ResNet / attention /
+    transformer blocks). FSDP2 shards each of them as one unit (``run.fsdp``). [] when ``net`` has none."""
+    named = dict(net.named_modules())
+    found = []
+    for name, m in named.items():
+        if isinstance(m, ActivationCheckpointing) and m.block_types:
+            found += [f"{name}.{n}" if name else n for n, sub in m.named_modules() if isinstance(sub, m.block_types)]
+        elif _is_diffusers_model(m):
+            kinds = tuple(getattr(m, "_no_split_modules", None) or _DIFFUSERS_BLOCKS)
+            found += [f"{name}.{n}" if name else n for n, sub in m.named_modules()
+                      if type(sub).__name__ in kinds]
+    found = list(dict.fromkeys(found))
+    outer = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+    return [named[n] for n in outer]

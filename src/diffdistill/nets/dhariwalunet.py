@@ -29,6 +29,8 @@ class DhariwalUNet(ActivationCheckpointing, nn.Module):
     ``out_conv``). ``return_bottleneck``/``bottleneck_only`` and ``set_activation_checkpointing()`` (every encoder and decoder
     block) as in `SongUNet`."""
 
+    block_types = (UNetBlock,)
+
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
                  augment_dim: int = 0, model_channels: int = 192, channel_mult: Sequence[int] = (1, 2, 3, 4),
                  channel_mult_emb: int = 4, num_blocks: int = 3, attn_resolutions: Sequence[int] = (32, 16, 8),

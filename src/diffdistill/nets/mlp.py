@@ -29,6 +29,8 @@ class MLPDenoiserNet(ActivationCheckpointing, nn.Module):
     """Raw network for EDMPrecond on [B, dim] points; the output layer is zero-initialised, so F ≡ 0 at init.
     ``set_activation_checkpointing()`` checkpoints every residual block."""
 
+    block_types = (MLPBlock,)
+
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, emb_dim: int = 64, label_dim: int = 0):
         super().__init__()
         self.dim, self.label_dim = dim, label_dim

@@ -208,6 +208,8 @@ class SongUNet(ActivationCheckpointing, nn.Module):
     together with its skip concatenation, so the concatenated tensor is recomputed rather than kept).
     """
 
+    block_types = (UNetBlock,)
+
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
                  augment_dim: int = 0, model_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2, 2),
                  channel_mult_emb: int = 4, num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),

@@ -1,7 +1,9 @@
 """torch.distributed in three functions: init from torchrun's env, the world, and gradient averaging.
 
 Launched by ``torchrun`` → one process per rank (gloo on CPU, nccl on CUDA); launched plainly → a single process
-and every call here is a no-op.
+and every call here is a no-op — unless a one-process group is asked for (``run.fsdp``: FSDP2 needs a process group
+and a device mesh even on one process), which ``init_distributed(single_process=True)`` makes with an in-process
+store and ``release()`` takes down again.
 """
 
 from __future__ import annotations
@@ -11,14 +13,31 @@ import os
 import torch
 import torch.distributed as dist
 
+_own_group = False   # whether init_distributed made a one-process group (release() destroys only that one)
 
-def init_distributed(device: str = "cpu") -> None:
-    if "RANK" not in os.environ or dist.is_initialized():
+
+def init_distributed(device: str = "cpu", single_process: bool = False) -> None:
+    """Join torchrun's process group; launched plainly, make a one-process group when ``single_process``."""
+    global _own_group
+    if dist.is_initialized() or ("RANK" not in os.environ and not single_process):
         return
     backend = "nccl" if device.startswith("cuda") else "gloo"
+    if "RANK" not in os.environ:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        _own_group = True
+        return
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend=backend)
+
+
+def release() -> None:
+    """Destroy the one-process group ``init_distributed(single_process=True)`` made (torchrun's is left alone), so
+    a later run in the same Python process starts as a plain single process."""
+    global _own_group
+    if _own_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _own_group = False
 
 
 def is_distributed() -> bool:
@@ -91,13 +110,27 @@ def broadcast_module(module: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
+def is_sharded(t) -> bool:
+    """Whether ``t`` is a DTensor: a parameter (or its gradient, optimizer state) of an FSDP2-sharded network."""
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def autograd_leaves(params) -> list:
+    """The tensors to differentiate with ``torch.autograd.grad`` for these parameters: a sharded parameter's
+    unsharded one (FSDP2 runs the forward with it, so the graph reaches that tensor; its gradient is this rank's,
+    before the reduction — what an unsharded parameter's is), else the parameter itself."""
+    return [getattr(getattr(p, "_diffdistill_fsdp_param", None), "_unsharded_param", p) for p in params]
+
+
 def average_gradients(params) -> None:
-    """All-reduce and average .grad over ranks (DDP's effect, without wrapping the module)."""
+    """All-reduce and average .grad over ranks (DDP's effect, without wrapping the module). Sharded (FSDP2)
+    parameters are skipped: FSDP reduce-scatters their gradients (averaged) in backward already."""
     if not is_distributed():
         return
     ws = world_size()
     for p in params:
-        if p.grad is not None:
+        if p.grad is not None and not is_sharded(p):
             dist.all_reduce(p.grad)
             p.grad.div_(ws)
 

@@ -16,6 +16,12 @@ activations at a time. With activation checkpointing the hook sees what the chec
 block's own saved tensors (held again while backward recomputes it) are added. On the digits DMD2 run (batch 64 and 256) this matched the peak of torch's allocated bytes over a
 forward + backward (profiler) within 2 %; the CPU process's resident size grew 1.3–1.6× the estimate (allocator
 arenas, optimizer temporaries), hence the 30–60 % allowance the report names.
+
+With ``run.fsdp`` the plan is per rank of W (the processes launched, or ``ranks``): every tensor of a sharded
+network (``sharding.sharded_networks``) counts its largest dim-0 shard — weights, gradients and optimizer state
+÷ W — and FSDP2's transient all-gather is added: a network's root parameters (gathered for its whole forward) plus
+its largest block with that block's unsharded gradient, for the network where this is largest. Activations are
+the same as without sharding; buffers are not sharded.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import torch
 from torch import nn
 
 from ..lora import LoRARole, lora_summary
-from ..nets.checkpointing import recomputation_probe
+from ..nets.checkpointing import blocks, recomputation_probe
+from .sharding import shard_bytes, sharded_networks
 
 _SKIP_TYPES = (torch.optim.Optimizer, torch.Generator, torch.device, type)
 _SKIP_NAMES = ("optimizers", "schedulers")
@@ -41,6 +48,7 @@ class NetInfo:
     dtypes: str
     phases: list = field(default_factory=list)  # optimizer phases that train it ([] = frozen)
     shared_with: str | None = None              # all of its parameters belong to a network listed earlier
+    sharded: bool = False                       # FSDP2-sharded (run.fsdp): each rank holds 1/W of it
 
 
 def _scheduler_types():
@@ -183,8 +191,29 @@ def _phase_steps(method) -> dict:
     return first_step
 
 
-def estimate_memory(trainer, probe=(2, 4)) -> dict:
+def _gathered_bytes(net: nn.Module) -> int:
+    """FSDP2's transient memory for one sharded network: its root parameters (outside every block, gathered for
+    the whole forward) plus its largest block twice (the gathered weights and their unsharded gradient)."""
+    def nbytes(ps) -> int:
+        return sum(p.numel() * p.element_size() for p in ps)
+    inner = [list(b.parameters()) for b in blocks(net)]
+    in_blocks = {id(p) for ps in inner for p in ps}
+    root = nbytes(p for p in net.parameters() if id(p) not in in_blocks)
+    return root + 2 * max((nbytes(ps) for ps in inner), default=0)
+
+
+def estimate_memory(trainer, probe=(2, 4), ranks: int | None = None) -> dict:
+    """The memory plan (module docstring); ``ranks``: plan FSDP2's shards for that many processes (default: the
+    trainer's)."""
     method = trainer.method
+    run = trainer.cfg["run"]
+    world = int(ranks or trainer.world) if run.get("fsdp") else 1
+    sharded_nets = sharded_networks(method, run.get("fsdp_teacher") == "shard") if run.get("fsdp") else []
+    sharded = {id(p) for net in sharded_nets for p in net.parameters()}
+
+    def size(t) -> int:
+        return shard_bytes(t, world) if id(t) in sharded else t.numel() * t.element_size()
+
     rng = (method.ctx.generator.get_state(), torch.get_rng_state())
     for ph, s in _phase_steps(method).items():  # one small forward first: supplements build their nets lazily
         try:
@@ -195,14 +224,16 @@ def estimate_memory(trainer, probe=(2, 4)) -> dict:
                                  {"data": [t for t in (trainer.data_x, trainer.data_y) if t is not None]})
     unique, weights = set(), 0
     for info in infos:
+        info.sharded = any(id(p) in sharded for p in info.module.parameters())
         for t in list(info.module.parameters()) + list(info.module.buffers()):
             if id(t) not in unique:
                 unique.add(id(t))
-                weights += t.numel() * t.element_size()
+                weights += size(t)
     loose_bytes = sum(t.numel() * t.element_size() for _, t in loose)
-    opt_state = sum(_optimizer_slots(opt) * p.numel() * p.element_size()
+    opt_state = sum(_optimizer_slots(opt) * size(p)
                     for opt in method.optimizers.values() for g in opt.param_groups for p in g["params"])
-    grads = {ph: sum(p.numel() * p.element_size() for p in method.trainable_params(ph)) for ph in method.optimizers}
+    grads = {ph: sum(size(p) for p in method.trainable_params(ph)) for ph in method.optimizers}
+    gathered = max((_gathered_bytes(net) for net in sharded_nets), default=0)
     first_step = _phase_steps(method)
     exclude = {t.untyped_storage().data_ptr() for info in infos
                for t in list(info.module.parameters()) + list(info.module.buffers())}
@@ -224,8 +255,9 @@ def estimate_memory(trainer, probe=(2, 4)) -> dict:
     method.ctx.generator.set_state(rng[0])
     torch.set_rng_state(rng[1])
     worst = max(first_step, key=lambda ph: grads.get(ph, 0) + acts.get(ph, 0)) if first_step else None
-    peak = weights + opt_state + loose_bytes + (grads.get(worst, 0) + acts.get(worst, 0) if worst else 0)
+    peak = weights + opt_state + loose_bytes + gathered + (grads.get(worst, 0) + acts.get(worst, 0) if worst else 0)
     return {"networks": infos, "loose": loose, "weights": weights, "optimizer_state": opt_state, "grads": grads,
+            "fsdp_world": world if run.get("fsdp") else None, "gathered": gathered,
             "activations": acts, "recomputed": recomputed, "errors": errors, "loose_bytes": loose_bytes, "worst_phase": worst,
             "peak": peak, "batch_size": B, "grad_accum": k, "micro_batch": micro, "probe": probe}
 
@@ -238,9 +270,9 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def dry_run_report(trainer) -> str:
-    """The text ``--dry-run`` prints."""
-    est = estimate_memory(trainer)
+def dry_run_report(trainer, ranks: int | None = None) -> str:
+    """The text ``--dry-run`` prints (``ranks``: the processes FSDP2's shards are planned for)."""
+    est = estimate_memory(trainer, ranks=ranks)
     data = trainer.dataset
     what = f"data {getattr(data, 'name', '?')} {list(data.sample_shape)}" if data is not None else "data-free"
     lines = [f"dry run: method {trainer.method_cls.name} ({trainer.method_cls.role}), {what}, batch "
@@ -253,6 +285,8 @@ def dry_run_report(trainer) -> str:
             trained += f"; shares its parameters with {info.shared_with}"
         if isinstance(info.module, LoRARole):
             trained += "; LoRA adapter" if info.module.adapter else "; frozen LoRA base"
+        if info.sharded:
+            trained += f"; FSDP2-sharded (1/{est['fsdp_world']} per process)"
         if any(getattr(m, "activation_checkpointing", False) or getattr(m, "gradient_checkpointing", False)
                for m in info.module.modules()):   # this package's networks / diffusers' blocks
             trained += "; activation checkpointing"
@@ -267,11 +301,17 @@ def dry_run_report(trainer) -> str:
         lines.append(f"tensors held by the run: {shown}{more}")
     B, k = est["batch_size"], est["grad_accum"]
     accum = f" as {k} micro-batches of {est['micro_batch']} (run.grad_accum; activations of one)" if k > 1 else ""
-    lines += ["", f"peak memory estimate per process at batch {B}{accum}:",
+    world = est["fsdp_world"]
+    fsdp = (f", FSDP2 over {world} process(es): sharded networks' weights, gradients and optimizer state ÷ {world}"
+            if world else "")
+    lines += ["", f"peak memory estimate per process at batch {B}{accum}{fsdp}:",
               f"  weights and buffers      {_fmt_bytes(est['weights']):>12s}",
               f"  optimizer state          {_fmt_bytes(est['optimizer_state']):>12s}   "
               f"(Adam/AdamW: 2 tensors per trained parameter)",
               f"  data and other tensors   {_fmt_bytes(est['loose_bytes']):>12s}"]
+    if world:
+        lines.append(f"  all-gathered (FSDP2)     {_fmt_bytes(est['gathered']):>12s}   (one network's root parameters "
+                     f"+ its largest block and that block's gradient, unsharded)")
     for ph in sorted(set(est["grads"]) | set(est["activations"]) | set(est["errors"])):
         if ph in est["errors"]:
             lines.append(f"  phase {ph:18s} activations not measured ({est['errors'][ph]})")

@@ -23,7 +23,8 @@ from ..errors import UserError
 from ..eval.generate import generate
 from ..eval.plots import save_samples_png
 from ..io.checkpoint import (atomic_write, checkpoint_path, find_resume_checkpoint, list_checkpoints, load_checkpoint,
-                             prune_checkpoints, remove_stale_files, save_checkpoint, verify_checkpoint)
+                             has_placeholders, prune_checkpoints, remove_stale_files, save_checkpoint,
+                             save_sharded, sharded_dir, verify_checkpoint)
 from ..io.paths import check_output_dir
 from ..lora import lora_options
 from ..methods.base import MethodContext
@@ -35,6 +36,7 @@ from ..options import nearest
 from . import distributed as dist
 from .health import HealthMonitor, initial_output_check, is_out_of_memory, out_of_memory_message
 from .runfolder import RunLock, claim
+from .sharding import Sharding, clip_grad_norm, full_state_dict, restore_state, split_state
 
 
 class DivergenceError(RuntimeError):
@@ -76,14 +78,14 @@ def _plain(v):
 
 def _config_changes(old, new, prefix="") -> list[str]:
     """'key: old → new' for every entry that differs between two resolved configs (``run.resume``, ``run.steps``,
-    ``run.progress`` and ``run.out`` are expected to change and are left out, and so is
-    ``run.activation_checkpointing``, which leaves every result bit-identical)."""
+    ``run.progress`` and ``run.out`` are expected to change and are left out, and so are
+    ``run.activation_checkpointing`` and ``run.fsdp_teacher``, which leave every result bit-identical)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new), key=str):
             key = f"{prefix}.{k}" if prefix else str(k)
             if key in ("run.resume", "run.steps", "run.progress", "run.out", "run.max_minutes", "run.overwrite",
-                       "run.activation_checkpointing"):
+                       "run.activation_checkpointing", "run.fsdp_teacher"):
                 continue
             out += _config_changes(old.get(k), new.get(k), key)
         return out
@@ -157,8 +159,28 @@ def reads_data(method_cls, opts, supplements=()) -> bool:
     return method_cls.uses_data(opts) or any(getattr(s, "needs_data", False) for s in supplements)
 
 
+def check_fsdp(run: dict, method_cls, opts, supplements=(), grad_accum: int = 1) -> bool:
+    """Whether ``run.fsdp`` is on, after refusing a method that cannot be sharded with these options (its
+    ``fsdp_refusal``) or a supplement that cannot (its ``fsdp_refusal(grad_accum)``), naming why."""
+    if not run.get("fsdp"):
+        return False
+    reason = method_cls.fsdp_refusal(opts)
+    if reason:
+        raise UserError(f"run.fsdp is refused for method {method_cls.name!r}: {reason}; use run.fsdp=false "
+                        f"(torchrun without it replicates the networks and averages their gradients)")
+    for sup in supplements:
+        reason = getattr(sup, "fsdp_refusal", lambda k: None)(grad_accum)
+        if reason:
+            raise UserError(f"run.fsdp is refused with the {getattr(sup, 'name', type(sup).__name__)} "
+                            f"supplement: {reason}")
+    return True
+
+
 class Trainer:
-    def __init__(self, cfg: dict, teacher=None, teacher_path: str | None = None, dataset=None, supplements=()):
+    def __init__(self, cfg: dict, teacher=None, teacher_path: str | None = None, dataset=None, supplements=(),
+                 dry_run: bool = False):
+        """``dry_run``: built for ``--dry-run`` only — with ``run.fsdp`` the networks are left unsharded (the memory
+        plan divides them by the number of processes instead)."""
         self.cfg = cfg
         run = cfg["run"]
         self.out = Path(run["out"])
@@ -167,7 +189,8 @@ class Trainer:
         self.device = torch.device(run["device"])
         run["batch_size"] = per_process_batch(run, dist.launched_world_size())
         check_micro_batches(run)
-        dist.init_distributed(run["device"])
+        # FSDP2 needs a process group and a device mesh even on one process
+        dist.init_distributed(run["device"], single_process=bool(run.get("fsdp")))
         self.rank, self.world = dist.rank(), dist.world_size()
         method_cfg = dict(cfg["method"])
         method_cls = get_method(method_cfg.pop("name"))
@@ -178,10 +201,17 @@ class Trainer:
         cfg["method"] = {"name": method_cls.name, **opts.to_dict()}
         self.grad_accum = check_grad_accum(run, method_cls, opts)
         lora = self._lora_options(cfg, method_cls)
+        fsdp = check_fsdp(run, method_cls, opts, supplements, self.grad_accum)
+        if fsdp and lora is not None:
+            raise UserError("run.fsdp with a lora section is not supported: FSDP2 shards whole networks, and LoRA "
+                            "roles share one frozen base (or wrap full copies in peft); remove the lora section or "
+                            "use run.fsdp=false")
         torch.manual_seed(run["seed"] + self.rank)  # dropout etc. use the global RNG
-        self.gen = torch.Generator().manual_seed(run["seed"] * 7919 + self.rank)
+        # run.draws=global: one stream on every rank, each taking its rows of the global batch's draws
+        shared = run.get("draws", "rank") == "global"
+        self.gen = torch.Generator().manual_seed(run["seed"] * 7919 + (0 if shared else self.rank))
         # every random draw of the losses goes through this, so k micro-batches see the batch's draws
-        self.draws = Draws(self.gen, self.grad_accum)
+        self.draws = Draws(self.gen, self.grad_accum, *((self.world, self.rank) if shared else (1, 0)))
 
         self.dataset = dataset
         # Data is loaded when the method or a supplement reads it (e.g. the embedding loss on a data-free method).
@@ -208,9 +238,10 @@ class Trainer:
                             draws=self.draws, lora=lora)
         self.method = method_cls(ctx, opts)
         self.teacher = ctx.teacher   # the method may wrap it (LoRA with a shared base: the base's teacher role)
-        for net in self.method.nets.values():
+        for net in list(self.method.nets.values()) + [ema.net for ema in self.method.emas.values()]:
             dist.broadcast_module(net)
-        self._prepare_networks(self.teacher)
+        self.sharding = None   # the FSDP2 layout (run.fsdp), made by _prepare_networks
+        self._prepare_networks(self.teacher, shard=fsdp and not dry_run)
         self.supplements = list(supplements)
         self.step = 0
         self.nimg = 0
@@ -246,7 +277,8 @@ class Trainer:
         return {
             "method": self.method_cls.name, "role": self.method_cls.role, "step": self.step, "nimg": self.nimg,
             "config": self.cfg, "net_config": self.cfg.get("net", {}), "sampling": self.method.sampling_spec(),
-            "sample_net": net.state_dict(), "lora": record() if callable(record) else None,
+            "sample_net": full_state_dict(net) if self.sharding else net.state_dict(),
+            "lora": record() if callable(record) else None,
             "method_state": self.method.state_dict(),
             "supplement_state": {getattr(s, "name", type(s).__name__): s.state_dict()
                                  for s in self.supplements if hasattr(s, "state_dict")},
@@ -257,7 +289,8 @@ class Trainer:
             "teacher_path": self.method.ctx.teacher_path,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, path=None) -> None:
+        """Continue from a checkpoint's state (``path``: its file, whose shard folder a sharded state reads)."""
         if state.get("method") != self.method_cls.name:
             raise UserError(f"checkpoint was written by method {state.get('method')!r}, not {self.method_cls.name!r}:"
                             f" resume with the same --method or start a new run directory")
@@ -267,9 +300,24 @@ class Trainer:
         if lora != now:
             raise UserError(f"checkpoint was written with lora {lora}, this run has {now}: resume with the same lora "
                             f"options (the adapters' shapes and layers must match)")
-        if state.get("world_size", 1) != self.world:
-            raise UserError(f"checkpoint was written with {state.get('world_size')} ranks, now {self.world}: "
-                            f"resume with the same number of processes")
+        sharded = has_placeholders(state.get("method_state"))
+        if sharded and self.sharding is None:
+            raise UserError(f"checkpoint {path or ''} holds FSDP2-sharded networks (written with run.fsdp=true): "
+                            f"resume with --set run.fsdp=true (on any number of processes with run.draws=global, "
+                            f"else on {state.get('world_size', 1)}), or start a new run directory")
+        if not sharded and self.sharding is not None:
+            raise UserError(f"checkpoint {path or ''} was written without run.fsdp: resume it with "
+                            f"run.fsdp=false, or start a new run directory")
+        old_world = int(state.get("world_size", 1))
+        saved_draws = ((state.get("config") or {}).get("run") or {}).get("draws", "rank")
+        if old_world != self.world and not (sharded and saved_draws == "global"
+                                            and self.cfg["run"].get("draws") == "global"):
+            raise UserError(f"checkpoint was written with {old_world} ranks, now {self.world}: resume with the same "
+                            f"number of processes" + (" (a sharded run with run.draws=global resumes on any number)"
+                                                      if sharded else ""))
+        if sharded:   # DCP fills DTensors laid out for this run's mesh: resharded when the world changed
+            folder = sharded_dir(Path(path) if path else checkpoint_path(self.ckpt_dir, int(state["step"])))
+            state = dict(state, method_state=restore_state(state["method_state"], folder, self.sharding.mesh))
         self.method.load_state_dict(state["method_state"])
         for s in self.supplements:
             saved = (state.get("supplement_state") or {}).get(getattr(s, "name", type(s).__name__))
@@ -278,14 +326,36 @@ class Trainer:
         self.health.load_state_dict(state.get("health", {}))
         self.step, self.nimg = int(state["step"]), int(state["nimg"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        _set_rng_state(self.gen, (state.get("rng_ranks") or [state["rng"]])[self.rank])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if old_world == self.world:
+            _set_rng_state(self.gen, ranks[self.rank])
+        else:   # global draws: the method's stream is the same on every rank; the global RNG (dropout) starts anew
+            self.gen.set_state(ranks[0]["method"])
+            torch.manual_seed(self.cfg["run"]["seed"] * 1_000_003 + self.step * 7919 + self.rank)
 
     def save(self) -> Path | None:
         path = checkpoint_path(self.ckpt_dir, self.step)
         rng_ranks = dist.all_gather_object(_rng_state(self.gen))  # every rank's RNG, so each resumes its own
+        if self.sharding is not None:
+            return self._save_sharded(path, rng_ranks)
         if self.rank == 0:
             remove_stale_files(self.ckpt_dir)
             save_checkpoint(dict(self.state_dict(), rng_ranks=rng_ranks), path)
+            prune_checkpoints(self.ckpt_dir, self.cfg["run"]["keep_ckpts"])
+        dist.barrier()
+        return path
+
+    def _save_sharded(self, path: Path, rng_ranks: list) -> Path:
+        """A sharded checkpoint (run.fsdp): every rank writes its shards of the nets, optimizer moments and EMA
+        copies with DCP, then rank 0 the .pt file (the rest of the state, the consolidated sampling net and the
+        manifest listing the shard files) — see io/checkpoint.py for why a half-written one is never resumed."""
+        if self.rank == 0:
+            remove_stale_files(self.ckpt_dir)
+        dist.barrier()
+        state, tensors = split_state(dict(self.state_dict(), rng_ranks=rng_ranks))   # state_dict: a collective
+        shards = save_sharded(tensors, path, self.rank)
+        if self.rank == 0:
+            save_checkpoint(state, path, shards=shards)
             prune_checkpoints(self.ckpt_dir, self.cfg["run"]["keep_ckpts"])
         dist.barrier()
         return path
@@ -300,26 +370,51 @@ class Trainer:
             return str(valid[-2])
         return str(valid[-1])
 
-    def maybe_resume(self) -> None:
-        what = self.cfg["run"].get("resume")
-        if not what:
-            return
+    def _find_resume(self, what: str):
+        """(path, state, why) of the checkpoint to resume from (path None: none yet)."""
         if what == "auto":
             path, state, why, skipped = find_resume_checkpoint(self.ckpt_dir)
             if path is None:
                 self._say(f"resume auto: no checkpoint in {self.ckpt_dir}, starting fresh")
-                return
+                return None, None, ""
             for bad, reason in skipped:
                 self._say(f"WARNING: resume auto: skipping {bad.name}: {reason}")
             why = f"the newest valid checkpoint ({why})" + (f"; {len(skipped)} newer one(s) skipped" if skipped else "")
-        else:
-            path = Path(what)
-            state = load_checkpoint(path)
-            why = "given by --resume"
+            return path, state, why
+        return Path(what), load_checkpoint(Path(what)), "given by --resume"
+
+    def _find_resume_once(self, what: str):
+        """``_find_resume`` on rank 0 only, which verifies the checkpoint (and its shards: the whole checkpoint's
+        bytes) against the manifest; the other ranks load the file it chose. Its refusal reaches every rank."""
+        found = None
+        if self.rank == 0:
+            try:
+                path, state, why = self._find_resume(what)
+                found = ("ok", None if path is None else str(path), why)
+            except UserError as e:
+                found = ("error", str(e), "")
+        found = dist.all_gather_object(found)[0]
+        if found[0] == "error":
+            raise UserError(found[1])
+        if found[1] is None:
+            return None, None, ""
+        return Path(found[1]), (state if self.rank == 0 else load_checkpoint(found[1], verify=False)), found[2]
+
+    def maybe_resume(self) -> None:
+        what = self.cfg["run"].get("resume")
+        if not what:
+            return
+        path, state, why = self._find_resume_once(what) if self.sharding else self._find_resume(what)
+        if path is None:
+            return
         fresh = self._optimizer_settings()   # as this run's config built them, before the checkpoint's overwrite
-        self.load_state_dict(state)
+        self.load_state_dict(state, path)
         self._say(f"resumed from {path} at step {self.step}: {why}")
         changes = _config_changes(state.get("config", {}), self.cfg)
+        old_world = int(state.get("world_size", 1))
+        old_batch = ((state.get("config") or {}).get("run") or {}).get("batch_size")
+        if old_world != self.world and old_batch and old_batch * old_world == self.cfg["run"]["batch_size"] * self.world:
+            changes = [c for c in changes if not c.startswith("run.batch_size:")]   # the same global batch
         if changes:
             self._say("WARNING: the configuration differs from the checkpoint's, so the run will not continue "
                       "exactly: " + "; ".join(changes[:6]) + (" …" if len(changes) > 6 else ""))
@@ -411,11 +506,11 @@ class Trainer:
         return (f"Last good checkpoint: {good}. Resume from it with a lower learning rate: --resume {good} --set "
                 f"method.lr=... (changed optimizer settings apply on resume), or set run.grad_clip")
 
-    def _prepare_networks(self, teacher) -> None:
-        """Memory options — activation checkpointing of the named networks, the frozen teacher in bf16 — and the
-        GPU-throughput options, applied to every trained network and the teacher: NHWC memory format and
-        torch.compile (all in place: parameter names, and so checkpoints, are unchanged). Runs after the method is
-        built, so the trained copies of the teacher were made from its fp32 weights."""
+    def _prepare_networks(self, teacher, shard: bool = False) -> None:
+        """Memory options — activation checkpointing of the named networks, the frozen teacher in bf16, FSDP2
+        sharding (``shard``) — and the GPU-throughput options, applied to every trained network and the teacher:
+        NHWC memory format and torch.compile (all in place: parameter names, and so checkpoints, are unchanged).
+        Runs after the method is built, so the trained copies of the teacher were made from its fp32 weights."""
         run = self.cfg["run"]
         self._checkpoint_activations(run.get("activation_checkpointing") or [])
         if run.get("teacher_dtype", "fp32") == "bf16":
@@ -425,6 +520,8 @@ class Trainer:
             for net in nets:
                 if any(p.ndim == 4 for p in net.parameters()):  # convolutional: image networks only
                     net.to(memory_format=torch.channels_last)
+        if shard:
+            self.sharding = Sharding(self.method, self.device, run.get("fsdp_teacher") == "shard").apply()
         if run.get("compile"):
             for net in nets:
                 net.compile()
@@ -515,7 +612,7 @@ class Trainer:
             params = self.method.trainable_params(phase)
             dist.average_gradients(params)
             clip = self.cfg["run"].get("grad_clip")
-            gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+            gnorm = clip_grad_norm(params, clip if clip else float("inf"))   # the global norm for sharded nets
             if not torch.isfinite(gnorm):
                 if self._nonfinite("gradient norm", phase, gnorm, extra):
                     opt.zero_grad(set_to_none=True)
@@ -746,7 +843,7 @@ class Trainer:
                             if k != "step":
                                 tb.add_scalar(k, v, self.step)
                 if run["sample_every"] and (self.step % run["sample_every"] == 0 or self.step == run["steps"]):
-                    if self.rank == 0:
+                    if self.rank == 0 or self.sharding is not None:   # sharded nets: every rank runs the forwards
                         self.save_sample_grid()
                     if on_sample:
                         on_sample(self)
@@ -785,7 +882,7 @@ class Trainer:
         """Start-of-run health check of a distillation: the student's initial samples (its own sampling recipe)
         against the data, or, for a data-free run, the teacher's own samples. Prints and returns a one-line warning
         naming the fix when they are far off the data's scale (``health.initial_output_check``), else None."""
-        if self.teacher is None or self.rank != 0:
+        if self.teacher is None or (self.rank != 0 and self.sharding is None):   # sharded: a collective forward
             return None
         spec = self.method.sampling_spec()
         x, _, _ = generate(self.method.sampling_net(), range(n), spec, device=self.device, clip=False)
@@ -815,6 +912,8 @@ class Trainer:
         net = self.method.sampling_net()
         n = self.cfg["run"].get("num_sample_grid", 64) if net.img_resolution else 2000
         x, _, _ = generate(net, range(n), self.method.sampling_spec(), device=self.device)
+        if self.rank != 0:
+            return
         save_samples_png(x, self.out / "samples" / f"samples-{self.step:08d}.png",
                          title=f"{self.method_cls.name} step {self.step}")
 
