@@ -329,6 +329,7 @@ def _plan_ranks(a) -> int | None:
 
 
 def cmd_train_teacher(a) -> int:
+    ranks = _plan_ranks(a)
     flags = _run_flags(a)
     if a.objective:
         flags["method"] = {"name": a.objective}
@@ -338,7 +339,7 @@ def cmd_train_teacher(a) -> int:
     cfg = resolve(a.preset, a.config, flags, a.set, default_preset="digits")
     trainer = Trainer(cfg, dry_run=a.dry_run)
     if a.dry_run:
-        print(dry_run_report(trainer, _plan_ranks(a)))
+        print(dry_run_report(trainer, ranks))
         print(resolved_config_text(trainer.cfg))
         return 0
     trainer.run()
@@ -367,6 +368,7 @@ def _stopped(trainer) -> int:
 
 
 def cmd_distill(a) -> int:
+    ranks = _plan_ranks(a)
     flags = _run_flags(a)
     if a.student_steps is not None:
         if a.student_steps <= 0:
@@ -386,7 +388,7 @@ def cmd_distill(a) -> int:
             flags["run"]["out"] = tmp  # files a method precomputes (DMD's pairs) go to a temp folder
             trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set, dry_run=True,
                               preset=a.preset)
-            print(dry_run_report(trainer, _plan_ranks(a)))
+            print(dry_run_report(trainer, ranks))
             print(resolved_config_text(trainer.cfg, hide_out=True))
         return 0
     trainer = distill(a.method, a.teacher, flags=flags, config_file=a.config, overrides=a.set, preset=a.preset)

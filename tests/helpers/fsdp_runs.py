@@ -39,6 +39,8 @@ def train(case: dict):
     run = validate_run({"out": case["out"], **RUN, **case.get("run", {})})
     full = {"run": run, "data": {"name": "ring8", "n": 256, "seed": 0}, "net": cfg,
             "method": {"name": case["method"], **case.get("opts", {})}}
+    if "lora" in case:
+        full["lora"] = case["lora"]
     tr = Trainer(full, teacher=teacher, teacher_path="mem", dataset=dataset_from_config(full["data"]))
     tr.start_check = lambda *a, **kw: None   # the sampling health check: not what these tests are about
     tr.run()

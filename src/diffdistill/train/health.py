@@ -135,6 +135,8 @@ def memory_knobs() -> str:
     knobs.append("store the frozen teacher in bf16 (--set run.teacher_dtype=bf16)")
     knobs.append("train LoRA adapters on one shared frozen base instead of full copies of the teacher (--set "
                  "lora.rank=8, for the methods that train copies of a teacher)")
+    knobs.append("shard the networks over the torchrun processes instead of replicating them (--set run.fsdp=true, "
+                 "and run.fsdp_teacher=shard for the teacher)")
     knobs.append("use a smaller network (--set net.kwargs...); '--dry-run' prints the networks and a peak-memory "
                  "estimate for a batch")
     return ", ".join(knobs[:-1]) + " or " + knobs[-1]

@@ -303,18 +303,16 @@ class Trainer:
         sharded = has_placeholders(state.get("method_state"))
         if sharded and self.sharding is None:
             raise UserError(f"checkpoint {path or ''} holds FSDP2-sharded networks (written with run.fsdp=true): "
-                            f"resume with --set run.fsdp=true (on any number of processes with run.draws=global, "
-                            f"else on {state.get('world_size', 1)}), or start a new run directory")
+                            f"resume with --set run.fsdp=true, or start a new run directory")
         if not sharded and self.sharding is not None:
             raise UserError(f"checkpoint {path or ''} was written without run.fsdp: resume it with "
                             f"run.fsdp=false, or start a new run directory")
         old_world = int(state.get("world_size", 1))
         saved_draws = ((state.get("config") or {}).get("run") or {}).get("draws", "rank")
-        if old_world != self.world and not (sharded and saved_draws == "global"
-                                            and self.cfg["run"].get("draws") == "global"):
+        # each rank's own random stream cannot continue on another number of ranks; the global one can
+        if old_world != self.world and not (saved_draws == "global" and self.cfg["run"].get("draws") == "global"):
             raise UserError(f"checkpoint was written with {old_world} ranks, now {self.world}: resume with the same "
-                            f"number of processes" + (" (a sharded run with run.draws=global resumes on any number)"
-                                                      if sharded else ""))
+                            f"number of processes (a run with run.draws=global resumes on any number)")
         if sharded:   # DCP fills DTensors laid out for this run's mesh: resharded when the world changed
             folder = sharded_dir(Path(path) if path else checkpoint_path(self.ckpt_dir, int(state["step"])))
             state = dict(state, method_state=restore_state(state["method_state"], folder, self.sharding.mesh))
