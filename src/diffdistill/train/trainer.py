@@ -189,9 +189,6 @@ class Trainer:
         self.device = torch.device(run["device"])
         run["batch_size"] = per_process_batch(run, dist.launched_world_size())
         check_micro_batches(run)
-        # FSDP2 needs a process group and a device mesh even on one process
-        dist.init_distributed(run["device"], single_process=bool(run.get("fsdp")))
-        self.rank, self.world = dist.rank(), dist.world_size()
         method_cfg = dict(cfg["method"])
         method_cls = get_method(method_cfg.pop("name"))
         self.method_cls = method_cls
@@ -206,6 +203,9 @@ class Trainer:
             raise UserError("run.fsdp with a lora section is not supported: FSDP2 shards whole networks, and LoRA "
                             "roles share one frozen base (or wrap full copies in peft); remove the lora section or "
                             "use run.fsdp=false")
+        # FSDP2 needs a process group and a device mesh even on one process
+        dist.init_distributed(run["device"], single_process=fsdp)
+        self.rank, self.world = dist.rank(), dist.world_size()
         torch.manual_seed(run["seed"] + self.rank)  # dropout etc. use the global RNG
         # run.draws=global: one stream on every rank, each taking its rows of the global batch's draws
         shared = run.get("draws", "rank") == "global"
