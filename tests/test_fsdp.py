@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.dm_helpers import flat_tensors
 from helpers.fsdp_runs import launch, torchrun, train
 from helpers.kill_resume import differences
 
@@ -39,16 +40,7 @@ CASES = {   # name → (method, method options, run options), all on 2 ranks of 
 
 
 def _flat(obj, prefix=""):
-    if torch.is_tensor(obj):
-        return {prefix: obj}
-    out = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_flat(v, f"{prefix}.{k}"))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(_flat(v, f"{prefix}[{i}]"))
-    return out
+    return flat_tensors(obj, prefix)
 
 
 def worst_difference(a, b) -> float:

@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-from helpers.dm_helpers import MLP_CFG, tiny_teacher
+from helpers.dm_helpers import MLP_CFG, flat_tensors, tiny_teacher
 
 from diffdistill.config import validate_run
 from diffdistill.data import dataset_from_config
@@ -61,19 +61,8 @@ def _trainer(out, method, k, *, batch=8, steps=3, distil=True, label_dim=0, data
     return tr
 
 
-def _flat(obj, prefix="") -> dict:
-    if torch.is_tensor(obj):
-        return {prefix: obj}
-    out = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_flat(v, f"{prefix}.{k}"))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(_flat(v, f"{prefix}[{i}]"))
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        out[prefix] = torch.tensor(float(obj), dtype=torch.float64)
-    return out
+def _flat(obj, prefix=""):
+    return flat_tensors(obj, prefix, numbers=True)
 
 
 def _state(tr) -> dict:

@@ -115,3 +115,20 @@ def run_full_and_resumed(make_trainer, tmp_path, steps: int = 10, split: int = 5
     logged = [json.loads(line)["step"] for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
     assert logged == [split, steps], logged
     return full, resumed
+
+
+def flat_tensors(obj, prefix: str = "", numbers: bool = False) -> dict:
+    """{dotted path: tensor} of every tensor in a nested state (dicts, lists, tuples); ``numbers`` also takes ints
+    and floats, as float64 scalars."""
+    if torch.is_tensor(obj):
+        return {prefix: obj}
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flat_tensors(v, f"{prefix}.{k}", numbers))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(flat_tensors(v, f"{prefix}[{i}]", numbers))
+    elif numbers and isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        out[prefix] = torch.tensor(float(obj), dtype=torch.float64)
+    return out
