@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .condition import Condition
 
 
 @runtime_checkable
@@ -51,6 +52,11 @@ class Precond(nn.Module):
     data std the training losses weight with (EDM's λ(σ)); VP/VE keep it for that use only."""
 
     kind = "base"
+    # Set on denoisers conditioned on embeddings (text-to-image adapters): the per-sample field shapes of the
+    # `Condition` they take (``Condition.signature``); None for unconditional and class-conditional ones.
+    embedding_signature: Optional[dict] = None
+    # Set where one sample is not (C,), (C, R, R): e.g. video latents (C, F, H, W) or non-square latents.
+    fixed_sample_shape: Optional[tuple] = None
 
     def __init__(self, model: nn.Module, img_channels: int, img_resolution: int = 0, label_dim: int = 0,
                  sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
@@ -86,7 +92,9 @@ class Precond(nn.Module):
 
     @property
     def sample_shape(self) -> tuple:
-        """Shape of one sample: (C, H, W) for images, (C,) for flat data."""
+        """Shape of one sample: (C, H, W) for images, (C,) for flat data (or ``fixed_sample_shape``)."""
+        if self.fixed_sample_shape is not None:
+            return tuple(self.fixed_sample_shape)
         if self.img_resolution:
             return (self.img_channels, self.img_resolution, self.img_resolution)
         return (self.img_channels,)
@@ -104,7 +112,14 @@ class Precond(nn.Module):
         sigma = torch.as_tensor(sigma, dtype=dt, device=x.device).reshape(-1)
         if sigma.numel() == 1:
             sigma = sigma.expand(x.shape[0])
-        if self.label_dim:
+        if isinstance(labels, Condition):
+            if self.embedding_signature is None:
+                raise ValueError("this denoiser is not conditioned on embeddings: pass "
+                                 + ("one-hot labels" if self.label_dim else "no condition"))
+            labels = labels.to(x.device, dt)
+        elif self.embedding_signature is not None:
+            raise ValueError("this denoiser is conditioned on embeddings: pass a Condition (diffusion/condition.py)")
+        elif self.label_dim:
             if labels is None:
                 raise ValueError("this denoiser is class-conditional: pass labels (one-hot, shape [B, label_dim])")
             labels = labels.to(dt).reshape(-1, self.label_dim)
