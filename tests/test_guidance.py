@@ -227,7 +227,7 @@ def test_sid_lsg_kappa1_trains_the_fake_scores_guided_output():
 
 def test_guidance_needs_a_conditional_teacher_and_sida_keeps_the_fake_plain():
     teacher, cfg = tiny_teacher(MLP_CFG, label_dim=0)
-    with pytest.raises(UserError, match="class-conditional teacher"):
+    with pytest.raises(UserError, match="needs a conditional teacher"):
         DMD2(make_ctx(teacher, cfg, batch_size=4), guidance_real=1.75)
     with pytest.raises(UserError, match="SiDA"):
         SiD.Options(sida=True, guidance_fake=2.0)
@@ -275,7 +275,7 @@ def test_sample_with_guidance_from_the_cli(tmp_path, capsys):
     save_checkpoint(dict(state, config={"net": ucfg}, net_config=ucfg, sample_net=uncond.state_dict()),
                     tmp_path / "u.pt")
     assert main(["sample", str(tmp_path / "u.pt"), "--out", str(tmp_path / "u.npz"), "--guidance", "2"]) == 2
-    assert "--guidance 2 needs a class-conditional network" in capsys.readouterr().err
+    assert "--guidance 2 needs a conditional network" in capsys.readouterr().err
 
 
 def test_teacher_label_dropout_in_the_edm_loss():

@@ -118,9 +118,14 @@ def _add_sampler_flags(p):
                    help="stochastic sampler: noise inflation S_noise > 0 (EDM ImageNet-64: 1.003) "
                         "(default 1, as EDM generate.py)")
     p.add_argument("--guidance", type=float, metavar="W",
-                   help="classifier-free guidance scale of a class-conditional net: D_null + W*(D_class - D_null), "
-                        "the null class being the all-zero label (1: none; costs 2 network calls per step; the "
-                        "teacher must have been trained with method.label_dropout > 0) (default: none, 1)")
+                   help="classifier-free guidance scale of a conditional net: D_null + W*(D_cond - D_null), the "
+                        "null condition being the all-zero label or the prompts' null (negative) embedding (1: "
+                        "none; costs 2 network calls per step; the teacher must have been trained with "
+                        "method.label_dropout > 0) (default: none, 1)")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="encoded prompts (.npz / .safetensors: embeds [N, L, D], optional mask, pooled, extra.*, "
+                        "null.*) for a net conditioned on text embeddings; seed s gets prompt s mod N (default: "
+                        "the run's data.prompts)")
 
 
 def _sampler_options(a) -> dict:
@@ -246,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step-halving methods: training iterations per halving; the run is K x log2(N/steps) "
                         "iterations unless --iters is given (default: the preset's)")
     m.add_argument("--data", help="real data for methods that use it (default: the teacher's training data)")
+    m.add_argument("--prompts", metavar="FILE",
+                   help="encoded prompts for a teacher conditioned on text embeddings (.npz / .safetensors: embeds "
+                        "[N, L, D], optional mask, pooled, extra.*, and null.* = the negative prompt); data-free "
+                        "draws pick rows uniformly (default: the data's own, when it carries them)")
     m.add_argument("--el-weight", type=float, metavar="W", nargs="?", const=3.0,
                    help="add the embedding loss (EL: MMD to real data in random-network features) to the generator "
                         "loss of dmd2, dmd, diff_instruct, sid or cd, its gradient W times the base loss's in norm "
@@ -380,6 +389,8 @@ def cmd_distill(a) -> int:
         flags.setdefault("method", {}).update(halving)
     if a.data:
         flags["data"] = _data_spec(a.data)
+    if a.prompts:
+        flags.setdefault("data", {})["prompts"] = str(Path(a.prompts).resolve())
     if a.el_weight is not None:
         flags["el"] = {"weight": a.el_weight}
     if a.dry_run:
@@ -424,7 +435,7 @@ def cmd_sample(a) -> int:
         raise UserError(f"--batch-size must be positive, got {a.batch_size}")
     check_device(a.device)
     net, state = load_for_sampling(a.checkpoint, a.device)
-    spec = sampling_spec_for(state, a.steps, a.sampler, _sampler_options(a), a.guidance)
+    spec = sampling_spec_for(state, a.steps, a.sampler, _sampler_options(a), a.guidance, a.prompts)
     out = Path(a.out)
     if out.suffix != ".npz" and not net.img_resolution:  # refuse before sampling, not after
         raise UserError("PNG output is for images; use --out FILE.npz for 2-D points")
@@ -434,7 +445,9 @@ def cmd_sample(a) -> int:
     if out.suffix == ".npz":
         out.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"samples": x.numpy().astype(np.float32)}
-        if labels is not None:
+        if "prompt_index" in info:   # which encoded prompt each sample was generated for
+            arrays["prompt_index"] = np.asarray(info["prompt_index"], dtype=np.int64)
+        elif labels is not None:
             arrays["labels"] = labels.argmax(1).numpy()
         np.savez(out, **arrays)
     else:
@@ -477,7 +490,7 @@ def cmd_eval(a) -> int:
     metrics = evaluate_checkpoint(a.checkpoint, steps=a.steps, sampler=a.sampler, num_samples=a.num_samples,
                                   seed=seeds[0], device=a.device, inception=_inception_setup(a), seeds=seeds,
                                   data=_data_spec(a.data) if a.data else None, sampler_options=_sampler_options(a),
-                                  guidance=a.guidance)
+                                  guidance=a.guidance, prompts=a.prompts)
     if not rank0:
         return 0
     text = json.dumps(metrics, indent=2)

@@ -80,7 +80,9 @@ def measure_sigma_data(cfg: dict, teacher, dataset=None, n: int = 2048) -> float
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
         origin = f"the data ({data.get('path') or data.get('name')})"
     else:
-        spec = (cfg.get("teacher") or {}).get("sampling") or {"sampler": "heun", "nfe": 35}
+        spec = dict((cfg.get("teacher") or {}).get("sampling") or {"sampler": "heun", "nfe": 35})
+        if data.get("prompts"):
+            spec["prompts"] = data["prompts"]
         x, _, _ = generate(teacher, range(512), spec, device=next(teacher.parameters()).device)
         origin = "512 of the teacher's samples"
     sigma_data = round(float(x.float().std()), 4)

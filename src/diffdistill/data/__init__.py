@@ -22,7 +22,7 @@ __all__ = [
 
 
 # The keys of a config's ``data`` section.
-DATA_KEYS = ("name", "path", "split", "heldout", "n", "seed")
+DATA_KEYS = ("name", "path", "split", "heldout", "n", "seed", "prompts")   # prompts: encoded prompts file
 
 
 def dataset_from_config(cfg: dict) -> Dataset:

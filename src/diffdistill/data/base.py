@@ -5,7 +5,9 @@ Conventions (shared by trainers, teachers and the evaluator):
 * images: ``x`` is float32 ``[N, C, H, W]`` in ``[-1, 1]`` with ``C`` in {1, 3};
 * points: ``x`` is float32 ``[N, 2]``, standardised to a per-coordinate std of about 0.5 (EDM's σ_data) by fixed,
   documented constants of each generator (see :mod:`diffdistill.data.toy2d`), not by the sample's own statistics;
-* labels: optional int64 ``[N]`` in ``[0, num_classes)``; ``num_classes`` is 0 for unlabelled data.
+* latents: float32 ``[N, C, ...]`` of any channel count and range (a VAE's encodings, ``kind='latents'``);
+* labels: optional int64 ``[N]`` in ``[0, num_classes)``; ``num_classes`` is 0 for unlabelled data;
+* conditions: optional `Condition` of N rows (each sample's encoded prompt), instead of labels.
 
 ``ds[i]`` returns ``(x_i, y_i)`` with ``y_i`` the float32 one-hot label of size ``num_classes`` (an empty tensor when
 unlabelled), so the default ``DataLoader`` collate gives ``([B, ...], [B, num_classes])`` either way.
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffdistill.diffusion.condition import Condition
 from diffdistill.errors import UserError
 
 _RANGE_TOL = 1e-4
@@ -31,15 +34,28 @@ class Dataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, x, labels=None, num_classes: Optional[int] = None, kind: Optional[str] = None,
-                 name: str = "dataset", class_names: Optional[Sequence[str]] = None):
+                 name: str = "dataset", class_names: Optional[Sequence[str]] = None,
+                 conditions: Optional[Condition] = None):
         x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(torch.float32).contiguous()
         kind = kind or {2: "points", 4: "images"}.get(x.ndim)
-        if kind not in ("points", "images"):
+        if kind not in ("points", "images", "latents"):
             raise UserError(f"{name}: data of shape {tuple(x.shape)} is neither points [N, 2] nor images [N, C, H, W]; "
                             "reshape it to one of these layouts")
         if len(x) == 0:
             raise UserError(f"{name}: the dataset is empty; provide at least one sample")
-        if kind == "images":
+        if conditions is not None:
+            if labels is not None:
+                raise UserError(f"{name}: give class labels or prompt embeddings, not both")
+            if len(conditions) != len(x):
+                raise UserError(f"{name}: {len(conditions)} prompt embeddings for {len(x)} samples; give one per "
+                                f"sample")
+        if kind == "latents":
+            if x.ndim < 3:
+                raise UserError(f"{name}: latents must have shape [N, C, H, W] (or [N, C, F, H, W]), got "
+                                f"{tuple(x.shape)}")
+            if not torch.isfinite(x).all():
+                raise UserError(f"{name}: the latents hold NaN or inf values; re-encode them")
+        elif kind == "images":
             if x.ndim != 4:
                 raise UserError(f"{name}: images must have shape [N, C, H, W], got {tuple(x.shape)}; add the missing axes")
             if x.shape[1] not in (1, 3):
@@ -66,6 +82,7 @@ class Dataset(torch.utils.data.Dataset):
         self.x, self.labels, self.kind, self.name = x, labels, kind, name
         self.num_classes = int(num_classes) if labels is not None else 0
         self.class_names = list(class_names) if class_names is not None and labels is not None else None
+        self.conditions = conditions
 
     # ---- basic protocol -------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -78,7 +95,7 @@ class Dataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return (f"Dataset(name={self.name!r}, kind={self.kind!r}, n={len(self)}, sample_shape={self.sample_shape}, "
-                f"num_classes={self.num_classes})")
+                f"num_classes={self.num_classes}, prompts={self.conditions is not None})")
 
     @property
     def sample_shape(self) -> Tuple[int, ...]:
@@ -94,6 +111,8 @@ class Dataset(torch.utils.data.Dataset):
         """Image side length for square images (0 for points); raises for non-square images."""
         if self.kind == "points":
             return 0
+        if len(self.sample_shape) != 3:
+            raise UserError(f"{self.name}: samples of shape {self.sample_shape} have no single resolution")
         h, w = self.sample_shape[1:]
         if h != w:
             raise UserError(f"{self.name}: images are {h}x{w}, not square; crop or resize them to a square size")
@@ -121,7 +140,8 @@ class Dataset(torch.utils.data.Dataset):
         idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
         return Dataset(self.x[idx], None if self.labels is None else self.labels[idx],
                        num_classes=self.num_classes if self.labels is not None else None, kind=self.kind,
-                       name=name or self.name, class_names=self.class_names)
+                       name=name or self.name, class_names=self.class_names,
+                       conditions=None if self.conditions is None else self.conditions.rows(idx))
 
     def split(self, frac_or_n: Union[float, int], seed: int = 0) -> Tuple["Dataset", "Dataset"]:
         """Deterministic random split into ``(train, heldout)``.

@@ -8,7 +8,10 @@ Every loader returns a `Dataset` of float32 ``[N, C, H, W]`` images in [-1, 1] w
   ``{"labels": [[filename, label], ...]}`` (or ``"labels": null``).
 * `load_npz`: an ``.npz`` with the images under ``x`` (or ``images``, ``samples``, ``arr_0``), uint8 0..255 or float
   in [-1, 1], layout NHWC, NCHW or NHW (when both axes 1 and 3 could hold channels, the layout giving square images
-  wins, else NCHW), and optional integer ``labels`` (or ``y``).
+  wins, else NCHW), and optional integer ``labels`` (or ``y``). Instead of images, ``latents`` (float [N, C, …],
+  any channels and range: a VAE's encodings) or ``points`` ([N, D]); instead of labels, each sample's encoded
+  prompt: ``embeds`` [N, L, D] with optional ``mask``, ``pooled``, ``extra.*`` and the negative prompt's
+  ``null.*`` (the keys of `diffusion.condition.Condition.state`).
 
 8-bit pixels map to [-1, 1] by p/127.5 − 1 (16-bit greyscale by p/32767.5 − 1). All images must share one size and
 one channel count; problems raise `UserError` with a one-line message naming the fix.
@@ -26,6 +29,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from diffdistill.data.base import Dataset
+from diffdistill.diffusion.condition import Condition
 from diffdistill.data.digits import load_digits_dataset
 from diffdistill.data.toy2d import TOY2D_NAMES, make_toy2d
 from diffdistill.errors import UserError
@@ -181,6 +185,14 @@ def load_edm_zip(path: PathLike) -> Dataset:
     return Dataset(x, labels, kind="images", name=p.stem)
 
 
+def _npz_conditions(data, p: Path):
+    """The per-sample prompt embeddings of an .npz dataset (None when it has no ``embeds``)."""
+    if "embeds" not in data.files:
+        return None
+    keys = [k for k in data.files if k in ("embeds", "mask", "pooled") or k.startswith(("extra.", "null."))]
+    return Condition.from_state({k: np.asarray(data[k]) for k in keys})
+
+
 def _npz_images(arr: np.ndarray, where: str) -> np.ndarray:
     if arr.ndim >= 1 and arr.shape[0] == 0:
         raise UserError(f"the image array in {where} is empty; save at least one image")
@@ -222,6 +234,13 @@ def load_npz(path: PathLike) -> Dataset:
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise UserError(f"{str(p)!r} holds a single array, not an .npz archive; save it with numpy.savez(path, x=images)")
     with data:
+        conditions = _npz_conditions(data, p)
+        for key, kind in (("latents", "latents"), ("points", "points")):
+            if key in data.files:
+                arr = np.asarray(data[key], dtype=np.float32)
+                if not np.isfinite(arr).all():
+                    raise UserError(f"{str(p)!r}: the {key} hold NaN or inf values; fix them")
+                return Dataset(arr, None, kind=kind, name=p.stem, conditions=conditions)
         key = next((k for k in NPZ_IMAGE_KEYS if k in data.files), None)
         if key is None:
             raise UserError(f"no image array in {str(p)!r} (found keys {data.files}); store the images under 'x' "
@@ -238,7 +257,15 @@ def load_npz(path: PathLike) -> Dataset:
     x = _npz_images(arr, repr(str(p)))
     if labels is not None and not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
         raise UserError(f"labels in {str(p)!r} have dtype {labels.dtype}; store integer class indices 0..K-1")
-    return Dataset(x, labels, kind="images", name=p.stem)
+    return Dataset(x, labels, kind="images", name=p.stem, conditions=conditions)
+
+
+def _npz_conditions(data, p: Path):
+    """The per-sample prompt embeddings of an .npz dataset (None when it has no ``embeds``)."""
+    if "embeds" not in data.files:
+        return None
+    keys = [k for k in data.files if k in ("embeds", "mask", "pooled") or k.startswith(("extra.", "null."))]
+    return Condition.from_state({k: np.asarray(data[k]) for k in keys})
 
 
 def load_dataset(spec: PathLike, n: int = 10000, seed: int = 0) -> Dataset:

@@ -85,6 +85,10 @@ class Condition:
             idx = torch.as_tensor(idx, dtype=torch.int64, device=self.embeds.device).reshape(-1)
         return self._map(lambda t: t[idx], null=False)
 
+    def __getitem__(self, idx) -> "Condition":
+        """``c[idx]`` = ``c.rows(idx)``: a batch is sliced like a tensor's first dimension."""
+        return self.rows(idx)
+
     def to(self, device=None, dtype=None) -> "Condition":
         """Moved to ``device``; floating fields cast to ``dtype`` (the mask and integer ids keep theirs)."""
         def move(t):
@@ -145,6 +149,11 @@ class Condition:
 
     @classmethod
     def from_state(cls, state: dict) -> "Condition":
+        state = {k: torch.as_tensor(v) for k, v in state.items()}
+        for k, v in state.items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise UserError(f"the prompt embeddings' {k!r} hold NaN or inf values; re-encode them")
+
         def build(prefix):
             extra = {k[len(prefix) + 6:]: torch.as_tensor(v) for k, v in state.items()
                      if k.startswith(prefix + "extra.")}
@@ -160,6 +169,30 @@ class Condition:
 
 
 Cond = Union[None, torch.Tensor, Condition]
+
+
+def conditioning_of(net) -> str:
+    """'embeddings', 'labels' or 'none': what a Denoiser is conditioned on."""
+    if getattr(net, "embedding_signature", None) is not None:
+        return "embeddings"
+    return "labels" if int(getattr(net, "label_dim", 0) or 0) else "none"
+
+
+def check_bank(net, bank: Optional[Condition], what: str) -> None:
+    """Refuse, before any work, an embedding-conditioned ``net`` without a condition bank (or with one whose
+    fields do not fit it)."""
+    if conditioning_of(net) != "embeddings":
+        return
+    if bank is None:
+        raise UserError(f"{what} is conditioned on text embeddings: give the encoded prompts with --prompts FILE "
+                        f"(.npz / .safetensors with 'embeds' [N, L, D], optional 'mask', 'pooled', 'extra.*', and "
+                        f"'null.*' for the negative prompt), or a dataset that carries them")
+    want, got = {k: tuple(v) for k, v in dict(net.embedding_signature).items()}, bank.signature
+    if "mask" not in want:   # an attention mask is optional unless the network requires one
+        got.pop("mask", None)
+    if want != got:
+        raise UserError(f"the prompts' fields {got} do not fit {what}, which takes {want}: encode them with "
+                        f"the teacher's own text encoder(s)")
 
 
 def is_embedding(c: Cond) -> bool:
@@ -203,8 +236,32 @@ def drop(c: Cond, keep: torch.Tensor) -> Cond:
         return None
     if isinstance(c, Condition):
         return c.where(keep)
-    return c * keep.reshape(-1, 1).to(c.device, c.dtype)
+    return c * keep.reshape(-1, 1).to(c.device, c.dtype)   # EDM's rule, bit for bit: labels × [u ≥ p]
 
 
 def to_device(c: Cond, device) -> Cond:
     return None if c is None else c.to(device)
+
+
+def load_conditions(path) -> Condition:
+    """Encoded prompts from a file: ``.npz`` or ``.safetensors`` with the keys of `Condition.state` (``embeds``
+    [N, L, D]; optional ``mask``, ``pooled``, ``extra.*``; ``null.*`` = the negative prompt, one row)."""
+    from pathlib import Path
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"prompts file not found: {str(p)!r}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(p))
+        elif p.suffix == ".npz":
+            import numpy as np
+            with np.load(p, allow_pickle=False) as data:
+                state = {k: data[k] for k in data.files}
+        else:
+            raise UserError(f"prompts file {str(p)!r}: use .npz or .safetensors")
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot read the prompts file {str(p)!r}: {type(e).__name__}: {str(e)[:120]}") from None
+    return Condition.from_state(state)

@@ -10,7 +10,8 @@ that is D_{w+1} here.
 
 The null condition of a class-conditional net is the all-zero label vector: EDM's label dropout multiplies the
 one-hot label by a Bernoulli mask (NVlabs/edm training/networks.py, ``class_labels * (rand >= label_dropout)``), so a
-net trained with dropout has learned the zero vector as "no class".
+net trained with dropout has learned the zero vector as "no class". An embedding-conditioned (text-to-image) net's
+null is the encoded empty or negative prompt that its `Condition` carries (``condition.null_of``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import condition as cond
 
-def null_labels(labels: torch.Tensor) -> torch.Tensor:
-    """The null condition for a batch of one-hot labels (all zeros)."""
-    return torch.zeros_like(labels)
+
+def null_labels(labels):
+    """The null condition of a batch: all-zero one-hot labels, or the negative prompt of a `Condition`."""
+    return cond.null_of(labels)
 
 
 def drop_labels(labels, p: float, generator: torch.Generator | None = None, uniform: torch.Tensor | None = None):
@@ -31,8 +34,8 @@ def drop_labels(labels, p: float, generator: torch.Generator | None = None, unif
     stream."""
     if labels is None or p <= 0:
         return labels
-    u = torch.rand(labels.shape[0], 1, generator=generator) if uniform is None else uniform.reshape(-1, 1)
-    return labels * (u >= p).to(labels.device, labels.dtype)
+    u = torch.rand(cond.batch_len(labels), 1, generator=generator) if uniform is None else uniform.reshape(-1, 1)
+    return cond.drop(labels, (u >= p).reshape(-1))
 
 
 def guided_denoise(net, x: torch.Tensor, sigma: torch.Tensor, labels, scale: float) -> torch.Tensor:
@@ -44,7 +47,7 @@ def guided_denoise(net, x: torch.Tensor, sigma: torch.Tensor, labels, scale: flo
         return net(x, sigma, null_labels(labels))
     sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
     d_null, d_cond = net(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                         torch.cat([null_labels(labels), labels])).chunk(2)
+                         cond.cat([null_labels(labels), labels])).chunk(2)
     return d_null + scale * (d_cond - d_null)
 
 

@@ -40,15 +40,16 @@ def _sha256(path) -> str | None:
 
 
 def sampling_spec_for(state: dict, steps: int | None = None, sampler: str | None = None,
-                      options: dict | None = None, guidance: float | None = None) -> dict:
+                      options: dict | None = None, guidance: float | None = None, prompts=None) -> dict:
     """The checkpoint's sampling recipe with the user's changes (``_sampling_spec``) and, when given, a
-    classifier-free guidance scale (``generate``'s ``'guidance'``)."""
+    classifier-free guidance scale (``generate``'s ``'guidance'``, checked against the network there) and an
+    encoded-prompts file (default: the run's ``data.prompts``)."""
     spec = _sampling_spec(state, steps, sampler, options)
     if guidance is not None:
-        if not (state.get("net_config") or {}).get("label_dim"):
-            raise UserError(f"--guidance {guidance:g} needs a class-conditional network; this checkpoint's has no "
-                            f"labels (label_dim 0)")
         spec["guidance"] = float(guidance)
+    prompts = prompts or ((state.get("config") or {}).get("data") or {}).get("prompts")
+    if prompts:
+        spec["prompts"] = str(prompts)
     return spec
 
 
@@ -240,7 +241,7 @@ def evaluate_net(net, spec: dict, data_cfg: dict | None, num_samples: int = 2000
 
 def evaluate_checkpoint(path, steps=None, sampler=None, num_samples=2000, seed=0, device="cpu",
                         inception: dict | None = None, seeds=None, data: dict | None = None,
-                        sampler_options: dict | None = None, guidance: float | None = None) -> dict:
+                        sampler_options: dict | None = None, guidance: float | None = None, prompts=None) -> dict:
     """metrics.json of a checkpoint. ``inception`` (``{'extractor': TorchScriptExtractor, 'reference': Reference,
     'kid': bool, 'pr': bool, 'batch_size': int}``) replaces the data kind's built-in figures with Inception
     FID/KID/precision-recall and their recipe (eval/inception.py). ``data`` (a data section, e.g. ``{'name':
@@ -248,7 +249,7 @@ def evaluate_checkpoint(path, steps=None, sampler=None, num_samples=2000, seed=0
     records none. ``seeds`` (a list) replaces seed..seed+num_samples−1. ``sampler_options``: a teacher sampler's
     keyword options (``sampling_spec_for``)."""
     net, state = load_for_sampling(path, device)
-    spec = sampling_spec_for(state, steps, sampler, sampler_options, guidance)
+    spec = sampling_spec_for(state, steps, sampler, sampler_options, guidance, prompts)
     data_cfg = data or state["config"].get("data")
     if seeds is not None:
         seeds = list(seeds)

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from ..diffusion import condition as cond
 from ..diffusion.guidance import GuidedDenoiser
 from ..diffusion.samplers import sample
 from ..errors import UserError
@@ -58,20 +59,21 @@ def images_to_uint8_pixels(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", class_labels=None,
-             label_rule: str | None = None, clip: bool | None = None):
+             label_rule: str | None = None, clip: bool | None = None, conditions=None):
     """Generate one sample per seed with ``spec`` (``{'sampler', 'nfe'}`` or ``{'sampler', 'sigmas'}``, optionally
     ``'seed_labels'``: the class rule, 'mod' by default, and ``'sampler_options'``: the sampler's keyword options,
-    e.g. ``{'s_churn': 40}`` for the stochastic sampler), and ``'guidance'``: a classifier-free guidance scale w
-    for a class-conditional net (``GuidedDenoiser``; w ≠ 1 costs two network evaluations per step, counted in
-    ``nfe``).
+    e.g. ``{'s_churn': 40}`` for the stochastic sampler), ``'guidance'``: a classifier-free guidance scale w
+    for a conditional net (``GuidedDenoiser``; w ≠ 1 costs two network evaluations per step, counted in
+    ``nfe``), and ``'prompts'``: the encoded-prompts file of a net conditioned on embeddings — seed s gets
+    prompt s mod N (``conditions``, a `Condition`, gives them directly).
 
     Per seed, in EDM's order: the latent from the seed's generator, then (rule 'edm') its class from the same
     generator, then the sampler's fresh noise. ``class_labels`` (one-hot [N, L]) replaces the drawn classes (the
     'edm' draw still happens, as EDM's ``--class`` does). ``label_rule`` overrides the spec's rule; ``clip=False``
     keeps a consistency sampler's raw values.
 
-    Returns ``(samples [N, ...] float32 on CPU, labels one-hot or None, info)`` with ``info`` holding ``nfe`` (per
-    sample), ``seconds`` and ``images_per_second``. Samples are the sampler's values (no clamp is added here;
+    Returns ``(samples [N, ...] float32 on CPU, labels one-hot, a Condition or None, info)`` with ``info`` holding
+    ``nfe`` (per sample), ``seconds``, ``images_per_second`` and, for prompts, ``prompt_index``. Samples are the sampler's values (no clamp is added here;
     the consistency sampler clamps images itself, as the official one does).
     """
     seeds = list(seeds)
@@ -81,8 +83,17 @@ def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", c
     if rule not in SEED_LABEL_RULES:
         raise UserError(f"unknown seed label rule {rule!r}; choose one of: {', '.join(SEED_LABEL_RULES)}")
     w = float(spec.get("guidance", 1.0))
-    if w != 1.0 and not L:
-        raise UserError(f"guidance {w:g} needs a class-conditional network; this one has no labels (label_dim 0)")
+    kind = cond.conditioning_of(denoiser)
+    if w != 1.0 and kind == "none":
+        raise UserError(f"--guidance {w:g} needs a conditional network (class labels or prompts); this one is "
+                        f"unconditional")
+    if kind == "embeddings" and conditions is None:
+        if not spec.get("prompts"):
+            raise UserError("this network is conditioned on text embeddings: give the encoded prompts with "
+                            "--prompts FILE")
+        conditions = cond.load_conditions(spec["prompts"])
+    if conditions is not None:
+        cond.check_bank(denoiser, conditions, "this network")
     net = GuidedDenoiser(denoiser, w) if w != 1.0 else denoiser
     out, labels_out, nfe, t0 = [], [], 0, time.perf_counter()
     was_training = denoiser.training
@@ -94,8 +105,10 @@ def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", c
         labels = seed_labels(chunk, L, rule, gens) if L else None
         if class_labels is not None:
             labels = class_labels[i:i + batch_size]
+        if kind == "embeddings":
+            labels = conditions.rows(torch.tensor(chunk) % len(conditions))
         if labels is not None:
-            labels_out.append(labels.cpu())
+            labels_out.append(labels.to("cpu"))
             labels = labels.to(device)
         x, nfe = sample(net, noise, spec["sampler"], sigmas=spec.get("sigmas"), nfe=spec.get("nfe"),
                         labels=labels, generator=gens, clip=clip, options=spec.get("sampler_options"))
@@ -104,4 +117,6 @@ def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", c
     secs = time.perf_counter() - t0
     nfe = nfe * (2 if w not in (0.0, 1.0) else 1)
     info = {"nfe": nfe, "seconds": secs, "images_per_second": len(seeds) / max(secs, 1e-9)}
-    return torch.cat(out), (torch.cat(labels_out) if labels_out else None), info
+    if kind == "embeddings":
+        info["prompt_index"] = (torch.tensor(seeds) % len(conditions)).tolist()
+    return torch.cat(out), (cond.cat(labels_out) if labels_out else None), info

@@ -61,6 +61,9 @@ class MethodContext:
     # micro-batch its rows of the whole batch's draws. Default: plain draws from ``generator``.
     draws: Optional[Draws] = None
     lora: Any = None                     # the run's LoRAOptions when ``lora.rank`` is set (``trainable_copies``)
+    # Embedding conditions (encoded prompts, a `Condition` of N rows) that data-free draws pick from, for
+    # teachers conditioned on text embeddings (``--prompts`` or the dataset's own); None otherwise.
+    conditions: Any = None
 
     def __post_init__(self):
         if self.draws is None:

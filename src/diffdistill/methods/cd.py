@@ -46,6 +46,7 @@ from ..diffusion.consistency import consistency_function
 from ..diffusion.precond import conditioned_sigma_max
 from ..diffusion.samplers import consistency_sigmas, heun_step
 from ..diffusion.schedules import karras_sigmas
+from ..diffusion import condition as cond
 from ..errors import UserError
 from ..options import option
 from ..train.ema import EMAOptions
@@ -217,11 +218,12 @@ class ConsistencyDistillation(Method):
         return ["student"]
 
     def labels_of(self, batch):
-        if not self.label_dim:
+        if cond.conditioning_of(self.teacher) == "none":
             return None
         if batch is None or batch[1] is None:
-            raise UserError("this teacher is class-conditional: consistency distillation needs labelled data")
-        return batch[1].to(self.ctx.device)
+            raise UserError("this teacher is conditional: consistency distillation needs data that carries its "
+                            "conditions (class labels or prompt embeddings)")
+        return cond.to_device(batch[1], self.ctx.device)
 
     def loss(self, phase, batch, step):
         if phase != "student":
@@ -242,7 +244,7 @@ class ConsistencyDistillation(Method):
         """A one-step sample f_θ(T·z, T) with grad into θ (fresh z), labels from the real batch: what a supplement
         such as the embedding loss compares with real data (this project's choice; the paper pairs CD with none)."""
         n = self.ctx.micro_batch_size if batch is None else len(batch[0])
-        labels = self.labels_of(batch) if self.label_dim else None
+        labels = self.labels_of(batch)
         z = self.ctx.draws.randn((n,) + self.shape).to(self.ctx.device)
         x = consistency_function(self.student, z * self.sigma_max, self.sigma_max, labels, self.sigma_min)
         return x, labels

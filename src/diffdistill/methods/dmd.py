@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from ..diffusion import condition as cond
 from ..diffusion.guidance import GuidedDenoiser
 from ..diffusion.samplers import heun_sampler
 from ..diffusion.schedules import karras_sigmas
@@ -54,14 +55,22 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def teacher_fingerprint(net: torch.nn.Module) -> str:
     """A short hash of a network's weights, to tie stored pairs to the teacher that made them."""
+    return tensors_fingerprint(net.state_dict())
+
+
+def tensors_fingerprint(tensors: dict) -> str:
     h = hashlib.sha256()
-    for k, v in sorted(net.state_dict().items()):
+    for k, v in sorted(tensors.items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def _chunk_labels(start: int, n: int, label_dim: int):
+def _chunk_labels(start: int, n: int, label_dim: int, conditions=None):
+    """Conditions of pairs start..start+n−1: (index mod label_dim) one-hot, or row (index mod N) of the
+    prompt bank of an embedding-conditioned teacher."""
+    if conditions is not None:
+        return conditions.rows(torch.arange(start, start + n) % len(conditions))
     if not label_dim:
         return None
     return torch.nn.functional.one_hot(torch.arange(start, start + n) % label_dim, label_dim).float()
@@ -69,14 +78,16 @@ def _chunk_labels(start: int, n: int, label_dim: int):
 
 @torch.no_grad()
 def teacher_pairs(teacher, num_pairs: int, path=None, seed: int = 0, chunk_size: int = 256, heun_steps: int = 18,
-                  device="cpu", say=print, guidance: float = 1.0):
+                  device="cpu", say=print, guidance: float = 1.0, conditions=None):
     """(z_ref, y_ref, labels): ``num_pairs`` noises and the teacher's Heun-ODE outputs from σ_max·z_ref
     (``heun_steps`` Karras steps, 2·heun_steps − 1 NFE; 18 → 35). Chunk i holds pairs [i·chunk, (i+1)·chunk);
     its noise comes from a generator seeded by (seed, i) and its labels are (index mod label_dim) one-hot.
 
     With ``path`` the chunks are read from / written to ``path/pairs-XXXXX.pt`` (atomic writes), so an interrupted
     generation resumes; a chunk made by another teacher or with other settings raises a UserError. ``guidance``:
-    the teacher's CFG scale on the ODE (the guided teacher whose distribution the DM loss targets)."""
+    the teacher's CFG scale on the ODE (the guided teacher whose distribution the DM loss targets).
+    ``conditions``: the prompt bank (a `Condition`) of a teacher conditioned on embeddings; pair i gets its row
+    i mod N."""
     if num_pairs < 1:
         raise UserError(f"num_pairs must be positive, got {num_pairs}")
     shape = tuple(teacher.sample_shape)
@@ -84,6 +95,8 @@ def teacher_pairs(teacher, num_pairs: int, path=None, seed: int = 0, chunk_size:
     sigmas = karras_sigmas(heun_steps, teacher.sigma_min, teacher.sigma_max)
     meta = {"teacher": teacher_fingerprint(teacher), "num_pairs": int(num_pairs), "chunk_size": int(chunk_size),
             "seed": int(seed), "heun_steps": int(heun_steps), "shape": list(shape), "label_dim": L}
+    if conditions is not None:
+        meta["conditions"] = tensors_fingerprint(conditions.state())
     if guidance != 1:   # (unguided chunks keep the meta they always had)
         meta["guidance"] = float(guidance)
         teacher = GuidedDenoiser(teacher, guidance)
@@ -107,7 +120,7 @@ def teacher_pairs(teacher, num_pairs: int, path=None, seed: int = 0, chunk_size:
                 + (f" into {root}" if root else ""))
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + i)
         z = torch.randn((chunk_size,) + shape, generator=g)[:n]  # full-chunk draw: independent of num_pairs
-        labels = _chunk_labels(start, n, L)
+        labels = _chunk_labels(start, n, L, conditions)
         y, _ = heun_sampler(teacher, z.to(device), sigmas, None if labels is None else labels.to(device))
         y = y.float().cpu()
         made += n
@@ -115,7 +128,7 @@ def teacher_pairs(teacher, num_pairs: int, path=None, seed: int = 0, chunk_size:
             atomic_write(f, lambda tmp: torch.save({"z": z, "y": y, "meta": json.dumps(meta)}, tmp))
         zs.append(z)
         ys.append(y)
-    return torch.cat(zs), torch.cat(ys), _chunk_labels(0, num_pairs, L)
+    return torch.cat(zs), torch.cat(ys), _chunk_labels(0, num_pairs, L, conditions)
 
 
 @dataclass
@@ -160,7 +173,8 @@ class DMD(DistributionMatchingMethod):
         say = (lambda m: print(f"[diffdistill] {m}", flush=True)) if dist.rank() == 0 else (lambda m: None)
         if o.reg_weight > 0:
             z, y, lab = teacher_pairs(self.teacher, o.num_pairs, pairs_path, o.pairs_seed, o.pairs_chunk,
-                                      o.heun_steps, ctx.device, say, guidance=o.guidance_real)
+                                      o.heun_steps, ctx.device, say, guidance=o.guidance_real,
+                                      conditions=ctx.conditions if self.conditioning == "embeddings" else None)
         else:
             z = y = lab = None
         self.z_ref = None if z is None else z.to(ctx.device)
@@ -195,7 +209,7 @@ class DMD(DistributionMatchingMethod):
             idx = idx.to(self.z_ref.device)
             z = torch.cat([z, self.z_ref[idx]])
             if labels is not None:
-                labels_all = torch.cat([labels, self.labels_ref[idx]])
+                labels_all = cond.cat([labels, cond.rows(self.labels_ref, idx)])
         out = self.G(z * self.sigma_max, torch.full((z.shape[0],), self.sigma_max, device=z.device), labels_all)
         x = out[:n]
         self._cache = {key: v for key, v in (self._cache or {}).items() if key[0] == step}

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..diffusion import condition as cond
 from ..errors import UserError
 from ..options import UNBOUNDED_STEPS, option
 from ..train.ema import EMAOptions
@@ -112,11 +113,14 @@ def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return F.softplus(-logits_fake).mean()
 
 
-def build_gan_head(fake, sample_shape: tuple, label_dim: int) -> nn.Module:
-    """A head that fits the fake-score network's bottleneck (probed with one dummy forward)."""
+def build_gan_head(fake, sample_shape: tuple, label_dim: int, example_condition=None) -> nn.Module:
+    """A head that fits the fake-score network's bottleneck (probed with one dummy forward; an
+    embedding-conditioned net is probed with ``example_condition``, one row of its prompts)."""
     param = next(fake.parameters())
     x = torch.zeros((1,) + tuple(sample_shape), device=param.device)
     y = torch.zeros(1, label_dim, device=param.device) if label_dim else None
+    if example_condition is not None:
+        y = example_condition.rows([0]).to(param.device)
     with torch.no_grad():
         feats = fake(x, torch.ones(1, device=param.device), y, bottleneck_only=True)
     head = ImageGANHead(feats.shape[1]) if feats.ndim == 4 else PointGANHead(feats.shape[1])
@@ -213,7 +217,8 @@ class DMD2(DistributionMatchingMethod):
         self.critic_t_range = (o.critic_t_min, o.critic_t_max)
         self.head = None
         if self.gan_weight > 0:
-            self.head = build_gan_head(self.fake, self.shape, self.label_dim)
+            self.head = build_gan_head(self.fake, self.shape, self.label_dim,
+                                       ctx.conditions if self.conditioning == "embeddings" else None)
             self.nets["gan_head"] = self.head
         critic_params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head else [])
         adamw = dict(betas=o.betas, weight_decay=o.weight_decay)
@@ -306,10 +311,13 @@ class DMD2(DistributionMatchingMethod):
             if batch is None:
                 raise UserError("DMD2's GAN term needs real data: give --data, or set method.gan_weight=0")
             real, real_labels = batch[0].to(x.device), None
-            if self.label_dim:
-                real_labels = batch[1].to(x.device)
+            if self.conditioning != "none":
+                if batch[1] is None:
+                    raise UserError("DMD2's GAN term on a conditional teacher needs the real images' conditions: "
+                                    "give data that carries them, or set method.gan_weight=0")
+                real_labels = cond.to_device(batch[1], x.device)
             both = torch.cat([real, x])
-            both_labels = None if labels is None else torch.cat([real_labels, labels])
+            both_labels = None if labels is None else cond.cat([real_labels, labels])
             logits = self.gan_logits(both, both_labels, groups=2)
             l_d = gan_critic_loss(logits[:len(real)], logits[len(real):])
             loss = loss + self.gan_critic_weight * l_d

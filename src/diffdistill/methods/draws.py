@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..diffusion.condition import Condition, batch_len
 from ..errors import UserError
 
 
@@ -114,11 +115,14 @@ class Draws:
             self._tape.append(("rows", n, groups, full))
         else:
             full = self._next("rows", n, groups)
-        if full.shape[0] != n * parts:
-            raise RuntimeError(f"a per-sample draw returned {full.shape[0]} rows for {n * parts}")
+        if batch_len(full) != n * parts:
+            raise RuntimeError(f"a per-sample draw returned {batch_len(full)} rows for {n * parts}")
         if n % groups:
             raise RuntimeError(f"{n} rows do not split into {groups} groups")
         per, block = n // groups, self.rank * self.parts + self.part
+        if isinstance(full, Condition):   # embedding conditions: the same rows, by index
+            starts = torch.arange(groups) * (per * parts) + block * per
+            return full.rows((starts[:, None] + torch.arange(per)[None]).reshape(-1))
         blocks = full.reshape((groups, per * parts) + tuple(full.shape[1:]))
         rows = blocks[:, block * per:(block + 1) * per]
         return rows.reshape((n,) + tuple(full.shape[1:]))

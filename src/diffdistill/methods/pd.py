@@ -44,6 +44,7 @@ import torch
 
 from ..diffusion.samplers import ddim_step
 from ..diffusion.schedules import karras_sigmas
+from ..diffusion import condition as cond
 from ..errors import UserError
 from ..options import Options, option
 from ..train.lr import warmup_lambda
@@ -350,7 +351,8 @@ class ProgressiveDistillation(Method):
         if batch is None:
             raise UserError(f"method {self.name!r} trains on real data: give --data (default: the teacher's data)")
         x = batch[0].to(self.ctx.device)
-        labels = batch[1].to(self.ctx.device) if (self.label_dim and batch[1] is not None) else None
+        labels = (cond.to_device(batch[1], self.ctx.device)
+                  if cond.conditioning_of(self.teacher) != "none" and batch[1] is not None else None)
         sigma, sigma_mid, sigma_next = self.stage_sigmas(len(x))
         noise = self.ctx.draws.randn(x.shape).to(x.device)
         x_s = x + _bview(sigma, x) * noise

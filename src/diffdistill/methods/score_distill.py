@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..diffusion import condition as cond
 from ..diffusion.guidance import guided_denoise
 from ..diffusion.losses import WEIGHTINGS, edm_loss, loss_weight
 from ..diffusion.precond import conditioned_sigma_max
@@ -273,9 +274,11 @@ class FakeScoreMethod(Method):
         self.nets["fake_score"] = self.fake
         self.shape = tuple(self.teacher.sample_shape)
         self.label_dim = int(getattr(self.teacher, "label_dim", 0) or 0)
-        if self.opts.guided() and not self.label_dim:
-            raise UserError(f"{self.name}: classifier-free guidance (method.guidance_*) needs a class-conditional "
-                            f"teacher; this one has no labels: leave the guidance scales at 1")
+        self.conditioning = cond.conditioning_of(self.teacher)
+        cond.check_bank(self.teacher, ctx.conditions, "the teacher")
+        if self.opts.guided() and self.conditioning == "none":
+            raise UserError(f"{self.name}: classifier-free guidance (method.guidance_*) needs a conditional "
+                            f"teacher; this one is unconditional: leave the guidance scales at 1")
         # The generator phase's samples, with grad (set by each method's generator loss; see ``generated_batch``).
         self.generated = None
         self.generated_labels = None
@@ -297,16 +300,21 @@ class FakeScoreMethod(Method):
     def labels_for(self, batch, n: int):
         """Labels for n generated samples: the real batch's labels when there are some, else random one-hot;
         None for unconditional models."""
-        if not self.label_dim:
+        if self.conditioning == "none":
             return None
-        if batch is not None and batch[1] is not None and len(batch[1]) >= n:
-            return batch[1][:n].to(self.ctx.device)
+        if batch is not None and batch[1] is not None and cond.batch_len(batch[1]) >= n:
+            return cond.to_device(cond.rows(batch[1], slice(0, n)), self.ctx.device)
         return self.random_labels(n)
 
     def random_labels(self, n: int):
-        """n uniformly random one-hot labels from the trainer's generator (None for unconditional models)."""
-        if not self.label_dim:
+        """n uniformly random one-hot labels from the trainer's generator — or, for a teacher conditioned on
+        embeddings, n uniformly random rows of the prompt bank (None for unconditional models)."""
+        if self.conditioning == "none":
             return None
+        if self.conditioning == "embeddings":
+            bank = self.ctx.conditions
+            idx = self.ctx.draws.per_sample(n, lambda m, g: torch.randint(len(bank), (m,), generator=g))
+            return bank.rows(idx).to(self.ctx.device)
         L = self.label_dim
         return self.ctx.draws.per_sample(n, lambda m, g: random_onehot(m, L, g)).to(self.ctx.device)
 

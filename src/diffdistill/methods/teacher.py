@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..diffusion.condition import conditioning_of
 from ..diffusion.guidance import drop_labels
 from ..diffusion.losses import edm_loss
 from ..diffusion.schedules import sample_lognormal_sigma
@@ -80,7 +81,7 @@ class EDMTeacher(Method):
 
     def training_labels(self, labels):
         """The batch's labels with ``label_dropout`` applied (None for an unconditional net)."""
-        if not self.nets["net"].label_dim:
+        if conditioning_of(self.nets["net"]) == "none":
             return None
         if labels is None or self.opts.label_dropout <= 0:
             return labels

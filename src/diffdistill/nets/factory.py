@@ -46,9 +46,16 @@ def build_denoiser(cfg: dict) -> Precond:
     kind = cfg.get("precond", "edm")
     if kind not in PRECONDS:
         raise UserError(f"unknown preconditioning {kind!r}; use one of {', '.join(PRECONDS)}")
-    return PRECONDS[kind](model, img_channels=C, img_resolution=R, label_dim=L,
-                          sigma_data=cfg.get("sigma_data", 0.5), sigma_min=cfg.get("sigma_min", 0.002),
-                          sigma_max=cfg.get("sigma_max", 80.0), **dict(cfg.get("precond_kwargs") or {}))
+    net = PRECONDS[kind](model, img_channels=C, img_resolution=R, label_dim=L,
+                         sigma_data=cfg.get("sigma_data", 0.5), sigma_min=cfg.get("sigma_min", 0.002),
+                         sigma_max=cfg.get("sigma_max", 80.0), **dict(cfg.get("precond_kwargs") or {}))
+    if getattr(model, "map_prompt", None) is not None:   # conditioned on prompt embeddings (kwargs.embed_dim)
+        tokens = int(cfg.get("prompt_tokens") or 0)
+        if tokens <= 0 or L:
+            raise UserError("a network with kwargs.embed_dim takes prompt embeddings: set net.prompt_tokens (the "
+                            "embeddings' sequence length) and net.label_dim=0")
+        net.embedding_signature = model.map_prompt.signature(tokens)
+    return net
 
 
 def count_params(module) -> int:

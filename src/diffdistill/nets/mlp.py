@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpointing import ActivationCheckpointing
+from .prompt_embedding import PromptEmbedding
 from .songunet import Linear, PositionalEmbedding
 
 
@@ -31,11 +32,14 @@ class MLPDenoiserNet(ActivationCheckpointing, nn.Module):
 
     block_types = (MLPBlock,)
 
-    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, emb_dim: int = 64, label_dim: int = 0):
+    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, emb_dim: int = 64, label_dim: int = 0,
+                 embed_dim: int = 0, pooled_dim: int = 0):
+        """``embed_dim`` (> 0, instead of ``label_dim``): conditioned on prompt embeddings (`PromptEmbedding`)."""
         super().__init__()
         self.dim, self.label_dim = dim, label_dim
         self.map_noise = PositionalEmbedding(emb_dim, endpoint=True)
         self.map_label = Linear(label_dim, emb_dim) if label_dim else None
+        self.map_prompt = PromptEmbedding(embed_dim, emb_dim, pooled_dim) if embed_dim else None
         self.map_layer0 = Linear(emb_dim, hidden)
         self.map_layer1 = Linear(hidden, hidden)
         self.inp = Linear(dim, hidden)
@@ -54,6 +58,8 @@ class MLPDenoiserNet(ActivationCheckpointing, nn.Module):
                 raise ValueError(f"this MLPDenoiserNet is class-conditional (label_dim={self.label_dim}): pass "
                                  f"class_labels, one-hot of shape [B, {self.label_dim}]")
             emb = emb + self.map_label(class_labels.to(emb.dtype) * math.sqrt(self.label_dim))
+        if self.map_prompt is not None:
+            emb = emb + self.map_prompt(class_labels, emb.dtype)
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
         h = self.inp(x)
         for block in self.blocks:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpointing import ActivationCheckpointing
+from .prompt_embedding import PromptEmbedding
 
 
 def weight_init(shape, mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
@@ -215,7 +216,7 @@ class SongUNet(ActivationCheckpointing, nn.Module):
                  channel_mult_emb: int = 4, num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),
                  dropout: float = 0.10, label_dropout: float = 0, embedding_type: str = 'positional',
                  channel_mult_noise: int = 1, encoder_type: str = 'standard', decoder_type: str = 'standard',
-                 resample_filter: Sequence[int] = (1, 1)):
+                 resample_filter: Sequence[int] = (1, 1), embed_dim: int = 0, pooled_dim: int = 0):
         if embedding_type not in ('positional', 'fourier'):
             raise ValueError(f"embedding_type must be 'positional' or 'fourier', got {embedding_type!r}")
         if encoder_type not in ('standard', 'skip', 'residual') or decoder_type not in ('standard', 'skip'):
@@ -238,6 +239,8 @@ class SongUNet(ActivationCheckpointing, nn.Module):
         self.map_noise = PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == 'positional' \
             else FourierEmbedding(noise_channels)
         self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
+        # embed_dim > 0: conditioned on prompt embeddings instead (this project's addition, not EDM's)
+        self.map_prompt = PromptEmbedding(embed_dim, noise_channels, pooled_dim) if embed_dim else None
         self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
@@ -300,6 +303,8 @@ class SongUNet(ActivationCheckpointing, nn.Module):
             if self.training and self.label_dropout:
                 y = y * (torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout).to(y.dtype)
             emb = emb + self.map_label(y * math.sqrt(self.map_label.in_features))
+        if self.map_prompt is not None:
+            emb = emb + self.map_prompt(class_labels, emb.dtype)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))

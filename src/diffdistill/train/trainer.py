@@ -18,6 +18,7 @@ import torch
 
 from ..config import check_device, per_process_batch
 from ..data import dataset_from_config as load_dataset
+from ..diffusion import condition as cond
 from ..diffusion.precond import conditioned_sigma_max
 from ..errors import UserError
 from ..eval.generate import generate
@@ -101,11 +102,13 @@ def _set_rng_state(gen: torch.Generator, state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_data_matches_net(shape: tuple, num_classes: int, net_cfg: dict, teacher_net: bool = False) -> None:
+def check_data_matches_net(shape: tuple, num_classes: int, net_cfg: dict, teacher_net: bool = False,
+                           want: tuple | None = None) -> None:
     """Refuse data whose shape or label count does not fit the network, naming the fix. ``teacher_net``: the
-    network is a teacher's (distillation), whose shape cannot change — the data must fit it."""
+    network is a teacher's (distillation), whose shape cannot change — the data must fit it; ``want``: its
+    sample shape when the config's (C, R) do not give it (latents, video)."""
     C, R, L = net_cfg.get("img_channels"), net_cfg.get("img_resolution", 0), net_cfg.get("label_dim", 0)
-    want = (C, R, R) if R else (C,)
+    want = tuple(want) if want is not None else ((C, R, R) if R else (C,))
     if tuple(shape) != want and teacher_net:
         raise UserError(f"data samples have shape {tuple(shape)} but the teacher's network takes {want}, and a "
                         f"trained teacher's shape cannot change: give --data with {want} samples (resize or "
@@ -225,17 +228,22 @@ class Trainer:
             L = self.dataset.num_classes
             self.data_y = (torch.nn.functional.one_hot(self.dataset.labels, L).float().to(self.device)
                            if L and self.dataset.labels is not None else None)
+            if self.dataset.conditions is not None:   # each sample's encoded prompt
+                self.data_y = self.dataset.conditions.to(self.device)
             self.sampler = BatchSampler(len(self.dataset), run["batch_size"], run["seed"], self.rank, self.world)
+        # encoded prompts for an embedding-conditioned teacher (draws, sample grids, health checks)
+        self.conditions = conditions = self._condition_bank(cfg.get("data") or {}, teacher)
 
         net_cfg = cfg.get("net", {})
         shape = tuple(self.dataset.sample_shape) if self.dataset is not None else ()
         if shape and net_cfg:
-            check_data_matches_net(shape, getattr(self.dataset, "num_classes", 0), net_cfg, teacher is not None)
+            check_data_matches_net(shape, getattr(self.dataset, "num_classes", 0), net_cfg, teacher is not None,
+                                   want=None if teacher is None else tuple(teacher.sample_shape))
         ctx = MethodContext(device=self.device, generator=self.gen, batch_size=run["batch_size"],
                             world_size=self.world, net_config=net_cfg, teacher=teacher, teacher_path=teacher_path,
                             sample_shape=shape, num_classes=getattr(self.dataset, "num_classes", 0),
                             run_dir=str(self.out), data_name=(cfg.get("data") or {}).get("name"),
-                            draws=self.draws, lora=lora)
+                            draws=self.draws, lora=lora, conditions=conditions)
         self.method = method_cls(ctx, opts)
         self.teacher = ctx.teacher   # the method may wrap it (LoRA with a shared base: the base's teacher role)
         for net in list(self.method.nets.values()) + [ema.net for ema in self.method.emas.values()]:
@@ -471,6 +479,27 @@ class Trainer:
             if len(keep) != len(lines):
                 atomic_write(f, lambda tmp: Path(tmp).write_text("".join(keep)))
 
+    def _condition_bank(self, data_cfg: dict, teacher):
+        """The encoded prompts that data-free draws pick from (``data.prompts``, else the dataset's own), for a
+        teacher conditioned on embeddings; None for every other teacher (a teacher being trained: the data's)."""
+        if teacher is None:   # training a teacher: its sample grids use the data's own prompts
+            return None if self.dataset is None else self.dataset.conditions
+        if cond.conditioning_of(teacher) != "embeddings":
+            if data_cfg.get("prompts"):
+                raise UserError("data.prompts (--prompts) is for teachers conditioned on text embeddings; this "
+                                "teacher is not: remove it")
+            return None
+        if data_cfg.get("prompts"):
+            bank = cond.load_conditions(data_cfg["prompts"])
+        elif self.dataset is not None and self.dataset.conditions is not None:
+            bank = self.dataset.conditions
+        elif data_cfg.get("path"):   # a data-free method: the data set is read for its prompts only
+            bank = load_dataset(data_cfg).conditions
+        else:
+            bank = None
+        cond.check_bank(teacher, bank, "the teacher")
+        return bank.to(self.device)
+
     # ---------------------------------------------------------------- loop
     def _say(self, msg: str) -> None:
         if self.rank == 0:
@@ -480,7 +509,7 @@ class Trainer:
         if self.data_x is None:
             return None
         idx = self.sampler.indices(step).to(self.device)
-        return self.data_x[idx], (self.data_y[idx] if self.data_y is not None else None)
+        return self.data_x[idx], cond.rows(self.data_y, idx)
 
     def _nonfinite(self, what: str, phase: str, value=None, logs=None) -> bool:
         """Apply the NaN policy; returns True when the step must be skipped."""
@@ -883,13 +912,15 @@ class Trainer:
         if self.teacher is None or (self.rank != 0 and self.sharding is None):   # sharded: a collective forward
             return None
         spec = self.method.sampling_spec()
-        x, _, _ = generate(self.method.sampling_net(), range(n), spec, device=self.device, clip=False)
+        x, _, _ = generate(self.method.sampling_net(), range(n), spec, device=self.device, clip=False,
+                           conditions=self.conditions)
         if self.data_x is not None:
             pick = torch.randperm(len(self.data_x), generator=torch.Generator().manual_seed(0))[:max(n, 1024)]
             ref, what = self.data_x[pick.to(self.data_x.device)].cpu(), "data"
         else:
             teacher_spec = (self.cfg.get("teacher") or {}).get("sampling") or {"sampler": "heun", "nfe": 35}
-            ref, _, _ = generate(self.teacher, range(n), teacher_spec, device=self.device)
+            ref, _, _ = generate(self.teacher, range(n), teacher_spec, device=self.device,
+                                 conditions=self.conditions)
             what = "teacher's samples"
         hint = "Check the teacher's parameterisation and the method's input noise level."
         sigma = (spec.get("sigmas") or [None])[0]
@@ -909,7 +940,8 @@ class Trainer:
     def save_sample_grid(self) -> None:
         net = self.method.sampling_net()
         n = self.cfg["run"].get("num_sample_grid", 64) if net.img_resolution else 2000
-        x, _, _ = generate(net, range(n), self.method.sampling_spec(), device=self.device)
+        x, _, _ = generate(net, range(n), self.method.sampling_spec(), device=self.device,
+                           conditions=self.conditions)
         if self.rank != 0:
             return
         save_samples_png(x, self.out / "samples" / f"samples-{self.step:08d}.png",
