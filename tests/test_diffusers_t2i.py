@@ -19,6 +19,7 @@ from diffdistill.diffusion.precond import flow_sigma, shift_sigma
 from diffdistill.diffusion.samplers import euler_sampler
 from diffdistill.errors import UserError
 from diffdistill.io.load import convert_teacher, load_teacher
+from diffdistill.lora import resolve_targets
 from diffdistill.nets.factory import build_denoiser
 
 B = 2
@@ -276,8 +277,16 @@ def test_recorded_timestep_conventions(tmp_path):
     assert net.label_dim == 5 and net.embedding_signature is None and state["source"]["timestep"].startswith("the DDPM")
     # shape of one sample: the config's sample_size; video: (C, F, H, W); FLUX: the unpacked latent
     assert loaded(CASES["sd3"](), tmp_path, "sd3b")[0].sample_shape == (4, 8, 8)
-    wan, st, _ = loaded(CASES["wan"](), tmp_path, "wanb")
+    wan, st, root = loaded(CASES["wan"](), tmp_path, "wanb")
     assert wan.sample_shape == (4, 3, 4, 4) and st["net_config"]["sample_shape"] == [4, 3, 4, 4]
+    # without one: the pipelines' defaults (Wan: 81 frames of 480×832 through the folder's VAE factors; FLUX: 1024²)
+    assert load_teacher(root)[0].sample_shape == (4, 21, 60, 104)
+    (root / "vae").mkdir()
+    (root / "vae" / "config.json").write_text(json.dumps({"scale_factor_temporal": 4, "scale_factor_spatial": 16}))
+    assert load_teacher(root)[0].sample_shape == (4, 21, 30, 52)
+    case = CASES["flux"]()
+    flux_root = save(tmp_path / "fluxb", "transformer", case["model"], case["sched"])
+    assert load_teacher(flux_root)[0].sample_shape == (4, 128, 128)
 
 
 # ------------------------------------------------------------------------------------------------ rebuild
@@ -314,7 +323,7 @@ def test_rebuilt_from_net_config_equals_the_loaded_network(name, tmp_path):
         assert net.model.bottleneck_block == len(net.model.blocks()) // 2   # the middle block
         grid = tuple(n // p for n, p in zip(case["shape"][1:], net.model.patch()))
         assert feats.shape[0] == B and feats.shape[2:] == grid
-    from diffdistill.lora import resolve_targets   # LoRA's default layers exist in every class
+    # LoRA's default layers exist in every class
     assert any(t.endswith(".to_q") for t in resolve_targets(net, "diffusers_cond", None))
     tok = build_denoiser({**cfg, "adapter": {**cfg["adapter"], "bottleneck_layout": "tokens"}})
     tok.load_state_dict(state["sample_net"])
@@ -327,8 +336,9 @@ def test_convert_teacher_writes_a_verified_safetensors(tmp_path):
     """convert-teacher's reload check runs with an example condition that fits the signature."""
     case = CASES["sana"]()
     root = save(tmp_path / "sana", "transformer", case["model"], case["sched"])
-    meta = convert_teacher(root, tmp_path / "t.safetensors")
+    meta = convert_teacher(root, tmp_path / "t.safetensors", dropout=0.1)
     assert meta["verified_max_abs_diff"] == 0 and meta["source"]["format"] == "diffusers SanaTransformer2DModel"
+    assert meta["net_config"]["kwargs"]["dropout"] == 0.1   # --dropout reaches the config of the network
     net, _ = load_teacher(tmp_path / "t.safetensors")
     assert net.embedding_signature == {"embeds": (None, 12), "mask": (None,)}
 
