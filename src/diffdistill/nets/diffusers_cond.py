@@ -26,9 +26,10 @@ SanaTransformer2DModel   ``t.expand(B) · config.timestep_scale``, t from   embe
                          913-921; scheduling_dpmsolver_multistep.py:469)   passes it)
 DiTTransformer2DModel,   the DDPM timestep (pipeline_dit.py:202-204)       one-hot labels → class index; the
 Transformer2DModel (DiT)                                                   all-zero row → the null class
-                                                                           ``num_embeds_ada_norm`` (the pipeline's
-                                                                           ``class_null``, pipeline_dit.py:174;
-                                                                           LabelEmbedding's extra row)
+                                                                           ``num_embeds_ada_norm``, the row
+                                                                           LabelEmbedding.token_drop uses;
+                                                                           pipeline_dit.py:175 hardcodes it as
+                                                                           ImageNet's 1000
 WanTransformer3DModel    ``t.expand(B)`` = 1000·t (pipeline_wan.py:613)    embeds (umT5, padded by the pipeline)
 ======================== ================================================= =========================================
 
