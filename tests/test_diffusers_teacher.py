@@ -148,7 +148,7 @@ def test_missing_scheduler_or_foreign_folder_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no scheduler config"):
         load_diffusers_teacher(tmp_path / "unet_only")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="not a diffusers UNet2DModel folder"):
+    with pytest.raises(UserError, match="not a diffusers model folder"):
         load_diffusers_teacher(tmp_path / "empty")
     # a bare UNet folder with scheduler_config.json beside config.json is accepted
     DDPMScheduler().save_pretrained(str(tmp_path / "unet_only"))

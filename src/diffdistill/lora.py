@@ -44,6 +44,12 @@ DEFAULT_TARGETS = {
     "diffusers_unet2d": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                          "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
                          "time_emb_proj"],
+    # text-to-image UNets and transformers: the UNet layers above, plus the joint-attention and feed-forward
+    # projections of SD3 / FLUX / SANA / DiT / Wan blocks (those diffusers' SD3 and FLUX LoRA scripts target)
+    "diffusers_cond": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                       "proj_in", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+                       "proj_mlp", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+                       "time_emb_proj"],
 }
 
 

@@ -4,7 +4,8 @@ dict (``net_config``, ``sample_net``, ``sampling``, ``role``, ``method``, ``conf
 - a diffdistill training checkpoint (``.pt``, verified against its sha256 manifest),
 - an exported ``.safetensors`` (weights + JSON metadata, ``diffdistill export`` / ``convert-teacher``),
 - an NVlabs/edm network snapshot (``.pkl``, read by a restricted unpickler: its code never runs),
-- a local diffusers ``UNet2DModel`` folder (``local_files_only``).
+- a local diffusers folder (``local_files_only``): a pixel ``UNet2DModel``, or a text-to-image / latent DiT /
+  video network (``UNet2DConditionModel``, SD3 / FLUX / SANA / DiT / Wan transformers; ``nets/diffusers_cond.py``).
 
 A LoRA student's checkpoint holds its adapter only: loading it reads the base teacher from the recorded path and
 merges the adapter in (``with_merged_lora``), so every reader gets a plain student.
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 
 from ..errors import UserError
 from ..lora import merged_network, peft_config, weights_fingerprint
+from ..nets.diffusers_cond import example_condition
 from ..nets.factory import build_denoiser
 from .checkpoint import atomic_write, export_safetensors, load_checkpoint
 from .diffusers import load_diffusers_teacher
@@ -32,20 +34,22 @@ EXPORT_KEYS = ("method", "role", "step", "config", "net_config", "sampling", "te
 
 
 def is_diffusers_folder(p: Path) -> bool:
-    return p.is_dir() and any((p / f).is_file() for f in ("config.json", "unet/config.json", "model_index.json"))
+    return p.is_dir() and any((p / f).is_file() for f in ("config.json", "unet/config.json", "transformer/config.json",
+                                                          "model_index.json"))
 
 
 def is_run_folder(p: Path) -> bool:
     return p.is_dir() and ((p / "checkpoints").is_dir() or (p / "config.json").is_file() and (p / "log.jsonl").exists())
 
 
-def load_foreign_teacher(path, dropout: float | None = None) -> dict | None:
-    """The checkpoint-like dict of an EDM ``.pkl`` or a diffusers folder; None for this package's own formats."""
+def load_foreign_teacher(path, dropout: float | None = None, sample_shape=None) -> dict | None:
+    """The checkpoint-like dict of an EDM ``.pkl`` or a diffusers folder; None for this package's own formats.
+    ``sample_shape``: the latent shape of a diffusers network that takes any size (``load_diffusers_teacher``)."""
     p = Path(path)
     if p.suffix == ".pkl":
         return load_edm_snapshot(p, dropout=dropout)
     if is_diffusers_folder(p) and not is_run_folder(p):
-        return load_diffusers_teacher(p, dropout=dropout)
+        return load_diffusers_teacher(p, dropout=dropout, sample_shape=sample_shape)
     return None
 
 
@@ -68,13 +72,16 @@ def load_exported(path) -> dict:
     return state
 
 
-def load_model_file(path) -> dict:
-    """The checkpoint-like dict of any model file this package reads (see the module docstring)."""
+def load_model_file(path, sample_shape=None) -> dict:
+    """The checkpoint-like dict of any model file this package reads (see the module docstring); ``sample_shape``
+    for diffusers folders only (``load_diffusers_teacher``)."""
     p = Path(path)
     if is_run_folder(p):
         raise UserError(f"{p} is a diffdistill run folder, not a model file: give one of its checkpoints "
                         f"({p}/checkpoints/ckpt-*.pt) or an exported .safetensors")
-    state = load_foreign_teacher(p)
+    state = load_foreign_teacher(p, sample_shape=sample_shape)
+    if state is None and sample_shape is not None:
+        raise UserError(f"sample_shape: {p} records its network's sample shape; it is set for diffusers folders only")
     if state is None:
         state = load_exported(p) if p.suffix == ".safetensors" else load_checkpoint(p)
     return with_merged_lora(state, p)
@@ -108,17 +115,18 @@ def with_merged_lora(state: dict, where) -> dict:
     return {**state, "sample_net": merged.state_dict(), "lora": {**rec, "merged": True}}
 
 
-def load_for_sampling(path, device="cpu"):
+def load_for_sampling(path, device="cpu", sample_shape=None):
     """(denoiser in eval mode, checkpoint dict) of any model file."""
-    state = load_model_file(path)
+    state = load_model_file(path, sample_shape=sample_shape)
     net = build_denoiser(state["net_config"])
     net.load_state_dict(state["sample_net"])
     return net.to(device).eval().requires_grad_(False), state
 
 
-def load_teacher(path, device="cpu"):
-    """(frozen teacher Denoiser in eval mode, its checkpoint dict); a student checkpoint is refused."""
-    net, state = load_for_sampling(path, device)
+def load_teacher(path, device="cpu", sample_shape=None):
+    """(frozen teacher Denoiser in eval mode, its checkpoint dict); a student checkpoint is refused.
+    ``sample_shape``: the latent shape of a diffusers network that takes any size (e.g. a Wan video's (C, F, H, W))."""
+    net, state = load_for_sampling(path, device, sample_shape)
     if state.get("role") != "teacher":
         raise UserError(f"{path} is a {state.get('role')} checkpoint ({state.get('method')}); --teacher needs a "
                         f"checkpoint written by train-teacher, an EDM .pkl or a diffusers folder")
@@ -138,8 +146,12 @@ def export_checkpoint(ckpt_path, out_path, extra_metadata: dict | None = None) -
 
 
 def _diffusers_key(key: str) -> str:
-    """A Denoiser-relative module path or key of a diffusers student as diffusers' LoRA files name it (``unet.``)."""
-    return "unet." + key[len("model.unet."):] if key.startswith("model.unet.") else key
+    """A Denoiser-relative module path or key of a diffusers student as diffusers' LoRA files name it (``unet.``,
+    ``transformer.``)."""
+    for part in ("unet", "transformer"):
+        if key.startswith(f"model.{part}."):
+            return key[len("model."):]
+    return key
 
 
 def export_lora_adapter(ckpt_path, out_dir) -> dict:
@@ -152,15 +164,16 @@ def export_lora_adapter(ckpt_path, out_dir) -> dict:
     if not rec:
         raise UserError(f"{ckpt_path} holds no LoRA adapter (it was not trained with lora.rank): export --format "
                         f"safetensors writes its full weights")
-    diffusers = (state.get("net_config") or {}).get("arch") == "diffusers_unet2d"
+    diffusers = (state.get("net_config") or {}).get("arch") in ("diffusers_unet2d", "diffusers_cond")
     rename = _diffusers_key if diffusers else (lambda k: k)
     tensors = {rename(k): v.detach().contiguous().cpu() for k, v in state["sample_net"].items()}
     # diffusers' LoRA config is relative to the UNet, this package's to the Denoiser
-    targets = [rename(t).removeprefix("unet.") if diffusers else t for t in rec["target_modules"]]
+    targets = [rename(t).removeprefix("unet.").removeprefix("transformer.") if diffusers else t
+               for t in rec["target_modules"]]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = {**{k: state.get(k) for k in EXPORT_KEYS}, "lora": rec,
-            "keys": "diffusers UNet (unet.…)" if diffusers else "Denoiser (peft: get_peft_model_state_dict)"}
+            "keys": "diffusers (unet.… / transformer.…)" if diffusers else "Denoiser (peft: get_peft_model_state_dict)"}
     atomic_write(out / "adapter_model.safetensors",
                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "diffdistill": json.dumps(info)}))
     peft_config(rec["rank"], rec["alpha"], rec["dropout"], targets).save_pretrained(str(out))
@@ -177,7 +190,7 @@ def convert_teacher(src, out, dropout: float | None = None, verify: bool = True)
         raise UserError(f"convert-teacher writes safetensors: give an output path ending in .safetensors, not {out}")
     state = load_foreign_teacher(src, dropout)
     if state is None:
-        raise UserError(f"{src}: convert-teacher takes an NVlabs/edm snapshot (.pkl) or a diffusers UNet2DModel folder")
+        raise UserError(f"{src}: convert-teacher takes an NVlabs/edm snapshot (.pkl) or a diffusers folder")
     meta = {k: state.get(k) for k in EXPORT_KEYS}
     meta["source"] = state["source"]
     export_safetensors(state["sample_net"], out, meta)
@@ -189,9 +202,10 @@ def convert_teacher(src, out, dropout: float | None = None, verify: bool = True)
         g = torch.Generator().manual_seed(0)
         x = torch.randn((2,) + tuple(net.sample_shape), generator=g)
         sigma = torch.tensor([0.5, 10.0])
-        labels = torch.eye(net.label_dim)[:2] if net.label_dim else None
+        labels = example_condition(net, 2, g)
         with torch.no_grad():
-            diff = (src_net.eval()(x, sigma, labels) - net(x, sigma, labels)).abs().max().item()
+            # both frozen: on the CPU some kernels differ with the weights' requires_grad (1e-7), not the weights
+            diff = (src_net.eval().requires_grad_(False)(x, sigma, labels) - net(x, sigma, labels)).abs().max().item()
         if diff != 0:
             raise UserError(f"{out}: the reloaded teacher differs from the source by {diff:.3g}; please report this")
         meta["verified_max_abs_diff"] = diff

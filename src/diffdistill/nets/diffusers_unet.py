@@ -12,9 +12,11 @@ t(σ) interpolated linearly in ln σ over the table σ_0..σ_{T−1} (k-diffusio
 (v = α·ε − σ_vp·x₀ with σ_vp = σα, Salimans & Ho 2022). EDM-family schedulers (``EDMEulerScheduler``,
 ``EDMDPMSolverMultistepScheduler``) use EDM's preconditioning with their ``sigma_data`` and c_noise = ¼ ln σ, and
 v_prediction flips the sign of c_out (diffusers' ``precondition_outputs``). Flow-matching schedulers
-(``FlowMatchEulerDiscreteScheduler`` …) mean a velocity network v = ε − x₀ on x_t = (1 − t)x₀ + tε with timestep
-t·num_train_timesteps: the flow preconditioning of ``diffusion/precond.py`` (``flow_coefficients``); their
-``shift`` changes the sampling grid only (σ → shift·σ), not the network.
+(``FlowMatchEulerDiscreteScheduler`` …, and DPM-Solver / UniPC configs with ``use_flow_sigmas`` and
+``flow_prediction``, as SANA and Wan ship them) mean a velocity network v = ε − x₀ on x_t = (1 − t)x₀ + tε with
+timestep t·num_train_timesteps: the flow preconditioning of ``diffusion/precond.py`` (``flow_coefficients``); their
+``shift`` / ``flow_shift`` changes the sampling grid only (σ → shift·σ, ``shift_info``), not the network.
+Text-to-image, latent DiT and video networks use the same preconditioning through ``nets/diffusers_cond.py``.
 """
 
 from __future__ import annotations
@@ -68,14 +70,20 @@ def ddpm_alphas_cumprod(sched: dict) -> torch.Tensor:
 class DiffusersPrecond(Precond):
     """D(x; σ) around a diffusers ``UNet2DModel`` (held by `UNet2DAdapter` as ``model``); see the module docstring.
 
-    ``schedule``: ``{'family': 'ddpm', <scheduler config>}`` or ``{'family': 'edm', 'sigma_data': …}``."""
+    ``schedule``: ``{'family': 'ddpm', <scheduler config>}``, ``{'family': 'edm', 'sigma_data': …}`` or
+    ``{'family': 'flow', …}``. ``time_scale`` (flow only): the network time is time_scale·t; default
+    num_train_timesteps, what the scheduler's ``timesteps`` are (architectures whose pipeline rescales them,
+    FLUX and SANA, give their own: ``nets/diffusers_cond.py``)."""
 
     kind = "diffusers"
 
     def __init__(self, model: nn.Module, img_channels: int, img_resolution: int, label_dim: int, schedule: dict,
                  prediction_type: str = "epsilon", sigma_data: float = 0.5, sigma_min: Optional[float] = None,
-                 sigma_max: Optional[float] = None):
+                 sigma_max: Optional[float] = None, time_scale: Optional[float] = None):
         family = schedule.get("family")
+        if time_scale is not None and family != "flow":
+            raise UserError(f"time_scale is a flow-matching setting; this schedule is {family!r}")
+        self.time_scale = None if time_scale is None else float(time_scale)
         if family == "flow":   # a velocity network whatever the config says (flow schedulers name no type)
             prediction_type = "velocity"
         elif prediction_type not in PREDICTION_TYPES:
@@ -112,7 +120,8 @@ class DiffusersPrecond(Precond):
 
     def coefficients(self, sigma):
         if self.schedule["family"] == "flow":
-            return flow_coefficients(sigma, "velocity", float(self.schedule.get("num_train_timesteps", 1000)))
+            scale = self.time_scale if self.time_scale is not None else self.schedule.get("num_train_timesteps", 1000)
+            return flow_coefficients(sigma, "velocity", float(scale))
         if self.schedule["family"] == "edm":
             d2, s2 = self.sigma_data ** 2, sigma ** 2
             sign = -1.0 if self.prediction_type == "v_prediction" else 1.0
@@ -126,7 +135,10 @@ class DiffusersPrecond(Precond):
         return torch.zeros_like(sigma), torch.ones_like(sigma), c_in, t
 
     def precond_config(self) -> dict:
-        return {"schedule": self.schedule, "prediction_type": self.prediction_type}
+        out = {"schedule": self.schedule, "prediction_type": self.prediction_type}
+        if self.time_scale is not None:
+            out["time_scale"] = self.time_scale
+        return out
 
 
 class UNet2DAdapter(nn.Module):
@@ -165,6 +177,17 @@ def schedule_from_config(sched: dict) -> tuple[dict, str]:
         keep = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
                 "base_image_seq_len", "max_image_seq_len", "time_shift_type")
         return {"family": "flow", "scheduler": name, **{k: sched[k] for k in keep if k in sched}}, "velocity"
+    if sched.get("use_flow_sigmas") or pred == "flow_prediction":
+        # DPM-Solver / UniPC run on flow sigmas (SANA, Wan): a velocity network ("flow_prediction": x₀ = x_t −
+        # t·v, scheduling_dpmsolver_multistep.py) on t = σ_flow; their flow_shift is the static shift s
+        if not (sched.get("use_flow_sigmas") and pred == "flow_prediction"):
+            raise UserError(f"{name}: use_flow_sigmas and prediction_type 'flow_prediction' go together; this "
+                            f"config has use_flow_sigmas={sched.get('use_flow_sigmas')!r}, prediction_type {pred!r}")
+        out = {"family": "flow", "scheduler": name, "shift": float(sched.get("flow_shift", 1.0))}
+        for k in ("num_train_timesteps", "use_dynamic_shifting", "time_shift_type"):
+            if k in sched:
+                out[k] = sched[k]
+        return out, "velocity"
     if name in EDM_SCHEDULERS:
         keep = ("sigma_min", "sigma_max", "sigma_data")
         return {"family": "edm", "scheduler": name, **{k: sched[k] for k in keep if k in sched}}, pred
@@ -175,6 +198,27 @@ def schedule_from_config(sched: dict) -> tuple[dict, str]:
     raise UserError(f"unsupported scheduler {name or '?'}: need a DDPM-family config (beta_schedule / trained_betas), "
                     f"an EDM scheduler ({', '.join(EDM_SCHEDULERS)}) or a flow-matching one "
                     f"({', '.join(FLOW_SCHEDULERS)})")
+
+
+def shift_info(schedule: dict, image_seq_len: Optional[int] = None) -> Optional[dict]:
+    """How a flow scheduler shifts its sampling grid, as the σ-space multiplier σ′ = m·σ (``shift_sigma``): static
+    ``shift`` s (m = s), or FLUX / SD3.5's resolution-dependent shift: μ = ``calculate_shift(image_seq_len)`` of the
+    pipelines (linear in the token count between (base_image_seq_len, base_shift) and (max_image_seq_len,
+    max_shift); pipeline_flux.py:73-83), m = e^μ ("exponential" time_shift_type) or μ ("linear"): t′ = μ/(μ + 1/t − 1)
+    is σ′ = μ·σ. For the sampler presets; the network does not depend on it. None for non-flow schedules."""
+    if schedule.get("family") != "flow":
+        return None
+    if not schedule.get("use_dynamic_shifting"):
+        s = float(schedule.get("shift", 1.0))
+        return {"kind": "static", "shift": s, "sigma_scale": s}
+    info = {"kind": "dynamic", "time_shift_type": schedule.get("time_shift_type", "exponential")}
+    if image_seq_len is not None and schedule.get("scheduler") == "FlowMatchEulerDiscreteScheduler":
+        b0, b1 = float(schedule.get("base_shift", 0.5)), float(schedule.get("max_shift", 1.15))
+        n0, n1 = int(schedule.get("base_image_seq_len", 256)), int(schedule.get("max_image_seq_len", 4096))
+        mu = image_seq_len * (b1 - b0) / (n1 - n0) + b0 - (b1 - b0) / (n1 - n0) * n0
+        info.update({"image_seq_len": int(image_seq_len), "mu": mu,
+                     "sigma_scale": math.exp(mu) if info["time_shift_type"] == "exponential" else mu})
+    return info
 
 
 def _unet_kwargs(config) -> dict:

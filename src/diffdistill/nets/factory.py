@@ -5,18 +5,20 @@ from __future__ import annotations
 from ..diffusion.precond import PRECONDS, Precond
 from ..errors import UserError
 from .dhariwalunet import DhariwalUNet
+from .diffusers_cond import build_cond_denoiser
 from .diffusers_unet import build_diffusers_denoiser
 from .mlp import MLPDenoiserNet
 from .songunet import SongUNet
 
-ARCHS = ("songunet", "dhariwalunet", "mlp", "diffusers_unet2d")
+ARCHS = ("songunet", "dhariwalunet", "mlp", "diffusers_unet2d", "diffusers_cond")
 # Architecture arguments that are sizes (a zero or negative value is a mistake, refused before torch sees it).
 SIZE_KWARGS = ("model_channels", "channel_mult", "channel_mult_emb", "channel_mult_noise", "num_blocks", "hidden",
                "depth")
 
 
 def build_denoiser(cfg: dict) -> Precond:
-    """cfg: ``arch`` ('songunet' | 'dhariwalunet' | 'mlp' | 'diffusers_unet2d'), ``img_channels``,
+    """cfg: ``arch`` ('songunet' | 'dhariwalunet' | 'mlp' | 'diffusers_unet2d' | 'diffusers_cond': a diffusers
+    text-to-image / DiT / video network named by ``class_name``), ``img_channels``,
     ``img_resolution`` (0 for points), ``label_dim``, ``sigma_data``, ``sigma_min``, ``sigma_max``, the
     architecture's own keyword arguments under ``kwargs``, and optionally ``precond`` ('edm', the default; 'vp';
     've'; 'diffusers') with its keyword arguments under ``precond_kwargs``."""
@@ -25,6 +27,8 @@ def build_denoiser(cfg: dict) -> Precond:
     C, R, L = int(cfg["img_channels"]), int(cfg.get("img_resolution", 0)), int(cfg.get("label_dim", 0))
     if arch == "diffusers_unet2d":  # a diffusers UNet2DModel: its preconditioning comes from its scheduler
         return build_diffusers_denoiser(cfg)
+    if arch == "diffusers_cond":    # UNet2DConditionModel, SD3/FLUX/SANA/DiT/Wan transformers (nets/diffusers_cond.py)
+        return build_cond_denoiser(cfg)
     builders = {"songunet": lambda: SongUNet(img_resolution=R, in_channels=C, out_channels=C, label_dim=L, **kw),
                 "dhariwalunet": lambda: DhariwalUNet(img_resolution=R, in_channels=C, out_channels=C, label_dim=L,
                                                      **kw),
