@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step-halving methods: training iterations per halving; the run is K x log2(N/steps) "
                         "iterations unless --iters is given (default: the preset's)")
     m.add_argument("--data", help="real data for methods that use it (default: the teacher's training data)")
+    m.add_argument("--sample-shape", metavar="C,H,W",
+                   help="latent shape of one sample for a diffusers transformer teacher, which takes any size "
+                        "(e.g. 16,128,128 for FLUX at 1024 px; C,F,H,W for Wan video) (default: its config's)")
     m.add_argument("--prompts", metavar="FILE",
                    help="encoded prompts for a teacher conditioned on text embeddings (.npz / .safetensors: embeds "
                         "[N, L, D], optional mask, pooled, extra.*, and null.* = the negative prompt); data-free "
@@ -391,6 +394,8 @@ def cmd_distill(a) -> int:
         flags["data"] = _data_spec(a.data)
     if a.prompts:
         flags.setdefault("data", {})["prompts"] = str(Path(a.prompts).resolve())
+    if a.sample_shape:
+        flags["teacher"] = {"sample_shape": _shape_arg(a.sample_shape)}
     if a.el_weight is not None:
         flags["el"] = {"weight": a.el_weight}
     if a.dry_run:
@@ -407,6 +412,16 @@ def cmd_distill(a) -> int:
         return _stopped(trainer)
     print(f"student checkpoint: {trainer.ckpt_dir}/ (newest ckpt-*.pt)")
     return 0
+
+
+def _shape_arg(s: str) -> list[int]:
+    try:
+        shape = [int(v) for v in s.split(",")]
+    except ValueError:
+        shape = []
+    if len(shape) < 3 or min(shape) <= 0:
+        raise UserError(f"--sample-shape wants positive sizes C,H,W (or C,F,H,W), got {s!r}")
+    return shape
 
 
 def _data_spec(s: str) -> dict:

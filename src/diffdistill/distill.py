@@ -97,13 +97,15 @@ def distill(method: str, teacher_path, flags=None, config_file=None, overrides=N
     """Build the trainer and train; with ``dry_run`` return the built trainer without training or writing."""
     device = ((flags or {}).get("run") or {}).get("device", "cpu")
     check_device(device)  # before the teacher is moved there
-    teacher, tstate = load_teacher(teacher_path, device)
+    shape = ((flags or {}).get("teacher") or {}).get("sample_shape")   # a diffusers transformer's latent size
+    teacher, tstate = load_teacher(teacher_path, device, sample_shape=shape)
     sigma_data_stated = tstate["net_config"].get("sigma_data") is not None
     cfg = distill_config(method, tstate, flags, config_file, overrides, preset=preset)
     if launched_rank() == 0:
         print(f"[diffdistill] {get_method(method).name}: preset {cfg['preset']['name']!r} "
               f"({cfg['preset']['file']})" + (f" + {config_file}" if config_file else ""), flush=True)
-    cfg["teacher"] = {"path": str(teacher_path), "step": tstate["step"], "sampling": tstate["sampling"]}
+    cfg["teacher"] = {"path": str(teacher_path), "step": tstate["step"], "sampling": tstate["sampling"],
+                      **({"sample_shape": list(shape)} if shape else {})}
     # Supplements named in the config (the ``el`` section: --el-weight / --set el.KEY=...) join the given ones.
     el = embedding_loss_from_config(cfg.get("el"), get_method(method))
     if el:

@@ -240,7 +240,8 @@ def load_npz(path: PathLike) -> Dataset:
                 arr = np.asarray(data[key], dtype=np.float32)
                 if not np.isfinite(arr).all():
                     raise UserError(f"{str(p)!r}: the {key} hold NaN or inf values; fix them")
-                return Dataset(arr, None, kind=kind, name=p.stem, conditions=conditions)
+                lkey = next((k for k in NPZ_LABEL_KEYS if k in data.files), None)
+                return Dataset(arr, data[lkey] if lkey else None, kind=kind, name=p.stem, conditions=conditions)
         key = next((k for k in NPZ_IMAGE_KEYS if k in data.files), None)
         if key is None:
             raise UserError(f"no image array in {str(p)!r} (found keys {data.files}); store the images under 'x' "

@@ -178,6 +178,17 @@ def conditioning_of(net) -> str:
     return "labels" if int(getattr(net, "label_dim", 0) or 0) else "none"
 
 
+def signature_fits(want: dict, got: dict) -> bool:
+    """Whether a Condition's per-sample field shapes ``got`` fit a network's ``want``: the same fields (an attention
+    mask may be given to a network that does not read one) and sizes, None in ``want`` matching any size (the
+    token count: transformers take prompts of any length)."""
+    got = {k: v for k, v in got.items() if k != "mask" or "mask" in want}
+    if set(want) != set(got):
+        return False
+    return all(len(w) == len(g) and all(a is None or a == b for a, b in zip(w, g))
+               for w, g in ((tuple(want[k]), tuple(got[k])) for k in want))
+
+
 def check_bank(net, bank: Optional[Condition], what: str) -> None:
     """Refuse, before any work, an embedding-conditioned ``net`` without a condition bank (or with one whose
     fields do not fit it)."""
@@ -187,10 +198,8 @@ def check_bank(net, bank: Optional[Condition], what: str) -> None:
         raise UserError(f"{what} is conditioned on text embeddings: give the encoded prompts with --prompts FILE "
                         f"(.npz / .safetensors with 'embeds' [N, L, D], optional 'mask', 'pooled', 'extra.*', and "
                         f"'null.*' for the negative prompt), or a dataset that carries them")
-    want, got = {k: tuple(v) for k, v in dict(net.embedding_signature).items()}, bank.signature
-    if "mask" not in want:   # an attention mask is optional unless the network requires one
-        got.pop("mask", None)
-    if want != got:
+    want = {k: tuple(v) for k, v in dict(net.embedding_signature).items()}
+    if not signature_fits(want, bank.signature):
         raise UserError(f"the prompts' fields {got} do not fit {what}, which takes {want}: encode them with "
                         f"the teacher's own text encoder(s)")
 

@@ -74,19 +74,25 @@ def backward_simulation_input(G, z: torch.Tensor, sigmas: list[float], k: int, g
 
 # ------------------------------------------------------------------------------------------------ GAN
 class ImageGANHead(nn.Module):
-    """Discriminator head on a SongUNet bottleneck [B, C, r, r]: conv3×3 → GroupNorm → SiLU → global average
-    pool → linear → one logit. (A scaled-down form of DMD2's 3-conv head on ADM's 8×8×768 encoder output.)"""
+    """Discriminator head on a U-Net bottleneck or a transformer's token grid [B, C, h, w]: conv3×3 → GroupNorm →
+    SiLU → global average pool → linear → one logit. (A scaled-down form of DMD2's 3-conv head on ADM's 8×8×768
+    encoder output.) Video features [B, C, F, h, w] are scored frame by frame and the logits averaged."""
 
     def __init__(self, channels: int):
         super().__init__()
-        groups = max(1, min(32, channels // 4))
+        groups = max(g for g in range(1, min(32, max(1, channels // 4)) + 1) if channels % g == 0)
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.norm = nn.GroupNorm(groups, channels)
         self.fc = nn.Linear(channels, 1)
 
     def forward(self, feats):
+        frames = None
+        if feats.ndim == 5:
+            B, C, frames = feats.shape[:3]
+            feats = feats.transpose(1, 2).reshape((B * frames, C) + tuple(feats.shape[3:]))
         h = F.silu(self.norm(self.conv(feats)))
-        return self.fc(h.mean(dim=(2, 3))).reshape(-1)
+        logits = self.fc(h.mean(dim=(2, 3))).reshape(-1)
+        return logits if frames is None else logits.reshape(-1, frames).mean(1)
 
 
 class PointGANHead(nn.Module):
@@ -123,7 +129,7 @@ def build_gan_head(fake, sample_shape: tuple, label_dim: int, example_condition=
         y = example_condition.rows([0]).to(param.device)
     with torch.no_grad():
         feats = fake(x, torch.ones(1, device=param.device), y, bottleneck_only=True)
-    head = ImageGANHead(feats.shape[1]) if feats.ndim == 4 else PointGANHead(feats.shape[1])
+    head = ImageGANHead(feats.shape[1]) if feats.ndim in (4, 5) else PointGANHead(feats.shape[1])
     return head.to(param.device)
 
 

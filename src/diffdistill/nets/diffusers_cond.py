@@ -54,7 +54,7 @@ import math
 import torch
 from torch import nn
 
-from ..diffusion.condition import Condition
+from ..diffusion.condition import Condition, signature_fits
 from ..errors import UserError
 from .diffusers_unet import DiffusersPrecond, _require_diffusers
 
@@ -72,15 +72,6 @@ def _kwargs(config) -> dict:
 def _fmt(sig: dict) -> str:
     return "{" + ", ".join(f"{k}: [{', '.join('L' if d is None else str(d) for d in v)}]"
                            for k, v in sig.items()) + "}"
-
-
-def signature_fits(want: dict, got: dict) -> bool:
-    """Whether a Condition's per-sample field shapes ``got`` fit ``want`` (None in ``want``: any size, the token
-    count of a sequence: transformers take any prompt length)."""
-    if set(want) != set(got):
-        return False
-    return all(len(w) == len(g) and all(a is None or a == b for a, b in zip(w, g))
-               for w, g in ((tuple(want[k]), tuple(got[k])) for k in want))
 
 
 class CondAdapter(nn.Module):
