@@ -73,6 +73,12 @@ class Precond(nn.Module):
         """(c_skip, c_out, c_in, c_noise) for a [B] tensor of noise levels."""
         raise NotImplementedError
 
+    def family(self) -> str:
+        """The teacher family in a few words (printed at the start of a distillation), e.g. 'EDM (σ_d 0.5)',
+        'VP (ε)', 'flow (velocity)'."""
+        return {"edm": "EDM", "vp": "VP (ε-prediction)",
+                "ve": "VE (score / ε)"}.get(self.kind, self.kind)
+
     def precond_config(self) -> dict:
         """Keyword arguments that rebuild this preconditioner (stored as ``net_config['precond_kwargs']``)."""
         return {}
@@ -318,6 +324,9 @@ class FlowPrecond(Precond):
 
     def coefficients(self, sigma):
         return flow_coefficients(sigma, self.prediction, self.time_scale)
+
+    def family(self) -> str:
+        return f"flow ({self.prediction}, timestep ×{self.time_scale:g})"
 
     def precond_config(self) -> dict:
         return {"prediction": self.prediction, "time_scale": self.time_scale}

@@ -186,6 +186,11 @@ class Method(ABC):
         """How to sample ``sampling_net``: ``{'sampler': 'heun', 'nfe': 35}`` or ``{'sampler': 'multistep',
         'sigmas': [...]}``; stored in the checkpoint so ``sample``/``eval`` need no flags."""
 
+    def noise_levels(self) -> dict:
+        """The noise levels this method trains at, by name (e.g. ``{'DM loss σ': [lo, hi]}``), as chosen for this
+        teacher; printed at the start of a run beside the student's sampling σ's. Default: none to report."""
+        return {}
+
     def sampling_variants(self) -> dict[int, dict]:
         """Every way this student can be sampled, as ``{number of steps: sampling spec}`` (``compare`` evaluates
         each). Default: the one recipe of ``sampling_spec``; a consistency model, which samples at any step count,

@@ -214,6 +214,10 @@ class ConsistencyDistillation(Method):
         self.schedulers["student"] = torch.optim.lr_scheduler.LambdaLR(self.optimizers["student"],
                                                                        warmup_lambda(warmup_steps))
 
+    def noise_levels(self) -> dict:
+        return {"consistency grid σ": [float(self.grid.min()), float(self.grid.max())],
+                "grid points N": int(self.grid.numel())}
+
     def phases(self, step):
         return ["student"]
 

@@ -107,6 +107,9 @@ class DiffInstruct(FakeScoreMethod):
             x = self.G(z * self.sigma_init, torch.full((n,), self.sigma_init, device=z.device), labels)
         return x, labels
 
+    def noise_levels(self) -> dict:
+        return {"loss σ": f"log-normal({self.opts.p_mean:g}, {self.opts.p_std:g})"}
+
     def lognormal_sigma(self, n: int) -> torch.Tensor:
         p_mean, p_std = self.opts.p_mean, self.opts.p_std
         return self.ctx.draws.per_sample(n, lambda m, g: sample_lognormal_sigma(m, p_mean, p_std, generator=g)).to(

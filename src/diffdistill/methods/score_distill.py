@@ -342,6 +342,11 @@ class DistributionMatchingMethod(FakeScoreMethod):
         # The mode both nets run in for the paired DM call (None: teacher eval, fake score as it is).
         self.paired_training: Optional[bool] = None
 
+    def noise_levels(self) -> dict:
+        g = self.grid
+        return {"DM loss σ": [float(g[self.dm_t_range[0]]), float(g[self.dm_t_range[1]])],
+                "fake-score loss σ": [float(g[self.critic_t_range[0]]), float(g[self.critic_t_range[1]])]}
+
     def grid_sigma(self, n: int, lo: int, hi: int, grid: torch.Tensor, groups: int = 1):
         """(indices, σ = grid[indices]) with indices uniform on {lo..hi}; ``groups`` as in ``randn_like``."""
         t = self.ctx.draws.per_sample(n, lambda m, g: sample_grid_index(m, lo, hi, g), groups)

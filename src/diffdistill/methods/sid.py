@@ -309,6 +309,11 @@ class SiD(FakeScoreMethod):
         tmax, lo, hi = self.opts.tmax, self.teacher.sigma_min, self.teacher.sigma_max
         return self.ctx.draws.per_sample(n, lambda m, g: sample_sid_sigma(m, g, tmax, lo, hi)).to(self.ctx.device)
 
+    def noise_levels(self) -> dict:
+        lo, hi = self.teacher.sigma_min, self.teacher.sigma_max
+        return {"generator loss σ": [float(lo), float(sid_sigma(self.opts.tmax / 1000, lo, hi))],
+                "fake-score loss σ": f"log-normal({self.opts.p_mean:g}, {self.opts.p_std:g})"}
+
     def lognormal_sigma(self, n: int) -> torch.Tensor:
         p_mean, p_std = self.opts.p_mean, self.opts.p_std
         return self.ctx.draws.per_sample(n, lambda m, g: sample_lognormal_sigma(m, p_mean, p_std, generator=g)).to(

@@ -134,6 +134,17 @@ class DiffusersPrecond(Precond):
             return 1 / (sigma ** 2 + 1), -sigma * c_in, c_in, t
         return torch.zeros_like(sigma), torch.ones_like(sigma), c_in, t
 
+    def family(self) -> str:
+        sc, fam = self.schedule, self.schedule["family"]
+        if fam == "ddpm":
+            what = f"DDPM {sc.get('beta_schedule', 'trained_betas')} T={sc.get('num_train_timesteps', 1000)}"
+        elif fam == "flow":
+            what = "flow matching"
+        else:
+            what = "EDM"
+        pred = "velocity" if fam == "flow" else self.prediction_type
+        return f"diffusers {sc.get('scheduler') or fam} ({what}, {pred})"
+
     def precond_config(self) -> dict:
         out = {"schedule": self.schedule, "prediction_type": self.prediction_type}
         if self.time_scale is not None:

@@ -275,8 +275,10 @@ def dry_run_report(trainer, ranks: int | None = None) -> str:
     est = estimate_memory(trainer, ranks=ranks)
     data = trainer.dataset
     what = f"data {getattr(data, 'name', '?')} {list(data.sample_shape)}" if data is not None else "data-free"
+    noise = trainer.noise_report()
     lines = [f"dry run: method {trainer.method_cls.name} ({trainer.method_cls.role}), {what}, batch "
-             f"{est['batch_size']} per process × {trainer.world} process(es), device {trainer.device}", "",
+             f"{est['batch_size']} per process × {trainer.world} process(es), device {trainer.device}",
+             *([f"noise levels: {noise}"] if noise else []), "",
              f"{'network':28s} {'parameters':>12s} {'size':>10s}  {'dtype':16s} trained by",
              "-" * 92]
     for info in est["networks"]:

@@ -827,6 +827,9 @@ class Trainer:
         previous_handlers = self._install_signal_handlers()
         t_last, steps_since, last_logs = time.perf_counter(), 0, {}
         if self.step == 0:
+            report = self.noise_report()
+            if report:
+                self._say(report)
             self.start_check()
         try:
             while self.step < run["steps"]:
@@ -905,6 +908,24 @@ class Trainer:
         return dist.any_true(self.train_seconds >= 60.0 * max_minutes)  # every rank stops at the same step
 
     @torch.no_grad()
+    def noise_report(self) -> str | None:
+        """The noise levels chosen for this teacher, in one line: its family and σ range, σ_d, the student's
+        sampling σ's and the σ ranges of the method's losses (``Method.noise_levels``); None without a teacher.
+        Each value comes from the teacher (σ range, output gain) unless a method option set it."""
+        t = self.teacher
+        if t is None:
+            return None
+        fmt = lambda v: (f"[{fmt(v[0])}, {fmt(v[1])}]" if isinstance(v, (list, tuple)) and len(v) == 2   # noqa: E731
+                         else f"{v:.4g}" if isinstance(v, float) else str(v))
+        family = t.family() if hasattr(t, "family") else type(t).__name__
+        parts = [f"teacher {family}, σ {fmt([float(t.sigma_min), float(t.sigma_max)])}, "
+                 f"σ_d {fmt(float(getattr(t, 'sigma_data', 0.5)))}"]
+        sigmas = self.method.sampling_spec().get("sigmas")
+        if sigmas:
+            parts.append("student samples at σ " + ", ".join(fmt(float(v)) for v in sigmas if v > 0))
+        parts += [f"{k} {fmt(v)}" for k, v in self.method.noise_levels().items()]
+        return "; ".join(parts)
+
     def start_check(self, n: int = 128) -> str | None:
         """Start-of-run health check of a distillation: the student's initial samples (its own sampling recipe)
         against the data, or, for a data-free run, the teacher's own samples. Prints and returns a one-line warning
