@@ -287,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out", help="OUT.safetensors, or a folder with --format diffusers")
     x.add_argument("--format", choices=["safetensors", "diffusers", "peft"], default="safetensors",
                    help="safetensors: one file with JSON metadata (a LoRA student: merged into its base teacher); "
-                        "diffusers: a folder with unet/ (UNet2DModel), scheduler/ and diffdistill_sampling.json "
-                        "(students of diffusers teachers only); peft: a LoRA student's adapter alone, a folder with "
+                        "diffusers: a folder with unet/ or transformer/, scheduler/ and diffdistill_sampling.json "
+                        "(students of diffusers teachers only; text-to-image ones: a pipeline folder with "
+                        "model_index.json); peft: a LoRA student's adapter alone, a folder with "
                         "adapter_model.safetensors and adapter_config.json as peft writes them "
                         "(default %(default)s)")
 
@@ -554,8 +555,10 @@ def cmd_export(a) -> int:
             raise UserError(f"export --format diffusers writes a new folder: {a.out} already exists and is not empty")
         _, state = load_for_sampling(a.checkpoint)
         info = export_diffusers(state, a.out)
-        print(f"wrote {a.out}/unet, scheduler/, diffdistill_sampling.json ({info['role']}, {len(info['steps'])} "
-              f"step(s))")
+        print(f"wrote {a.out}: {', '.join(info['written'])}, diffdistill_sampling.json ({info['role']}, "
+              f"{len(info['steps'])} step(s))")
+        if info.get("pipeline_note"):
+            print(f"note: no diffusers pipeline call reproduces this student: {info['pipeline_note']}")
         return 0
     if not a.out.endswith(".safetensors"):
         raise UserError(f"export writes safetensors: give an output path ending in .safetensors, not {a.out!r}")

@@ -2,7 +2,7 @@
 downloaded) — a pixel ``UNet2DModel``, or a text-to-image / latent DiT / video network (``nets/diffusers_cond.py``:
 ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``SanaTransformer2DModel``,
 ``DiTTransformer2DModel``, ``Transformer2DModel``, ``WanTransformer3DModel``) — and export a student of a
-``UNet2DModel`` teacher as a diffusers folder."""
+``UNet2DModel`` teacher as a diffusers folder (students of the others: ``io/diffusers_export.py``)."""
 
 from __future__ import annotations
 
@@ -149,11 +149,15 @@ def _load_cond_teacher(root: Path, net_dir: Path, sched_path: Path, name: str, d
 
 # ------------------------------------------------------------------------------------------------ export
 def export_diffusers(state: dict, out_dir) -> dict:
-    """Write a checkpoint whose network is a diffusers UNet2DModel as a diffusers folder: ``unet/`` (config +
+    """Write a checkpoint whose network is a diffusers UNet2DModel as a diffusers folder (a ``diffusers_cond``
+    network: a pipeline folder, ``export_cond_pipeline``): ``unet/`` (config +
     safetensors, ``UNet2DModel.from_pretrained`` loads it), ``scheduler/scheduler_config.json`` (the teacher's
     schedule and prediction type) and ``diffdistill_sampling.json`` (the student's σ list with, per step, the
     UNet's timestep and input scale, so a few lines of diffusers code reproduce `diffdistill sample`)."""
     cfg = state["net_config"]
+    if cfg.get("arch") == "diffusers_cond":   # text-to-image / latent DiT / video: a full pipeline folder
+        from .diffusers_export import export_cond_pipeline
+        return export_cond_pipeline(state, out_dir)
     if cfg.get("arch") != "diffusers_unet2d":
         raise UserError(f"--format diffusers needs a network that is a diffusers UNet2DModel (a student of a "
                         f"diffusers teacher); this one is {cfg.get('arch')!r}, which has no UNet2DModel layout: "
@@ -184,4 +188,4 @@ def export_diffusers(state: dict, out_dir) -> dict:
         info["multistep"] = ("x = sigma_0 * randn; per step k: x0 = denoised(x, k); x = x0 + sigma_{k+1} * randn "
                              "(last step: output x0)")
     (out / "diffdistill_sampling.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    return {**info, "written": ["unet/", "scheduler/"]}
