@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw samples from a teacher or student checkpoint")
     s.add_argument("checkpoint", help=f"teacher or student: {_MODEL_FILE}")
     _add_sampler_flags(s)
+    _add_decode_flags(s, sample=True)
     s.add_argument("--num-samples", type=int, default=64, help="number of samples (default %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i (default %(default)s)")
     s.add_argument("--seeds", metavar="A-B", help="EDM-style seed list instead of --seed/--num-samples, e.g. 0-63 or "
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="measure a checkpoint: proxy-FID/KID (images), sliced W2/MMD (2-D), images/s")
     e.add_argument("checkpoint", help=f"teacher or student: {_MODEL_FILE}")
     _add_sampler_flags(e)
+    _add_decode_flags(e, sample=False)
     e.add_argument("--num-samples", type=int, default=2000,
                    help="samples generated and compared with the data (default %(default)s)")
     e.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i (default %(default)s)")
@@ -328,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--distill-iters", type=int, help="distillation iterations (default: the method's preset)")
     d.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_latent_parsers(sub)
     return p
 
 
@@ -455,12 +458,22 @@ def cmd_sample(a) -> int:
     out = Path(a.out)
     if out.suffix != ".npz" and not net.img_resolution:  # refuse before sampling, not after
         raise UserError("PNG output is for images; use --out FILE.npz for 2-D points")
+    codec = _sample_codec(a, state, out)
+    latent = codec is None and (state.get("net_config") or {}).get("arch") == "diffusers_cond"
+    if latent and out.suffix != ".npz":
+        raise UserError("PNG output of a latent model needs its VAE, and none was found: give --vae DIR, or "
+                        "write --out FILE.npz (latents)")
     x, labels, info = generate(net, seeds, spec, batch_size=a.batch_size, device=a.device, label_rule=a.labels)
-    if x.ndim == 4 and not a.raw:  # images are float32 in [-1, 1]; 2-D points keep their own range
+    z = x
+    if codec is not None:
+        x = codec.decode_batched(z, a.batch_size)
+    if x.ndim == 4 and not a.raw and not latent:  # images are float32 in [-1, 1]; latents and points keep theirs
         x = x.clamp(-1, 1)
     if out.suffix == ".npz":
         out.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"samples": x.numpy().astype(np.float32)}
+        if codec is not None:   # the decoded images' latents beside them
+            arrays["latents"] = z.numpy().astype(np.float32)
         if "prompt_index" in info:   # which encoded prompt each sample was generated for
             arrays["prompt_index"] = np.asarray(info["prompt_index"], dtype=np.int64)
         elif labels is not None:
@@ -506,7 +519,7 @@ def cmd_eval(a) -> int:
     metrics = evaluate_checkpoint(a.checkpoint, steps=a.steps, sampler=a.sampler, num_samples=a.num_samples,
                                   seed=seeds[0], device=a.device, inception=_inception_setup(a), seeds=seeds,
                                   data=_data_spec(a.data) if a.data else None, sampler_options=_sampler_options(a),
-                                  guidance=a.guidance, prompts=a.prompts)
+                                  guidance=a.guidance, prompts=a.prompts, vae=a.vae)
     if not rank0:
         return 0
     text = json.dumps(metrics, indent=2)
@@ -607,9 +620,118 @@ def cmd_demo(a) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ latent pipeline
+def _add_decode_flags(p, sample: bool) -> None:
+    """--decode / --vae: latents → images with the teacher folder's VAE (sample, eval)."""
+    if sample:
+        p.add_argument("--decode", action="store_true",
+                       help="decode latent samples to images with the VAE (the teacher folder's vae/, or --vae) "
+                            "before writing the .npz (default: PNG output is decoded whenever a VAE is found, "
+                            ".npz keeps the latents)")
+    p.add_argument("--vae", metavar="DIR",
+                   help="VAE that decodes latent samples: a pipeline folder with vae/ or a VAE folder (default: the "
+                        "teacher's diffusers folder's vae/" + (", when found; eval scores decoded images" if not
+                                                               sample else "") + ")")
+
+
+def _sample_codec(a, state, out: Path):
+    """The VAE sample decodes with: required by --decode, automatic for PNG output, none for plain .npz."""
+    from .io.vae import latent_codec_for
+    if a.decode or a.vae:
+        return latent_codec_for(state, a.vae, a.device, required=True)
+    return latent_codec_for(state, None, a.device) if out.suffix != ".npz" else None
+
+
+def _add_latent_parsers(sub) -> None:
+    ep = sub.add_parser("encode-prompts", help="encode prompts once with a diffusers pipeline folder's own text "
+                                               "encoder(s) into a --prompts file")
+    ep.add_argument("pipeline", help="local diffusers pipeline folder (model_index.json, text_encoder*/, "
+                                     "tokenizer*/); read with local_files_only")
+    ep.add_argument("--prompts", required=True, metavar="FILE",
+                    help=".txt (one prompt per line) or .jsonl (a JSON string or {\"prompt\": ...} per line)")
+    ep.add_argument("--out", required=True, help="OUT.safetensors or OUT.npz (+ OUT.json: each row's prompt)")
+    _add_text_flags(ep)
+    ep.add_argument("--image-size", metavar="H,W",
+                    help="SDXL: the size in its time ids (original = target size, crop 0,0) (default: the "
+                         "pipeline's default resolution)")
+    ep.add_argument("--batch-size", type=int, default=64, help="prompts encoded at once (default %(default)s)")
+
+    ed = sub.add_parser("encode-data", help="encode images + captions once with a pipeline folder's VAE and text "
+                                            "encoder(s) into a latent .npz data set (resumable shards)")
+    ed.add_argument("pipeline", help="local diffusers pipeline folder with vae/ and its text encoder(s)")
+    ed.add_argument("--data", required=True,
+                    help="folder of images with captions.jsonl / metadata.jsonl / captions.txt (FILE<TAB>caption) "
+                         "or one subfolder per caption; or an .npz with images and 'captions'")
+    ed.add_argument("--captions", metavar="FILE",
+                    help="captions file instead of the one beside the images (for an .npz: one caption per image, "
+                         "in order) (default: captions.jsonl, metadata.jsonl or captions.txt in the folder; an "
+                         ".npz's 'captions' array)")
+    ed.add_argument("--out", required=True, help="OUT.npz (latents, embeds, …, null.*, captions, files); work "
+                                                 "shards go to OUT.shards/ until it is written")
+    _add_text_flags(ed)
+    ed.add_argument("--shard-size", type=int, default=1000, help="images per shard file (default %(default)s)")
+    ed.add_argument("--batch-size", type=int, default=16, help="images per VAE call (default %(default)s)")
+    ed.add_argument("--sample-posterior", action="store_true",
+                    help="store a posterior sample (mean + std·noise, noise seeded per image) instead of the "
+                         "posterior mean (default: the mean)")
+    ed.add_argument("--seed", type=int, default=0, help="seed of --sample-posterior's noise (default %(default)s)")
+    ed.add_argument("--keep-shards", action="store_true", help="keep OUT.shards/ after writing OUT.npz")
+    ed.add_argument("--overwrite", action="store_true", help="encode again when OUT.npz exists")
+
+
+def _add_text_flags(p) -> None:
+    p.add_argument("--negative", metavar="TEXT",
+                   help="negative prompt, stored as null.* (CFG's unconditional branch) (default: the pipeline's "
+                        "own: the empty prompt \"\", or zeros for SDXL's force_zeros_for_empty_prompt)")
+    p.add_argument("--max-sequence-length", type=int, metavar="N",
+                   help="T5 / Gemma / umT5 tokens (SD3, FLUX, SANA, Wan) (default: the pipeline's __call__ default)")
+    p.add_argument("--embedded-guidance", type=float, metavar="G",
+                   help="FLUX with guidance_embeds: the guidance stored as extra.guidance (default: the "
+                        "pipeline's guidance_scale, 3.5)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
+
+
+def cmd_encode_prompts(a) -> int:
+    from .io.text_encode import PromptEncoder, read_prompts, write_prompt_file
+    out = Path(a.out)
+    if out.suffix not in (".safetensors", ".npz"):
+        raise UserError(f"encode-prompts writes .safetensors or .npz, not {out}")
+    if a.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {a.batch_size}")
+    check_output_file(out, "--out")
+    check_device(a.device)
+    prompts = read_prompts(a.prompts)
+    size = None
+    if a.image_size:
+        size = [int(v) for v in a.image_size.split(",")] if all(v.strip().isdigit() for v in
+                                                               a.image_size.split(",")) else []
+        if len(size) != 2 or min(size) <= 0:
+            raise UserError(f"--image-size wants H,W, got {a.image_size!r}")
+    enc = PromptEncoder(a.pipeline, a.negative, a.device, image_size=size, guidance=a.embedded_guidance,
+                        max_sequence_length=a.max_sequence_length)
+    if size and enc.name != "StableDiffusionXLPipeline":
+        raise UserError(f"--image-size sets SDXL's time ids; a {enc.name} has none")
+    cond = enc.encode(prompts, batch_size=a.batch_size)
+    side = write_prompt_file(cond, out, prompts, enc.describe())
+    fields = ", ".join(f"{k} {list(v)}" for k, v in cond.signature.items())
+    print(f"wrote {out}: {len(cond)} prompts ({fields}; null: {enc.negative!r}) + {side.name}")
+    return 0
+
+
+def cmd_encode_data(a) -> int:
+    from .data.latent_cache import encode_data
+    check_device(a.device)
+    encode_data(a.pipeline, a.data, a.out, captions=a.captions, negative=a.negative, shard_size=a.shard_size,
+                batch_size=a.batch_size, sample_posterior=a.sample_posterior, seed=a.seed, device=a.device,
+                keep_shards=a.keep_shards, overwrite=a.overwrite, max_sequence_length=a.max_sequence_length,
+                guidance=a.embedded_guidance)
+    return 0
+
+
 COMMANDS = {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export,
             "ref-stats": cmd_ref_stats, "options": cmd_options, "convert-teacher": cmd_convert_teacher,
             "compare": cmd_compare, "demo": cmd_demo}
+COMMANDS.update({"encode-prompts": cmd_encode_prompts, "encode-data": cmd_encode_data})   # latent pipeline
 
 
 def main(argv=None) -> int:

@@ -133,7 +133,8 @@ def digits_quality(samples: torch.Tensor, seed: int = 0, labels=None) -> dict:
         feats = ref["classifier"].features(samples.clamp(-1, 1))
         logits = ref["classifier"].head(feats)
         hist = class_histogram(logits)
-    extra = conditional_correctness(logits, labels) if labels is not None and labels.shape[1] == 10 else {}
+    # prompts (a Condition) name no class index here: correctness needs one-hot labels
+    extra = conditional_correctness(logits, labels) if torch.is_tensor(labels) and labels.shape[1] == 10 else {}
     # KID's cubic kernel (xᵀy/d + 1)³ explodes on raw classifier features (norms ≫ √d, unlike Inception's), so KID
     # is taken on features divided by one fixed scale: the RMS per-dimension value of the training features.
     scale = ref["train"].square().mean().sqrt()
@@ -224,13 +225,14 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def evaluate_net(net, spec: dict, data_cfg: dict | None, num_samples: int = 2000, seed: int = 0, device="cpu",
-                 batch_size: int = 500, seeds=None) -> dict:
+                 batch_size: int = 500, seeds=None, decode=None) -> dict:
     """Quality of ``net`` sampled with ``spec``: one sample per seed, ``seeds`` or seed, seed+1, …,
-    seed+num_samples−1 (a second run with other seeds must not overlap: give a disjoint ``seeds`` range)."""
+    seed+num_samples−1 (a second run with other seeds must not overlap: give a disjoint ``seeds`` range);
+    ``decode``: latents → images (a VAE's ``LatentCodec.decode``), scored instead of the latents."""
     t0 = time.perf_counter()
     seeds = list(seeds) if seeds is not None else list(range(seed, seed + num_samples))
     num_samples, seed = len(seeds), seeds[0]
-    x, labels, info = generate(net, seeds, spec, batch_size=batch_size, device=device)
+    x, labels, info = generate(net, seeds, spec, batch_size=batch_size, device=device, decode=decode)
     out = {"nfe": info["nfe"], "num_samples": num_samples, "seed": seed,
            "seeds": f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else "list",
            "images_per_second": round(info["images_per_second"], 2), **describe_spec(spec, net)}
@@ -241,14 +243,20 @@ def evaluate_net(net, spec: dict, data_cfg: dict | None, num_samples: int = 2000
 
 def evaluate_checkpoint(path, steps=None, sampler=None, num_samples=2000, seed=0, device="cpu",
                         inception: dict | None = None, seeds=None, data: dict | None = None,
-                        sampler_options: dict | None = None, guidance: float | None = None, prompts=None) -> dict:
+                        sampler_options: dict | None = None, guidance: float | None = None, prompts=None,
+                        vae=None) -> dict:
     """metrics.json of a checkpoint. ``inception`` (``{'extractor': TorchScriptExtractor, 'reference': Reference,
     'kid': bool, 'pr': bool, 'batch_size': int}``) replaces the data kind's built-in figures with Inception
     FID/KID/precision-recall and their recipe (eval/inception.py). ``data`` (a data section, e.g. ``{'name':
     'digits'}``) replaces the data recorded in the checkpoint — a diffusers teacher or a data-free student of one
     records none. ``seeds`` (a list) replaces seed..seed+num_samples−1. ``sampler_options``: a teacher sampler's
-    keyword options (``sampling_spec_for``)."""
+    keyword options (``sampling_spec_for``). Latent samples are decoded with ``vae`` (a VAE or pipeline folder) or,
+    by default, the teacher's diffusers folder's ``vae/`` when it has one, and the images are scored
+    (``decoded_with`` in the result)."""
+    from ..io.vae import latent_codec_for
     net, state = load_for_sampling(path, device)
+    codec = latent_codec_for(state, vae, device, required=vae is not None)
+    decode = codec.decode if codec is not None else None
     spec = sampling_spec_for(state, steps, sampler, sampler_options, guidance, prompts)
     data_cfg = data or state["config"].get("data")
     if seeds is not None:
@@ -257,10 +265,12 @@ def evaluate_checkpoint(path, steps=None, sampler=None, num_samples=2000, seed=0
     if inception is not None:
         m = evaluate_inception(net, spec, inception["extractor"], inception["reference"], num_samples, seed, device,
                                batch_size=inception.get("batch_size", 250), kid=inception.get("kid", True),
-                               pr=inception.get("pr", True), seeds=seeds)
+                               pr=inception.get("pr", True), seeds=seeds, decode=decode)
         m.update(describe_spec(spec, net))
         m["fid_recipe"].update({"checkpoint_sha256": _sha256(path), **describe_spec(spec, net)})
     else:
-        m = evaluate_net(net, spec, data_cfg, num_samples, seed, device, seeds=seeds)
+        m = evaluate_net(net, spec, data_cfg, num_samples, seed, device, seeds=seeds, decode=decode)
+    if codec is not None:
+        m["decoded_with"] = codec.describe()
     return {"dataset": (data_cfg or {}).get("name") or (data_cfg or {}).get("path"), "role": state["role"],
             "method": state["method"], "checkpoint": str(Path(path)), "step": state["step"], **m}

@@ -59,7 +59,7 @@ def images_to_uint8_pixels(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", class_labels=None,
-             label_rule: str | None = None, clip: bool | None = None, conditions=None):
+             label_rule: str | None = None, clip: bool | None = None, conditions=None, decode=None):
     """Generate one sample per seed with ``spec`` (``{'sampler', 'nfe'}`` or ``{'sampler', 'sigmas'}``, optionally
     ``'seed_labels'``: the class rule, 'mod' by default, and ``'sampler_options'``: the sampler's keyword options,
     e.g. ``{'s_churn': 40}`` for the stochastic sampler), ``'guidance'``: a classifier-free guidance scale w
@@ -70,7 +70,8 @@ def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", c
     Per seed, in EDM's order: the latent from the seed's generator, then (rule 'edm') its class from the same
     generator, then the sampler's fresh noise. ``class_labels`` (one-hot [N, L]) replaces the drawn classes (the
     'edm' draw still happens, as EDM's ``--class`` does). ``label_rule`` overrides the spec's rule; ``clip=False``
-    keeps a consistency sampler's raw values.
+    keeps a consistency sampler's raw values. ``decode`` (e.g. a VAE's ``LatentCodec.decode``) maps each batch of
+    latent samples to images on the sampling device before they are collected.
 
     Returns ``(samples [N, ...] float32 on CPU, labels one-hot, a Condition or None, info)`` with ``info`` holding
     ``nfe`` (per sample), ``seconds``, ``images_per_second`` and, for prompts, ``prompt_index``. Samples are the sampler's values (no clamp is added here;
@@ -112,7 +113,7 @@ def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", c
             labels = labels.to(device)
         x, nfe = sample(net, noise, spec["sampler"], sigmas=spec.get("sigmas"), nfe=spec.get("nfe"),
                         labels=labels, generator=gens, clip=clip, options=spec.get("sampler_options"))
-        out.append(x.float().cpu())
+        out.append((decode(x) if decode is not None else x).float().cpu())
     denoiser.train(was_training)
     secs = time.perf_counter() - t0
     nfe = nfe * (2 if w not in (0.0, 1.0) else 1)

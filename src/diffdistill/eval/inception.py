@@ -401,9 +401,10 @@ def inception_scores(gen_stats: FeatureStats, gen_feats: torch.Tensor | None, re
 
 def evaluate_inception(net, spec: dict, extractor: Extractor, ref: Reference, num_samples: int,
                        seed: int = 0, device="cpu", batch_size: int = 250, kid: bool = True, pr: bool = True,
-                       pr_max: int = 10_000, seeds=None) -> dict:
+                       pr_max: int = 10_000, seeds=None, decode=None) -> dict:
     """Generate ``num_samples`` images (sample i from seed ``seed + i``, or from ``seeds[i]``; under torchrun rank r
-    makes i ≡ r mod world) and score them against ``ref``. Returns the scores, timing and the full recipe."""
+    makes i ≡ r mod world) and score them against ``ref``; ``decode``: latents → images (a VAE). Returns the
+    scores, timing and the full recipe."""
     rank, world = _rank_world()
     all_seeds = list(range(seed, seed + num_samples) if seeds is None else seeds)
     seeds = all_seeds[rank::world]
@@ -411,14 +412,16 @@ def evaluate_inception(net, spec: dict, extractor: Extractor, ref: Reference, nu
     t0, gen_secs, nfe = time.perf_counter(), 0.0, None
     for i in range(0, len(seeds), batch_size):
         t1 = time.perf_counter()
-        x, _, info = generate(net, seeds[i:i + batch_size], spec, batch_size=batch_size, device=device)
+        x, _, info = generate(net, seeds[i:i + batch_size], spec, batch_size=batch_size, device=device,
+                              decode=decode)
         gen_secs, nfe = gen_secs + time.perf_counter() - t1, info["nfe"]
         f = extractor(x)
         stats.update(f)
         if kid or pr:
             feats.append(f.float().cpu())
     if stats.dim is None:  # a rank with no seeds still joins the collectives
-        stats = FeatureStats(extractor(torch.zeros(1, *net.sample_shape)).shape[1], extractor.device)
+        x0 = torch.zeros(1, *net.sample_shape)
+        stats = FeatureStats(extractor(decode(x0).cpu() if decode is not None else x0).shape[1], extractor.device)
     stats.all_reduce_()
     gen_feats = gather_in_order(feats, seeds, stats.dim) if kid or pr else None
     scores = inception_scores(stats, gen_feats, ref, seed, pr=pr, pr_max=pr_max)
