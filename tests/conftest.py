@@ -25,6 +25,17 @@ def python_exe():
     return sys.executable
 
 
+@pytest.fixture
+def float64():
+    """float64 as torch's default dtype for one test (the exactness tests)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 class Ring8Teacher:
     """A ring8 MLP teacher trained once per session (EDM, or flow matching with ``objective='flow'``), and a helper
     that distils it and measures sliced W2."""

@@ -137,16 +137,6 @@ def test_guidance_through_prompts_equals_guidance_through_labels():
 
 
 # ------------------------------------------------------------------------------------------------ training
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def _trainer(out, method, k, steps=3, batch=8, data=True, **opts):
     teacher = prompt_teacher()
     run = validate_run({"out": str(out), "steps": steps, "batch_size": batch, "log_every": 1, "ckpt_every": 0,

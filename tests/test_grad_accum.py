@@ -26,16 +26,6 @@ from diffdistill.train.trainer import Trainer
 CFD_MLP = "helpers.pd_helpers:random_points_mlp"
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def _ring8(n=256, num_classes=0):
     ds = dataset_from_config({"name": "ring8", "n": n, "seed": 0})
     ds.x = ds.x.to(torch.get_default_dtype())
