@@ -3,8 +3,9 @@
 10 % label dropout, so it can be sampled with classifier-free guidance).
 
 Default suite: the file's recorded recipe equals today's preset (so the preset cannot drift from the shipped
-weights), the weights load strictly, and re-measuring it gives the recorded proxy-FID, within 2× the real-data floor.
-`-m slow`: retrain the preset from scratch and check it reaches the shipped quality.
+weights), the weights load strictly, and re-measuring the first 594 of its recorded samples gives their known
+proxy-FID, within 2× the real-data floor. `-m slow`: the full 2,000-sample re-measure against the recorded numbers,
+and retraining the preset from scratch reaches the shipped quality.
 """
 
 
@@ -42,7 +43,8 @@ def test_shipped_teacher_matches_the_preset(preset):
     assert SHIPPED[preset].stat().st_size <= 2 * 1024 * 1024
 
 
-@pytest.mark.parametrize("preset", [pytest.param("digits"), pytest.param("digits_cond", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", SHIPPED)
 def test_shipped_teacher_quality_is_what_it_says(preset):
     net, state = load_for_sampling(SHIPPED[preset])
     rec = state["measured"]
@@ -55,6 +57,27 @@ def test_shipped_teacher_quality_is_what_it_says(preset):
     if net.label_dim:   # conditional correctness (classes seed mod 10), as recorded, and high
         assert m["class_accuracy"] == pytest.approx(rec["class_accuracy_35nfe"], abs=0.01)
         assert m["class_accuracy"] >= 0.9
+
+
+# Proxy-FID of the first 594 of the recorded 2,000 samples (seeds 0–593, Heun 35 NFE), measured by the code whose
+# 2,000-sample re-measure (``-m slow`` above) gives the recorded 4.081609 (file: 4.081604); per 297-sample subset
+# the recorded run has 15.16, 18.29 | 18.83, 21.05, 16.57, 12.49 (mean 17.06, the recorded proxy_fid_n297).
+FIRST_594_PROXY_FID = 10.3793
+
+
+def test_shipped_teacher_quality_on_the_first_594_samples():
+    """The default suite's re-measure of the unconditional teacher (the 2,000-sample one is ``-m slow``, ≈ 80 s):
+    seeds 0–593 are the recorded run's first two 297-sample subsets, so their proxy-FID is a fixed number (above),
+    their subset mean is near the recorded six-subset mean (16.72 vs 17.06), and that mean is within 2× the
+    real-data floor of the same size (297 held-out real digits)."""
+    net, state = load_for_sampling(SHIPPED["digits"])
+    rec = state["measured"]
+    assert rec["num_samples"] == 2000 and rec["seed"] == 0
+    m = evaluate_net(net, {"sampler": "heun", "nfe": 35}, state["config"]["data"], 594, seed=0)
+    assert m["proxy_fid"] == pytest.approx(FIRST_594_PROXY_FID, rel=0.05)
+    assert m["proxy_fid_n297"] == pytest.approx(rec["proxy_fid_n297_35nfe"], rel=0.1)
+    floor = digits_floor_and_ceiling()["floor_proxy_fid"]
+    assert m["proxy_fid_n297"] <= 2 * floor, (m["proxy_fid_n297"], floor)
 
 
 def test_shipped_conditional_teacher_gives_the_requested_digit():

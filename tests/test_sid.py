@@ -446,14 +446,17 @@ def _ring8_student_vs_teacher(ring8_teacher, out, n=5000, **run):
 
 
 def test_sid_ring8_end_to_end(ring8_teacher, tmp_path):
-    """The points preset distils the ring8 teacher (MLP 128×3) into a one-step student whose sliced W2 is within
-    1.5× the teacher's at 35 NFE (measured: 0.0411 vs 0.0339, 1.21×; the step-0 student, i.e. the teacher used as a
-    one-step generator at σ = 2.5, is at 0.41)."""
+    """The points preset, cut to 400 of its 800 iterations, distils the ring8 teacher (MLP 128×3) into a one-step
+    student whose sliced W2 is within 1.5× the teacher's at 35 NFE (measured at 400 iterations, run seeds 0–2:
+    0.0409, 0.0420, 0.0362 vs 0.0339; at 500: 0.0413; at the full 800: 0.038, and the full length for seeds 0–3 is
+    ``-m slow``; the step-0 student, i.e. the teacher used as a one-step generator at σ = 2.5, is at 0.41)."""
     from diffdistill.eval.evaluate import evaluate_net
-    tr, student, teacher = _ring8_student_vs_teacher(ring8_teacher, tmp_path)
+    tr, student, teacher = _ring8_student_vs_teacher(ring8_teacher, tmp_path, steps=400)
     assert tr.dataset is None and tr.data_x is None      # data-free: no data set was built
     from diffdistill.config import load_preset
-    assert tr.step == load_preset("sid", "points")["run"]["steps"]
+    preset = load_preset("sid", "points")
+    assert tr.step == 400 and tr.cfg["run"]["batch_size"] == preset["run"]["batch_size"]
+    assert {k: tr.cfg["method"][k] for k in preset["method"]} == preset["method"]   # the rest is the preset's
     start = evaluate_net(tr.method.teacher, tr.method.sampling_spec(), ring8_teacher.data_cfg, 2000, seed=0)
     print("sid ring8 sliced W2: student", student["sliced_w2"], "teacher(35 NFE)", teacher["sliced_w2"],
           "step-0 student", start["sliced_w2"], "modes", student.get("modes_covered"))
@@ -463,9 +466,10 @@ def test_sid_ring8_end_to_end(ring8_teacher, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed,alpha", [(1, 1.2), (2, 1.2), (3, 1.2), (0, 1.0)])
+@pytest.mark.parametrize("seed,alpha", [(0, 1.2), (1, 1.2), (2, 1.2), (3, 1.2), (0, 1.0)])
 def test_sid_ring8_other_seeds_and_alpha_1(ring8_teacher, tmp_path, seed, alpha):
-    """The same check for other run seeds, and for α = 1 (the official SiDA scripts' value)."""
+    """The same check at the preset's full length (800 iterations) for run seeds 0–3, and for α = 1 (the official
+    SiDA scripts' value)."""
     _, student, teacher = _ring8_student_vs_teacher(ring8_teacher, tmp_path, seed=seed, method={"alpha": alpha})
     print(f"sid ring8 seed {seed} α {alpha}: student", student["sliced_w2"], "teacher", teacher["sliced_w2"])
     assert student["sliced_w2"] < 1.5 * teacher["sliced_w2"]
