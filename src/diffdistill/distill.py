@@ -11,6 +11,7 @@ from .data import dataset_from_config
 from .errors import UserError
 from .eval.generate import generate
 from .io import load_teacher
+from .io.load import without_weights
 from .methods.embedding_loss import embedding_loss_from_config
 from .methods.registry import get_method
 from .train.distributed import launched_rank
@@ -102,6 +103,7 @@ def distill(method: str, teacher_path, flags=None, config_file=None, overrides=N
     check_device(device, meta_ok=dry_run)  # before the teacher is moved there
     if teacher is None:
         teacher, tstate = load_teacher(teacher_path, device)
+        tstate = without_weights(tstate)   # the weights are in the teacher; this record lives through the run
     else:
         teacher, tstate = teacher[0].to(device).eval().requires_grad_(False), \
             {"config": {}, "step": 0, "sampling": None, "role": "teacher", **teacher[1]}
