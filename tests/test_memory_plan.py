@@ -194,3 +194,28 @@ def _all_tensors(obj):
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from _all_tensors(v)
+
+
+def test_a_diffusers_unet2dcondition_measures_the_same_on_meta():
+    """The meta measurement that plans SD-sized UNets (benchmarks/dry_run_vs_rss.py) equals the CPU's on the same
+    architecture at a tiny width: cross-attention through scaled_dot_product_attention, GEGLU, group norms, and
+    with diffusers' blocks checkpointed."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffdistill.nets.checkpointing import set_activation_checkpointing
+    cfg = {"sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+           "block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+           "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 32,
+           "attention_head_dim": 8, "norm_num_groups": 8}
+    for ckpt in (False, True):
+        plans = {}
+        for device in ("cpu", "meta"):
+            torch.manual_seed(0)
+            with torch.device(device):
+                net = diffusers.UNet2DConditionModel(**cfg).train()
+                inputs = [{"sample": torch.randn(b, 4, 16, 16), "timestep": torch.full((b,), 500.0),
+                           "encoder_hidden_states": torch.randn(b, 7, 32)} for b in (1, 2)]
+            if ckpt:
+                set_activation_checkpointing(net, True)
+            plans[device] = module_memory_plan(net, inputs)
+        assert plans["meta"] == plans["cpu"], (ckpt, plans)
+        assert (plans["cpu"]["recomputed"][0] > 0) == ckpt
