@@ -71,7 +71,8 @@ def _add_training_flags(p):
                         "the preset's iteration count then no longer applies (--iters still caps the run) "
                         "(default: no limit)")
     p.add_argument("--seed", type=int, help="seed of noise draws, batch order and initialisation (default 0)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu); with --dry-run also meta: the networks are "
+                                    "built without memory and planned from their shapes")
     p.add_argument("--resume", help="'auto' (newest valid checkpoint in the run directory) or a checkpoint path "
                                     "(default: start fresh)")
     p.add_argument("--overwrite", action="store_true",

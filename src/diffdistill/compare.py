@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from .distill import distill, distill_config, load_teacher
+from .io.load import without_weights
 from .errors import UserError
 from .eval.evaluate import evaluate_net
 from .eval.generate import generate
@@ -115,7 +116,7 @@ def run_method(method: str, teacher_path, out: Path, data_cfg, *, iters, budget_
         run["steps"] = iters or UNBOUNDED_STEPS  # the budget decides unless --iters is smaller
     elif iters:
         run["steps"] = iters
-    _, tstate = load_teacher(teacher_path, device)
+    tstate = without_weights(load_teacher(teacher_path, device)[1])   # (a record alive through the run)
     flags = {"run": run, **({"el": {"weight": el_weight}} if el_weight else {})}
     steps = distill_config(method, tstate, {"run": dict(run)}, overrides=overrides)["run"]["steps"]
     curve = _Curve(data_cfg, curve_samples, eval_seed, device, curve_points, None if budget_minutes else steps,
@@ -241,6 +242,7 @@ def compare(teacher_path, methods, out="runs/compare", iters=None, budget_minute
             raise UserError(f"{what} must be positive, got {v}")
     out = Path(out)
     teacher, tstate = load_teacher(teacher_path, device)
+    tstate = without_weights(tstate)   # the weights are in the teacher; this record lives through every run
     data_cfg = tstate["config"].get("data")
     out.mkdir(parents=True, exist_ok=True)
 

@@ -72,7 +72,7 @@ class RunOptions(Options):
                                 "batch, up to round-off)", choices=("rank", "global"))
 
     def validate(self):
-        check_device(self.device)
+        check_device(self.device, meta_ok=True)   # meta: the Trainer allows it for a --dry-run only
         if self.fsdp_teacher == "shard" and not self.fsdp:
             raise UserError("run.fsdp_teacher=shard shards the teacher alongside the FSDP2-sharded networks: add "
                             "--set run.fsdp=true, or leave run.fsdp_teacher at replicate")
@@ -204,13 +204,17 @@ def validate_run(run: dict) -> dict:
     return RunOptions.from_dict(run, owner="the run").to_dict()
 
 
-def check_device(device) -> None:
-    """Refuse a device this machine does not have, naming the one to use (instead of a CUDA assertion later)."""
+def check_device(device, meta_ok: bool = False) -> None:
+    """Refuse a device this machine does not have, naming the one to use (instead of a CUDA assertion later).
+    ``meta`` (networks built without memory, to plan a run's memory) only where ``meta_ok`` (a --dry-run)."""
     import torch
     try:
         d = torch.device(device)
     except (RuntimeError, TypeError):
         raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if d.type == "meta" and not meta_ok:
+        raise UserError("device 'meta' builds the networks without memory, to plan a run's memory: use it with "
+                        "--dry-run (train-teacher, distill), and cpu or cuda to run")
     if d.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"device {device!r} is not available (no CUDA GPU is visible to this torch build): "

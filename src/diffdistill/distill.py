@@ -11,6 +11,7 @@ from .data import dataset_from_config
 from .errors import UserError
 from .eval.generate import generate
 from .io import load_teacher
+from .io.load import without_weights
 from .methods.embedding_loss import embedding_loss_from_config
 from .methods.registry import get_method
 from .train.distributed import launched_rank
@@ -80,6 +81,9 @@ def measure_sigma_data(cfg: dict, teacher, dataset=None, n: int = 2048) -> float
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
         origin = f"the data ({data.get('path') or data.get('name')})"
     else:
+        if next(teacher.parameters()).device.type == "meta":
+            raise UserError("the teacher does not state σ_data and a meta-device plan cannot sample it: give "
+                            "--set net.sigma_data=S or --data")
         spec = dict((cfg.get("teacher") or {}).get("sampling") or {"sampler": "heun", "nfe": 35})
         if data.get("prompts"):
             spec["prompts"] = data["prompts"]
@@ -93,12 +97,19 @@ def measure_sigma_data(cfg: dict, teacher, dataset=None, n: int = 2048) -> float
 
 
 def distill(method: str, teacher_path, flags=None, config_file=None, overrides=None, supplements=(), on_sample=None,
-            on_step=None, dry_run: bool = False, preset: str | None = None):
-    """Build the trainer and train; with ``dry_run`` return the built trainer without training or writing."""
+            on_step=None, dry_run: bool = False, preset: str | None = None, teacher=None):
+    """Build the trainer and train; with ``dry_run`` return the built trainer without training or writing.
+    ``teacher``: (frozen denoiser, checkpoint-like dict with at least ``net_config``) to use instead of reading
+    ``teacher_path`` — e.g. a network built on the meta device from a published config, to plan its memory."""
     device = ((flags or {}).get("run") or {}).get("device", "cpu")
-    check_device(device)  # before the teacher is moved there
+    check_device(device, meta_ok=dry_run)  # before the teacher is moved there
     shape = ((flags or {}).get("teacher") or {}).get("sample_shape")   # a diffusers transformer's latent size
-    teacher, tstate = load_teacher(teacher_path, device, sample_shape=shape)
+    if teacher is None:
+        teacher, tstate = load_teacher(teacher_path, device, sample_shape=shape)
+        tstate = without_weights(tstate)   # the weights are in the teacher; this record lives through the run
+    else:
+        teacher, tstate = teacher[0].to(device).eval().requires_grad_(False), \
+            {"config": {}, "step": 0, "sampling": None, "role": "teacher", **teacher[1]}
     sigma_data_stated = tstate["net_config"].get("sigma_data") is not None
     cfg = distill_config(method, tstate, flags, config_file, overrides, preset=preset)
     if launched_rank() == 0:
@@ -120,7 +131,8 @@ def distill(method: str, teacher_path, flags=None, config_file=None, overrides=N
     trainer = Trainer(cfg, teacher=teacher, teacher_path=str(teacher_path), dataset=dataset,
                       supplements=supplements, dry_run=dry_run)
     if dry_run:
-        trainer.start_check()
+        if trainer.device.type != "meta":   # the health check samples: nothing to look at on meta
+            trainer.start_check()
         return trainer
     trainer.run(on_sample=on_sample, on_step=on_step)
     return trainer

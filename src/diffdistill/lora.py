@@ -128,14 +128,24 @@ def resolve_targets(base: nn.Module, arch: str | None, names: list[str] | None) 
     return found
 
 
+def _onto_meta(module: nn.Module) -> None:
+    """Every parameter of ``module`` on the meta device: peft makes the second adapter of a meta base (a
+    --dry-run memory plan) on the CPU."""
+    for m in module.modules():
+        for k, p in list(m._parameters.items()):
+            if p is not None and not p.is_meta:
+                m._parameters[k] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+
+
 def weights_fingerprint(state_dict: dict) -> str:
     """A short sha256 of a state dict (keys, dtypes, shapes, bytes): ties a LoRA adapter to the base it was trained
     on."""
     h = hashlib.sha256()
     for k in sorted(state_dict):
-        t = state_dict[k].detach().cpu().contiguous()
+        t = state_dict[k].detach()
         h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        if not t.is_meta:   # a meta-device memory plan (--dry-run) has shapes, no values
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -179,6 +189,8 @@ class LoRAStack:
             warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters")
             inject_adapter_in_model(peft_config(o.rank, o.scale_alpha(), o.dropout, self.targets), self.base,
                                     adapter_name=name)
+        if any(p.is_meta for p in self.base.parameters()):
+            _onto_meta(self.base)
         self.adapters.append(name)
         self._refresh()
         for _, layer in self.layers:   # the new adapter's layers join in the state the stack's are in

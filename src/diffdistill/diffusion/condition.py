@@ -200,7 +200,7 @@ def check_bank(net, bank: Optional[Condition], what: str) -> None:
                         f"'null.*' for the negative prompt), or a dataset that carries them")
     want = {k: tuple(v) for k, v in dict(net.embedding_signature).items()}
     if not signature_fits(want, bank.signature):
-        raise UserError(f"the prompts' fields {got} do not fit {what}, which takes {want}: encode them with "
+        raise UserError(f"the prompts' fields {bank.signature} do not fit {what}, which takes {want}: encode them with "
                         f"the teacher's own text encoder(s)")
 
 

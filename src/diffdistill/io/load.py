@@ -123,6 +123,17 @@ def load_for_sampling(path, device="cpu", sample_shape=None):
     return net.to(device).eval().requires_grad_(False), state
 
 
+# the parts of a checkpoint dict that hold weights: a teacher .pt from train-teacher carries its whole training
+# state (network, EMA copy, Adam's two moments: 4× the teacher's size), an exported file the sampling weights
+_WEIGHTS = ("sample_net", "method_state", "supplement_state")
+
+
+def without_weights(state: dict) -> dict:
+    """A checkpoint dict's record without its weights (once a network is built from them): a caller that keeps the
+    record through a run would otherwise keep a second copy of the teacher — four with a training checkpoint."""
+    return {k: v for k, v in state.items() if k not in _WEIGHTS}
+
+
 def load_teacher(path, device="cpu", sample_shape=None):
     """(frozen teacher Denoiser in eval mode, its checkpoint dict); a student checkpoint is refused.
     ``sample_shape``: the latent shape of a diffusers network that takes any size (e.g. a Wan video's (C, F, H, W))."""

@@ -10,6 +10,7 @@ pixels; the batch loss is its mean (EDM reduces the same way).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,10 @@ class EDMTeacher(Method):
     def __init__(self, ctx, opts=None, **overrides):
         super().__init__(ctx, opts, **overrides)
         o = self.opts
-        net = build_denoiser(ctx.net_config).to(ctx.device).train()
+        # on the meta device (a --dry-run plan) built there directly: nothing is allocated, whatever its size
+        with torch.device("meta") if ctx.device.type == "meta" else contextlib.nullcontext():
+            net = build_denoiser(ctx.net_config)
+        net = net.to(ctx.device).train()
         self.nets["net"] = net
         self.ema = self.track_ema("net", o)
         self.optimizers["net"] = torch.optim.Adam(net.parameters(), lr=o.lr, betas=o.betas, eps=o.eps)

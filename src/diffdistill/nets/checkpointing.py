@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .saved_tensors import count_saved
+
 
 def _set_state(params, grads, modules, modes) -> tuple:
     """Give ``params`` the ``requires_grad`` flags ``grads`` and ``modules`` the train/eval ``modes``; returns the
@@ -53,19 +55,8 @@ def recomputation_probe():
 
 
 def _count_saved(block: nn.Module, fn, args) -> int:
-    skip = {t.untyped_storage().data_ptr() for t in list(block.parameters()) + [a for a in args if torch.is_tensor(a)]}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        try:
-            st = t.untyped_storage()
-            if st.data_ptr() not in skip:
-                seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        except (RuntimeError, NotImplementedError):   # tensors without storage: not counted
-            pass
-        return t
     cuda = sorted({a.device for a in args if torch.is_tensor(a) and a.device.type == "cuda"}, key=str)
-    with torch.random.fork_rng(devices=cuda), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.random.fork_rng(devices=cuda), count_saved(list(block.parameters()) + list(args)) as seen:
         fn(*args)
     return sum(seen.values())
 

@@ -8,14 +8,29 @@ appear without the method declaring them. Loose tensors found on the way (pair c
 training data held on the device are counted too.
 
 Estimate (per process): weights and buffers + optimizer state (Adam/AdamW: 2 tensors per trainable parameter, SGD
-with momentum: 1) + the largest phase's gradients and activations + data and loose tensors. Activations are
-*measured*: the phase's forward pass runs at batch 2 and at batch 4 with an autograd hook that adds up the bytes of
-every tensor saved for backward (parameters excluded), and the difference is extrapolated linearly to the chosen
-batch — to one micro-batch (batch / run.grad_accum) under gradient accumulation, which keeps one micro-batch's
-activations at a time. With activation checkpointing the hook sees what the checkpoints keep, and the largest checkpointed
-block's own saved tensors (held again while backward recomputes it) are added. On the digits DMD2 run (batch 64 and 256) this matched the peak of torch's allocated bytes over a
-forward + backward (profiler) within 2 %; the CPU process's resident size grew 1.3–1.6× the estimate (allocator
-arenas, optimizer temporaries), hence the 30–60 % allowance the report names.
+with momentum: 1) + data and loose tensors + the largest phase's gradients plus the larger of its activations and
+its optimizer step's temporaries (``_step_temporaries``: torch's foreach Adam — its default on CUDA — takes sqrt(v)
+of every parameter at once, one copy of the trained parameters, which outgrows the activations of a large network
+at a small batch; its for-loop step on the CPU, 2–3× the largest parameter). Activations are *measured*: the
+phase's forward pass runs at batch 2 and at batch 4 with an autograd hook that adds up the bytes of every tensor
+saved for backward (parameters excluded), and the difference is extrapolated linearly to the chosen batch — to one
+micro-batch (batch / run.grad_accum) under gradient accumulation, which keeps one micro-batch's activations at a
+time. With activation checkpointing the hook sees what the checkpoints keep, and the largest checkpointed block's
+own saved tensors (held again while backward recomputes it) are added. ``benchmarks/dry_run_vs_rss.py`` checks the
+plan against real CPU runs (``benchmarks/notes/dry_run_memory.md``): within 1 % of the peak of torch's allocated
+bytes over whole training iterations (digits DMD2 / SiD, a 27.9 M-parameter SongUNet under DMD2, SiD, LoRA,
+checkpointing, the bf16 teacher); the resident size above the process's non-tensor memory is 1.0–1.3× that
+(glibc keeping freed blocks; 1.0–1.1× with a fixed mmap threshold).
+
+On the meta device (``run.device=meta``, ``--dry-run --device meta``) the same plan is made without allocating
+anything, so networks too large for the machine can be planned: the trainer builds every network there (a
+teacher from its config, its copies, LoRA adapters), sizes come from shapes, and the phases' forwards run on meta
+tensors under the same hook (saved-tensor hooks fire for meta tensors; tensors are told apart by storage identity,
+since every meta storage has address 0). ``MetaForward`` makes numbers read from tensors placeholders and runs
+attention as a fused kernel, as real devices do; bf16 autocast has no meta backend and is refused. The plan is the
+CPU plan to the byte on the tested runs (``tests/test_memory_plan.py``), and it plans torch.optim's CUDA step unless
+``target`` says otherwise. ``module_memory_plan`` measures one network alone (e.g. a diffusers model built from its
+published config under ``torch.device("meta")``).
 
 With ``run.fsdp`` the plan is per rank of W (the processes launched, or ``ranks``): every tensor of a sharded
 network (``sharding.sharded_networks``) counts its largest dim-0 shard — weights, gradients and optimizer state
@@ -26,6 +41,7 @@ the same as without sharding; buffers are not sharded.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -33,10 +49,12 @@ from torch import nn
 
 from ..lora import LoRARole, lora_summary
 from ..nets.checkpointing import blocks, recomputation_probe
+from ..nets.saved_tensors import MetaForward, count_saved, storage_key
 from .sharding import shard_bytes, sharded_networks
 
 _SKIP_TYPES = (torch.optim.Optimizer, torch.Generator, torch.device, type)
 _SKIP_NAMES = ("optimizers", "schedulers")
+_FOREACH_DEVICES = ("cuda", "xpu")   # where torch.optim defaults to its foreach step
 
 
 @dataclass
@@ -124,10 +142,9 @@ def find_networks(method, supplements=(), extra_roots=None):
             sum(b.numel() * b.element_size() for b in m.buffers())
         dtypes = ",".join(sorted({str(p.dtype).replace("torch.", "") for p in params})) or "-"
         infos.append(NetInfo(name, m, sum(p.numel() for p in params), nbytes, dtypes, phases, shared))
-    module_ptrs = {t.untyped_storage().data_ptr() for _, m in modules.values()
-                   for t in list(m.parameters()) + list(m.buffers())}
+    module_ptrs = {storage_key(t) for _, m in modules.values() for t in list(m.parameters()) + list(m.buffers())}
     loose = [(n, t) for n, t in tensors.values()  # (tensors with a grad_fn are a step's leftovers, not state)
-             if t.numel() and t.grad_fn is None and t.untyped_storage().data_ptr() not in module_ptrs]
+             if t.numel() and t.grad_fn is None and storage_key(t) not in module_ptrs]
     return infos, loose
 
 
@@ -141,38 +158,53 @@ def _optimizer_slots(opt: torch.optim.Optimizer) -> int:
     return 2
 
 
-def _saved_activation_bytes(trainer, phase: str, step: int, batch_size: int, exclude_ptrs: set,
+def _step_temporaries(opt: torch.optim.Optimizer, size, foreach_default: bool) -> int:
+    """Bytes an optimizer step allocates beyond its state at its peak, following torch.optim's Adam/AdamW code
+    paths: the foreach path (torch's default on CUDA) takes sqrt(v) of a whole (param group, device, dtype) group at
+    once — one copy of the group's parameters (the copy of the gradients that Adam's coupled weight decay makes is
+    freed before); the for-loop path (the default on the CPU) one parameter at a time — sqrt(v) and its quotient,
+    plus that weight-decay copy: 2-3× the largest parameter. Fused steps, and other optimizers: 0."""
+    d = opt.defaults
+    if "betas" not in d or d.get("fused"):
+        return 0
+    foreach = foreach_default if d.get("foreach") is None else bool(d["foreach"])
+    worst = 0
+    for g in opt.param_groups:
+        params = [p for p in g["params"] if p.requires_grad]
+        if foreach:
+            groups: dict = {}
+            for p in params:
+                groups[(p.device, p.dtype)] = groups.get((p.device, p.dtype), 0) + size(p)
+            worst = max(worst, max(groups.values(), default=0))
+        else:
+            coupled = g.get("weight_decay", 0) and not g.get("decoupled_weight_decay", False)
+            worst = max(worst, (3 if coupled else 2) * max((size(p) for p in params), default=0))
+    return worst
+
+
+def _saved_activation_bytes(trainer, phase: str, step: int, batch_size: int, exclude_keys: set,
                             recomputed: list | None = None) -> int:
     """Bytes of the tensors autograd saves for backward in one forward pass of ``phase`` at ``batch_size``. With
     activation checkpointing these are what the checkpoints keep; ``recomputed`` (a list) then receives the bytes
     of the largest checkpointed block's saved tensors, which backward holds again while it recomputes that block
     (0 without checkpointing)."""
     method = trainer.method
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        try:
-            st = t.untyped_storage()
-            ptr = st.data_ptr()
-            if ptr not in exclude_ptrs:
-                saved[ptr] = max(saved.get(ptr, 0), st.nbytes())
-        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. nested/sparse): not counted
-            pass
-        return t
-
     batch = None
     if trainer.data_x is not None:
         idx = torch.arange(batch_size, device=trainer.data_x.device) % len(trainer.data_x)
         batch = (trainer.data_x[idx], trainer.data_y[idx] if trainer.data_y is not None else None)
     old = method.ctx.batch_size
     method.ctx.batch_size = batch_size
+    # on the meta device numbers read from tensors (logged losses) are placeholders: no tensor has values there
+    scalars = MetaForward() if trainer.device.type == "meta" else contextlib.nullcontext()
     try:
-        # The phases before this one in the same step run first (unmeasured): a method may hand samples from one
-        # phase to the next (DMD2's critic reuses the generator phase's samples).
-        for before in method.phases(step)[:method.phases(step).index(phase)]:
-            trainer.phase_loss(before, batch, step)
-        with recomputation_probe() as blocks, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss, _ = trainer.phase_loss(phase, batch, step)
+        with scalars:
+            # The phases before this one in the same step run first (unmeasured): a method may hand samples from
+            # one phase to the next (DMD2's critic reuses the generator phase's samples).
+            for before in method.phases(step)[:method.phases(step).index(phase)]:
+                trainer.phase_loss(before, batch, step)
+            with recomputation_probe() as blocks, count_saved(exclude_keys=exclude_keys) as saved:
+                loss, _ = trainer.phase_loss(phase, batch, step)
         del loss
         if recomputed is not None:
             recomputed.append(max(blocks, default=0))
@@ -202,10 +234,12 @@ def _gathered_bytes(net: nn.Module) -> int:
     return root + 2 * max((nbytes(ps) for ps in inner), default=0)
 
 
-def estimate_memory(trainer, probe=(2, 4), ranks: int | None = None) -> dict:
+def estimate_memory(trainer, probe=(2, 4), ranks: int | None = None, target: str | None = None) -> dict:
     """The memory plan (module docstring); ``ranks``: plan FSDP2's shards for that many processes (default: the
-    trainer's)."""
+    trainer's); ``target``: the device type the plan is for, which decides torch.optim's default step (foreach on
+    cuda, a for-loop on cpu) — default the trainer's device, cuda for a plan on the meta device."""
     method = trainer.method
+    target = target or ("cuda" if trainer.device.type == "meta" else trainer.device.type)
     run = trainer.cfg["run"]
     world = int(ranks or trainer.world) if run.get("fsdp") else 1
     sharded_nets = sharded_networks(method, run.get("fsdp_teacher") == "shard") if run.get("fsdp") else []
@@ -233,10 +267,11 @@ def estimate_memory(trainer, probe=(2, 4), ranks: int | None = None) -> dict:
     opt_state = sum(_optimizer_slots(opt) * size(p)
                     for opt in method.optimizers.values() for g in opt.param_groups for p in g["params"])
     grads = {ph: sum(size(p) for p in method.trainable_params(ph)) for ph in method.optimizers}
+    foreach = target in _FOREACH_DEVICES
+    temporaries = {ph: _step_temporaries(opt, size, foreach) for ph, opt in method.optimizers.items()}
     gathered = max((_gathered_bytes(net) for net in sharded_nets), default=0)
     first_step = _phase_steps(method)
-    exclude = {t.untyped_storage().data_ptr() for info in infos
-               for t in list(info.module.parameters()) + list(info.module.buffers())}
+    exclude = {storage_key(t) for info in infos for t in list(info.module.parameters()) + list(info.module.buffers())}
     B = trainer.cfg["run"]["batch_size"]
     k = int(trainer.cfg["run"].get("grad_accum", 1))
     micro = B // k   # activations are held for one micro-batch at a time (run.grad_accum)
@@ -254,12 +289,63 @@ def estimate_memory(trainer, probe=(2, 4), ranks: int | None = None) -> dict:
             errors[ph] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     method.ctx.generator.set_state(rng[0])
     torch.set_rng_state(rng[1])
-    worst = max(first_step, key=lambda ph: grads.get(ph, 0) + acts.get(ph, 0)) if first_step else None
-    peak = weights + opt_state + loose_bytes + gathered + (grads.get(worst, 0) + acts.get(worst, 0) if worst else 0)
+
+    def phase_peak(ph):   # backward holds the activations and the gradients; the step, gradients and temporaries
+        return grads.get(ph, 0) + max(acts.get(ph, 0), temporaries.get(ph, 0))
+    worst = max(first_step, key=phase_peak) if first_step else None
+    peak = weights + opt_state + loose_bytes + gathered + (phase_peak(worst) if worst else 0)
     return {"networks": infos, "loose": loose, "weights": weights, "optimizer_state": opt_state, "grads": grads,
+            "step_temporaries": temporaries, "target": target,
             "fsdp_world": world if run.get("fsdp") else None, "gathered": gathered,
             "activations": acts, "recomputed": recomputed, "errors": errors, "loose_bytes": loose_bytes, "worst_phase": worst,
             "peak": peak, "batch_size": B, "grad_accum": k, "micro_batch": micro, "probe": probe}
+
+
+def module_memory_plan(module: nn.Module, inputs: list) -> dict:
+    """The memory of one network, on any device — the meta device included, where a network far larger than this
+    machine (built under ``with torch.device("meta"):`` from its published config, no weights) is planned from
+    shapes alone. ``inputs``: example inputs, one per batch size to measure, each a dict of keyword arguments, a
+    tuple of positional ones or a tensor (on the module's device). Returns ``params`` (count), ``param_bytes``,
+    ``buffer_bytes``, and per input: ``saved`` — the bytes of the tensors autograd saves for backward in one forward
+    (parameters and buffers excluded; an input counts when it is saved), with activation checkpointing turned on
+    through this package (``set_activation_checkpointing``) plus the largest checkpointed block's own saved tensors,
+    which backward holds again while recomputing it (``recomputed``) — and ``output`` bytes. What is saved depends on
+    which parameters require grad and on train/eval mode: set them as the run would. On meta, numbers read from
+    tensors are placeholders (``MetaForward``); an op without a meta implementation raises."""
+    params = list(module.parameters())
+    buffers = list(module.buffers())
+    exclude = {storage_key(t) for t in params + buffers}
+    meta = any(p.is_meta for p in params)
+    saved, recomputed, outputs = [], [], []
+    for example in inputs:
+        args, kwargs = ((), example) if isinstance(example, dict) else \
+            ((example,), {}) if torch.is_tensor(example) else (tuple(example), {})
+        with MetaForward() if meta else contextlib.nullcontext(), torch.enable_grad(), \
+                recomputation_probe() as blocks, count_saved(exclude_keys=exclude) as seen:
+            out = module(*args, **kwargs)
+        flat = [t for t in _tensors(out)]
+        outputs.append(sum(t.numel() * t.element_size() for t in flat))
+        del out, flat
+        recomputed.append(max(blocks, default=0))
+        saved.append(sum(seen.values()) + recomputed[-1])
+    return {"params": sum(p.numel() for p in params), "param_bytes": sum(p.numel() * p.element_size() for p in params),
+            "buffer_bytes": sum(b.numel() * b.element_size() for b in buffers), "saved": saved,
+            "recomputed": recomputed, "output": outputs}
+
+
+def _tensors(obj):
+    """The tensors in a model's output (a tensor, a tuple/list/dict of them, or a diffusers output dataclass)."""
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+    elif hasattr(obj, "__dataclass_fields__"):
+        for k in obj.__dataclass_fields__:
+            yield from _tensors(getattr(obj, k, None))
 
 
 def _fmt_bytes(n: float) -> str:
@@ -319,12 +405,20 @@ def dry_run_report(trainer, ranks: int | None = None) -> str:
             lines.append(f"  phase {ph:18s} activations not measured ({est['errors'][ph]})")
             continue
         rec = est["recomputed"].get(ph, 0)
+        temp = est["step_temporaries"].get(ph, 0)
+        step = f"; step temporaries {_fmt_bytes(temp)}" if temp else ""
         lines.append(f"  phase {ph:18s} gradients {_fmt_bytes(est['grads'].get(ph, 0)):>10s} + activations "
-                     f"{_fmt_bytes(est['activations'].get(ph, 0)):>10s}"
+                     f"{_fmt_bytes(est['activations'].get(ph, 0)):>10s}{step}"
                      + (f"   (incl. {_fmt_bytes(rec)} recomputed in backward: the largest checkpointed block)"
                         if rec else ""))
-    lines += [f"  peak ≈ {_fmt_bytes(est['peak'])} (largest phase: {est['worst_phase']}) of tensors; activations are "
-              f"the tensors saved for backward, measured at batch {est['probe'][0]} and {est['probe'][1]} and "
-              f"extrapolated linearly. Allow 30–60 % more for the allocator and optimizer temporaries",
-              "", "dry run: nothing was trained or written."]
+    meta = trainer.device.type == "meta"
+    lines += [f"  peak ≈ {_fmt_bytes(est['peak'])} (largest phase: {est['worst_phase']}) of tensors: weights, state "
+              f"and data + the phase's gradients + the larger of its activations (the tensors saved for backward, "
+              f"measured at batch {est['probe'][0]} and {est['probe'][1]} and extrapolated linearly) and its "
+              f"optimizer step's temporaries (torch.optim's {est['target']} default). On the CPU the resident size "
+              f"grew 1.2–1.3× the tensors (glibc's allocator); add the CUDA context and caching allocator on a GPU"]
+    if meta:
+        lines.append("  planned on the meta device: every size from shapes, nothing allocated; numbers read from "
+                     "tensors are placeholders, attention counts as a fused kernel")
+    lines += ["", "dry run: nothing was trained or written."]
     return "\n".join(lines)

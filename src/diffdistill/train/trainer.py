@@ -9,6 +9,7 @@ bit-exactly: every net, optimizer and scheduler, the method's extra state, the s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -179,6 +180,15 @@ def check_fsdp(run: dict, method_cls, opts, supplements=(), grad_accum: int = 1)
     return True
 
 
+def _check_meta_plan(run: dict) -> None:
+    """bf16 autocast has no meta backend: refused in a meta-device plan, with what to do instead."""
+    bf16 = [f"run.{k}=bf16" for k in ("precision", "teacher_dtype") if run.get(k) == "bf16"]
+    if bf16:
+        raise UserError(f"{' and '.join(bf16)} cannot be planned on the meta device: torch's bf16 autocast has no "
+                        f"meta backend; plan in fp32 (an upper bound: bf16 halves the frozen teacher's weights and "
+                        f"the autocast ops' activations) or plan on cpu")
+
+
 class Trainer:
     def __init__(self, cfg: dict, teacher=None, teacher_path: str | None = None, dataset=None, supplements=(),
                  dry_run: bool = False):
@@ -188,8 +198,10 @@ class Trainer:
         run = cfg["run"]
         self.out = Path(run["out"])
         check_output_dir(self.out)
-        check_device(run["device"])
+        check_device(run["device"], meta_ok=dry_run)
         self.device = torch.device(run["device"])
+        if self.device.type == "meta":
+            _check_meta_plan(run)
         run["batch_size"] = per_process_batch(run, dist.launched_world_size())
         check_micro_batches(run)
         method_cfg = dict(cfg["method"])
@@ -595,6 +607,8 @@ class Trainer:
     def _autocast(self):
         """bf16 autocast around the forward passes and losses (no loss scaling needed for bf16)."""
         on = self.cfg["run"].get("precision", "fp32") == "bf16"
+        if self.device.type == "meta":   # autocast has no meta backend; bf16 is refused there (_check_meta_plan)
+            return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=on)
 
     def phase_loss(self, phase: str, batch, step: int):
