@@ -157,12 +157,25 @@ def test_distill_run_dir_default_and_resume_reuses_pairs(tmp_path, capsys):
             assert torch.equal(a[net][k], b[net][k]), (net, k)
 
 
-def test_dmd_ring8_end_to_end(ring8_teacher, tmp_path):
-    """1-step DMD (points preset, 1,500 iterations) within 1.5× the teacher's sliced W2 at 35 NFE and ≥ 4× better
-    than the teacher's own 1-step sample. Measured (seeds 0–2): teacher 0.036, untrained 0.494, student
-    0.044–0.052."""
-    res = ring8_teacher.distill_and_eval("dmd", tmp_path, steps=1500)
-    print("dmd ring8", {k: v for k, v in res.items() if k != "trainer"})
+def _dmd_ring8(ring8_teacher, tmp_path, steps, bound):
+    res = ring8_teacher.distill_and_eval("dmd", tmp_path, steps=steps)
+    print(f"dmd ring8 {steps} it.", {k: v for k, v in res.items() if k != "trainer"})
+    assert res["trainer"].step == steps
     assert res["modes_covered"] == 1.0
-    assert res["student"] < 1.5 * res["teacher"]
+    assert res["student"] < bound * res["teacher"]
     assert res["student"] < 0.25 * res["untrained"]
+
+
+def test_dmd_ring8_end_to_end(ring8_teacher, tmp_path):
+    """1-step DMD (points preset cut to 1,000 of its 1,500 iterations) within 1.75× the teacher's sliced W2 at 35 NFE
+    and ≥ 4× better than the teacher's own 1-step sample. Measured at 1,000 iterations (run seeds 0–2): student
+    0.047, 0.044, 0.051 against the teacher's 0.036 (bound 0.063) and the untrained 0.494 (at 750: 0.054–0.062).
+    The preset's full length against 1.5× is ``-m slow``."""
+    _dmd_ring8(ring8_teacher, tmp_path, 1000, 1.75)
+
+
+@pytest.mark.slow
+def test_dmd_ring8_end_to_end_full_length(ring8_teacher, tmp_path):
+    """The points preset's 1,500 iterations within 1.5× the teacher's sliced W2 (≈ 100 s). Measured (seeds 0–2):
+    teacher 0.036, untrained 0.494, student 0.044–0.052 (seed 0 with today's code: 0.042)."""
+    _dmd_ring8(ring8_teacher, tmp_path, 1500, 1.5)

@@ -441,19 +441,32 @@ def test_checkpoint_carries_sampling_spec(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ 2-D end to end
-def test_dmd2_ring8_end_to_end(ring8_teacher, tmp_path):
-    """A 1-step DMD2 student of the ring8 teacher (points preset: TTUR 5, GAN 0.1 / 0.3, input σ = 1; 2,000
-    iterations = 400 generator updates at batch 256): within 1.5× the teacher's sliced W2 at 35 NFE and ≥ 4× better
-    than the teacher's own 1-step sample. Measured (this metric, seeds 0–3): teacher 0.036, untrained 0.494,
-    student 0.035–0.047."""
-    res = ring8_teacher.distill_and_eval("dmd2", tmp_path, steps=2000)
-    print("dmd2 ring8", {k: v for k, v in res.items() if k != "trainer"})
+def _dmd2_ring8(ring8_teacher, tmp_path, steps, bound):
+    res = ring8_teacher.distill_and_eval("dmd2", tmp_path, steps=steps)
+    print(f"dmd2 ring8 {steps} it.", {k: v for k, v in res.items() if k != "trainer"})
     m = res["trainer"].method
-    assert int(m.optimizers["generator"].state[next(m.G.parameters())]["step"]) == 400   # TTUR: every 5th iteration
+    # TTUR: the generator steps every 5th iteration
+    assert int(m.optimizers["generator"].state[next(m.G.parameters())]["step"]) == steps // 5
     assert m.sigmas == [1.0] and m.head is not None
     assert res["modes_covered"] == 1.0
-    assert res["student"] < 1.5 * res["teacher"]
+    assert res["student"] < bound * res["teacher"]
     assert res["student"] < 0.25 * res["untrained"]
+
+
+def test_dmd2_ring8_end_to_end(ring8_teacher, tmp_path):
+    """A 1-step DMD2 student of the ring8 teacher (points preset: TTUR 5, GAN 0.1 / 0.3, input σ = 1; cut to 1,000
+    of its 2,000 iterations = 200 generator updates at batch 256): within 1.75× the teacher's sliced W2 at 35 NFE
+    and ≥ 4× better than the teacher's own 1-step sample. Measured at 1,000 iterations (run seeds 0–2): student
+    0.039, 0.042, 0.050 against the teacher's 0.036 (bound 0.063) and the untrained 0.494. The preset's full length
+    against 1.5× is ``-m slow``."""
+    _dmd2_ring8(ring8_teacher, tmp_path, 1000, 1.75)
+
+
+@pytest.mark.slow
+def test_dmd2_ring8_end_to_end_full_length(ring8_teacher, tmp_path):
+    """The points preset's 2,000 iterations (400 generator updates) within 1.5× the teacher's sliced W2 (≈ 90 s).
+    Measured (this metric, seeds 0–3): teacher 0.036, untrained 0.494, student 0.035–0.047."""
+    _dmd2_ring8(ring8_teacher, tmp_path, 2000, 1.5)
 
 
 def test_optional_generator_ema_is_sampled_and_resumes_exactly(tmp_path):

@@ -430,17 +430,37 @@ def test_presets_follow_the_toy_scale_down():
         assert "alpha" not in p["method"] and "sigma_init" not in p["method"]   # α = 1.2, σ_init = 2.5 kept
 
 
+def _points_figures(net, spec, data_cfg, n):
+    """``evaluate_net``'s sliced W2 and mode coverage of n samples (seeds 0…n−1) against the same fresh ring8 draws,
+    without the O(n²) MMD and precision/recall these tests do not read (≈ 20 s per call at n = 5,000)."""
+    from diffdistill.data import dataset_from_config
+    from diffdistill.data.toy2d import ring8_gmm
+    from diffdistill.eval.generate import generate
+    from diffdistill.eval.metrics import mode_coverage, sliced_w2
+    x, _, info = generate(net, list(range(n)), spec, batch_size=500)
+    ref = dataset_from_config(dict(data_cfg, n=n, seed=int(data_cfg.get("seed", 0)) + 10_000)).x
+    gmm = ring8_gmm()
+    return {"nfe": info["nfe"], "num_samples": n, "sliced_w2": float(sliced_w2(x, ref, seed=0)),
+            "modes_covered": mode_coverage(x, gmm.means, gmm.std)["modes_covered"]}
+
+
 def _ring8_student_vs_teacher(ring8_teacher, out, n=5000, **run):
     """Distil the session's ring8 teacher with the points preset (plus ``run`` overrides); sliced W2 of the 1-step
-    EMA student and of the teacher at 35 Heun NFE, both from ``evaluate_net`` on the same n samples and seed 0."""
+    EMA student and of the teacher at 35 Heun NFE on the same n samples and seed 0, as ``evaluate_net`` gives them
+    (checked on 400 samples)."""
     from diffdistill.distill import distill
     from diffdistill.eval.evaluate import evaluate_net, load_for_sampling
     method = run.pop("method", {})
     tr = distill("sid", ring8_teacher.path, flags={"run": {"out": str(out), "progress": False, "ckpt_every": 0,
                                                            "sample_every": 0, **run}, "method": method})
-    student = evaluate_net(tr.method.sampling_net(), tr.method.sampling_spec(), ring8_teacher.data_cfg, n, seed=0)
+    net, spec = tr.method.sampling_net(), tr.method.sampling_spec()
+    small = evaluate_net(net, spec, ring8_teacher.data_cfg, 400, seed=0)
+    assert _points_figures(net, spec, ring8_teacher.data_cfg, 400) == {k: small[k] for k in
+                                                                        ("nfe", "num_samples", "sliced_w2",
+                                                                         "modes_covered")}
+    student = _points_figures(net, spec, ring8_teacher.data_cfg, n)
     teacher_net, _ = load_for_sampling(ring8_teacher.path)
-    teacher = evaluate_net(teacher_net, {"sampler": "heun", "nfe": 35}, ring8_teacher.data_cfg, n, seed=0)
+    teacher = _points_figures(teacher_net, {"sampler": "heun", "nfe": 35}, ring8_teacher.data_cfg, n)
     assert student["nfe"] == 1 and teacher["nfe"] == 35 and student["num_samples"] == teacher["num_samples"] == n
     return tr, student, teacher
 
