@@ -1,29 +1,31 @@
 """The ``--dry-run`` memory plan against the memory a real run uses, on the CPU; and the plan of networks that
-cannot be allocated here (on the ``meta`` device).
+cannot be allocated here (on the ``meta`` device). Results and their reading: benchmarks/notes/dry_run_memory.md.
 
 1. For each case (the digits DMD2 / SiD default jobs; a random 27.9 M-parameter SongUNet teacher, 32×32×3, under
-   DMD2 and SiD, with LoRA, activation checkpointing and the bf16 teacher), three fresh subprocesses, one thread each:
+   DMD2 and SiD, with LoRA, activation checkpointing and the bf16 teacher), four fresh subprocesses, one thread each:
 
    * ``estimate``: ``distill(..., dry_run=True)`` and ``estimate_memory`` — what ``--dry-run`` prints — and the same
-     plan with every network on the meta device (``estimate_memory(..., device="meta")``);
-   * ``rss``: the real run (``distill``, ``run.steps`` iterations, no sampling or checkpoints). Its resident size
-     after the imports every run does (torch, diffdistill, tensorboard, peft, …) is the *baseline*; the peak RSS
-     (``VmHWM``) is read for the whole process and for the training window (from the end of the start-of-run
-     check to the end of the last iteration, ``VmHWM`` reset by ``/proc/self/clear_refs``);
-   * ``alloc``: the same run under ``torch.profiler`` with ``profile_memory``: the running sum of every CPU
-     allocation and free is torch's allocated bytes, and its maximum over the training window is the peak of
-     tensors — the like-for-like figure for an estimate that counts tensors.
+     job planned on the meta device (``run.device=meta``; the CPU's optimizer step, to compare like with like);
+   * ``alloc``: the real run (``distill``, ``run.steps`` iterations, no sampling or checkpoints) under
+     ``torch.profiler`` with ``profile_memory``: the running sum of every CPU allocation and free is torch's
+     allocated bytes, and its maximum over the training window (from the end of the start-of-run check to the end
+     of the last iteration) is the peak of tensors — the like-for-like figure for an estimate that counts tensors;
+   * ``rss``: the same run without the profiler. Its resident size after the imports every run does (torch,
+     diffdistill, tensorboard, peft, …) is the *import baseline*; the peak RSS (``VmHWM``) is read for the whole
+     process and for the training window (``VmHWM`` reset by ``/proc/self/clear_refs`` at its start);
+   * ``rss-mmap``: the same with glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``).
 
-   The table gives the estimate, the allocated peak and their ratio (the 15 % check), then the RSS peak of the
-   window minus the baseline and the raw whole-process peak RSS, each as a ratio to the estimate.
+   The table gives the estimate, the meta plan, the allocated peak and their ratio (the 15 % check), the peak RSS,
+   and the window's peak RSS less the import baseline, and less the non-tensor RSS at the window's start (its RSS
+   then minus the tensors allocated then), each as a ratio to the estimate.
 
 2. Meta-device plans: a diffusers ``UNet2DConditionModel`` with Stable Diffusion 1.5's published config and a
    ``FluxTransformer2DModel`` with FLUX.1's (19 double + 38 single blocks, width 3072), built from their config
    dicts under ``torch.device("meta")`` (no weights): parameter bytes and the bytes of the tensors autograd saves
-   for backward in one forward at batch 1 and 2 (``saved_activation_bytes``), with and without gradient
-   checkpointing.
+   for backward in one forward at batch 1 and 2 (``module_memory_plan``), with and without checkpointing.
 
-    python benchmarks/dry_run_vs_rss.py [--cases digits-dmd2,mid-sid] [--skip-meta] [--out runs/dry-run-vs-rss]
+    python benchmarks/dry_run_vs_rss.py [--cases digits-dmd2,mid-sid] [--skip-meta | --meta-only] [--reuse]
+                                        [--out runs/dry-run-vs-rss]
 """
 
 from __future__ import annotations
