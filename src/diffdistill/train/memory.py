@@ -17,10 +17,11 @@ saved for backward (parameters excluded), and the difference is extrapolated lin
 micro-batch (batch / run.grad_accum) under gradient accumulation, which keeps one micro-batch's activations at a
 time. With activation checkpointing the hook sees what the checkpoints keep, and the largest checkpointed block's
 own saved tensors (held again while backward recomputes it) are added. ``benchmarks/dry_run_vs_rss.py`` checks the
-plan against real CPU runs (``benchmarks/notes/dry_run_memory.md``): within 1 % of the peak of torch's allocated
+plan against real CPU runs (``benchmarks/notes/dry_run_memory.md``): 0.998–1.077× the peak of torch's allocated
 bytes over whole training iterations (digits DMD2 / SiD, a 27.9 M-parameter SongUNet under DMD2, SiD, LoRA,
-checkpointing, the bf16 teacher); the resident size above the process's non-tensor memory is 1.0–1.3× that
-(glibc keeping freed blocks; 1.0–1.1× with a fixed mmap threshold).
+checkpointing, the bf16 teacher; an upper bound, since backward frees activations as gradients appear); the
+resident size above the process's own memory was 1.05–1.6× the estimate (glibc keeping freed blocks in its heaps;
+0.95–1.1× with ``MALLOC_MMAP_THRESHOLD_=131072``).
 
 On the meta device (``run.device=meta``, ``--dry-run --device meta``) the same plan is made without allocating
 anything, so networks too large for the machine can be planned: the trainer builds every network there (a
@@ -415,8 +416,9 @@ def dry_run_report(trainer, ranks: int | None = None) -> str:
     lines += [f"  peak ≈ {_fmt_bytes(est['peak'])} (largest phase: {est['worst_phase']}) of tensors: weights, state "
               f"and data + the phase's gradients + the larger of its activations (the tensors saved for backward, "
               f"measured at batch {est['probe'][0]} and {est['probe'][1]} and extrapolated linearly) and its "
-              f"optimizer step's temporaries (torch.optim's {est['target']} default). On the CPU the resident size "
-              f"grew 1.2–1.3× the tensors (glibc's allocator); add the CUDA context and caching allocator on a GPU"]
+              f"optimizer step's temporaries (torch.optim's {est['target']} default). Add the process itself; on the CPU "
+              f"glibc kept 5–60 % more resident in the benchmark's runs (MALLOC_MMAP_THRESHOLD_=131072: ≤ 10 %), "
+              f"on a GPU add the CUDA context and the caching allocator's reserve"]
     if meta:
         lines.append("  planned on the meta device: every size from shapes, nothing allocated; numbers read from "
                      "tensors are placeholders, attention counts as a fused kernel")
