@@ -36,6 +36,9 @@ from .train.distributed import init_distributed, rank, release
 from .train.health import is_out_of_memory, out_of_memory_message
 from .train.memory import dry_run_report
 from .train.trainer import DivergenceError, OutOfMemoryStop, Trainer
+from .data.latent_cache import encode_data
+from .io.text_encode import PromptEncoder, read_prompts, write_prompt_file
+from .io.vae import latent_codec_for
 
 # Exit codes: 0 done; 2 bad input (one line naming the fix); 3 diverged (NaN/inf, nan_policy=stop); 4 out of
 # memory; 128 + signal number (130 SIGINT, 143 SIGTERM) when a signal stopped training after a final checkpoint.
@@ -637,7 +640,6 @@ def _add_decode_flags(p, sample: bool) -> None:
 
 def _sample_codec(a, state, out: Path):
     """The VAE sample decodes with: required by --decode, automatic for PNG output, none for plain .npz."""
-    from .io.vae import latent_codec_for
     if a.decode or a.vae:
         return latent_codec_for(state, a.vae, a.device, required=True)
     return latent_codec_for(state, None, a.device) if out.suffix != ".npz" else None
@@ -693,7 +695,6 @@ def _add_text_flags(p) -> None:
 
 
 def cmd_encode_prompts(a) -> int:
-    from .io.text_encode import PromptEncoder, read_prompts, write_prompt_file
     out = Path(a.out)
     if out.suffix not in (".safetensors", ".npz"):
         raise UserError(f"encode-prompts writes .safetensors or .npz, not {out}")
@@ -720,7 +721,6 @@ def cmd_encode_prompts(a) -> int:
 
 
 def cmd_encode_data(a) -> int:
-    from .data.latent_cache import encode_data
     check_device(a.device)
     encode_data(a.pipeline, a.data, a.out, captions=a.captions, negative=a.negative, shard_size=a.shard_size,
                 batch_size=a.batch_size, sample_posterior=a.sample_posterior, seed=a.seed, device=a.device,

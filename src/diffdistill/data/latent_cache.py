@@ -34,6 +34,7 @@ import torch
 
 from ..errors import UserError
 from ..io.checkpoint import atomic_write, file_sha256
+from ..io.paths import check_output_file
 from ..io.text_encode import PromptEncoder, _jsonl_text, read_prompts
 from ..io.vae import LatentCodec, weights_sha256
 from .images import NPZ_IMAGE_KEYS, _is_image_name, _npz_images, _read_images
@@ -261,7 +262,6 @@ def encode_data(pipeline, data, out, *, captions=None, negative: str | None = No
                 guidance: float | None = None, log: Callable = print) -> dict:
     """Encode ``data`` with the VAE and text encoder(s) of the pipeline folder ``pipeline`` into ``out`` (.npz);
     resumable (module docstring). Returns the manifest."""
-    from ..io.paths import check_output_file
     out = Path(out)
     if out.suffix != ".npz":
         raise UserError(f"encode-data writes an .npz: give --out ending in .npz, not {out}")

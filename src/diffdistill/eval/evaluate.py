@@ -23,6 +23,7 @@ from ..diffusion.samplers import STEP_SCHEDULES, sampler_options, teacher_nfe, t
 from ..errors import UserError
 from ..io import load_for_sampling
 from ..io.checkpoint import file_sha256
+from ..io.vae import latent_codec_for
 from .features import load_or_train_digits_classifier
 from .generate import generate
 from .inception import evaluate_inception
@@ -253,7 +254,6 @@ def evaluate_checkpoint(path, steps=None, sampler=None, num_samples=2000, seed=0
     keyword options (``sampling_spec_for``). Latent samples are decoded with ``vae`` (a VAE or pipeline folder) or,
     by default, the teacher's diffusers folder's ``vae/`` when it has one, and the images are scored
     (``decoded_with`` in the result)."""
-    from ..io.vae import latent_codec_for
     net, state = load_for_sampling(path, device)
     codec = latent_codec_for(state, vae, device, required=vae is not None)
     decode = codec.decode if codec is not None else None

@@ -15,6 +15,8 @@ from ..errors import UserError
 from ..nets.diffusers_unet import (DiffusersPrecond, UNet2DAdapter, _check_unet, _require_diffusers, _unet_kwargs,
                                    build_diffusers_denoiser, schedule_from_config, shift_info)
 from .checkpoint import file_sha256
+from ..nets import diffusers_cond as dc
+from .diffusers_export import export_cond_pipeline
 
 COMPONENTS = ("unet", "transformer")   # the pipeline sub-folders that hold the denoising network
 
@@ -105,7 +107,6 @@ def _wan_default_shape(adapter, kw: dict, root: Path, net_dir: Path) -> tuple:
 
 
 def _load_cond_teacher(root: Path, net_dir: Path, sched_path: Path, name: str, dropout, sample_shape) -> dict:
-    from ..nets import diffusers_cond as dc
     kw = _unet_kwargs(_read_json(net_dir / "config.json"))
     dc.check_config(name, kw, net_dir)          # unsupported class / variant: refused before the weights are read
     schedule, pred = schedule_from_config(_read_json(sched_path))
@@ -156,7 +157,6 @@ def export_diffusers(state: dict, out_dir) -> dict:
     UNet's timestep and input scale, so a few lines of diffusers code reproduce `diffdistill sample`)."""
     cfg = state["net_config"]
     if cfg.get("arch") == "diffusers_cond":   # text-to-image / latent DiT / video: a full pipeline folder
-        from .diffusers_export import export_cond_pipeline
         return export_cond_pipeline(state, out_dir)
     if cfg.get("arch") != "diffusers_unet2d":
         raise UserError(f"--format diffusers needs a network that is a diffusers UNet2DModel (a student of a "

@@ -44,6 +44,9 @@ from pathlib import Path
 
 import torch
 
+from ..nets.diffusers_cond import build_cond_denoiser
+from ..nets.diffusers_unet import shift_info
+
 # component class → the pipeline class diffusers pairs it with, when the teacher folder names none
 DEFAULT_PIPELINES = {"UNet2DConditionModel": "StableDiffusionPipeline",
                      "SD3Transformer2DModel": "StableDiffusion3Pipeline",
@@ -233,8 +236,6 @@ def _model_index(root: Path | None, out: Path, name: str, component: str, sched_
 def export_cond_pipeline(state: dict, out_dir) -> dict:
     """Write a student of a ``diffusers_cond`` teacher as a diffusers pipeline folder (module docstring); returns
     the content of ``diffdistill_sampling.json``."""
-    from ..nets.diffusers_cond import build_cond_denoiser
-    from ..nets.diffusers_unet import shift_info
     cfg = state["net_config"]
     net = build_cond_denoiser(cfg)
     net.load_state_dict(state["sample_net"])

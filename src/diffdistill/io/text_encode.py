@@ -39,6 +39,7 @@ import torch
 from ..diffusion.condition import Condition
 from ..errors import UserError
 from .vae import quiet_loading
+from .checkpoint import atomic_write
 
 TEXT_PARTS = ("text_encoder", "tokenizer")   # the components encode_prompt reads (text_encoder_2, tokenizer_3, …)
 
@@ -268,7 +269,6 @@ def _jsonl_text(line: str, where: str, keys) -> str:
 def write_prompt_file(cond: Condition, out, prompts: Sequence[str], meta: dict) -> Path:
     """``out`` (.safetensors or .npz, the keys of `Condition.state`) and the sidecar ``out.json`` with each row's
     prompt text and how it was encoded; both written atomically."""
-    from .checkpoint import atomic_write
     out = Path(out)
     state = {k: v.contiguous() for k, v in cond.state().items()}
     if out.suffix == ".safetensors":

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .checkpoint import file_sha256
 
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderDC")
 
@@ -58,7 +59,6 @@ def find_vae_folder(path) -> Path | None:
 def weights_sha256(folder) -> str:
     """One sha256 over a model folder's config and weight files (name + content, sorted): what a cache of its
     outputs is keyed by."""
-    from .checkpoint import file_sha256
     folder = Path(folder)
     files = sorted(f for f in folder.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in
                                                                    (".safetensors", ".bin")))
