@@ -15,6 +15,7 @@ from diffdistill.train.memory import (
     _step_temporaries,
     estimate_memory,
     module_memory_plan,
+    peak_at,
 )
 
 DIGITS_NET = {"arch": "songunet", "img_channels": 1, "img_resolution": 8, "label_dim": 0, "sigma_data": 0.5,
@@ -219,3 +220,49 @@ def test_a_diffusers_unet2dcondition_measures_the_same_on_meta():
             plans[device] = module_memory_plan(net, inputs)
         assert plans["meta"] == plans["cpu"], (ckpt, plans)
         assert (plans["cpu"]["recomputed"][0] > 0) == ckpt
+
+
+def test_peak_at_moves_the_plan_along_its_activation_line():
+    """`peak_at` (the dry run's "each further sample adds …" line and benchmarks/memory_table.py's batch-8 column)
+    at the plan's own batch is its peak, and at twice the batch equals a plan made there."""
+    _, at24 = _plan("cpu", "sid")
+    _, at48 = _plan("cpu", "sid", batch_size=48)
+    assert peak_at(at24, 24) == at24["peak"]
+    assert all(v > 0 for v in at24["activations_per_sample"].values())
+    assert abs(peak_at(at24, 48) - at48["peak"]) <= 0.01 * at48["peak"], (peak_at(at24, 48), at48["peak"])
+
+
+def test_a_diffusers_folder_without_weights_plans_on_meta_as_with_them(tmp_path):
+    """On the meta device a diffusers folder is built from its config.json alone (a user plans a model before
+    downloading its weights): the plan equals the one of the same folder with weights, planned on the CPU; without
+    --device meta the missing weights are a clear error."""
+    import shutil
+
+    import numpy as np
+    from helpers.tiny_pipelines import build
+
+    from diffdistill.io.load import load_for_sampling
+    from diffdistill.nets.diffusers_cond import example_condition
+    build("sd", tmp_path / "full")
+    shutil.copytree(tmp_path / "full", tmp_path / "configs")
+    for f in (tmp_path / "configs").rglob("*"):
+        if f.suffix in (".safetensors", ".bin"):
+            f.unlink()
+    net, _ = load_for_sampling(tmp_path / "full")
+    cond = example_condition(net, 6, torch.Generator().manual_seed(0), length=5)
+    np.savez(tmp_path / "data.npz", latents=np.random.default_rng(0).standard_normal((6, *net.sample_shape)),
+             embeds=cond.embeds.numpy())
+    plans = {}
+    for folder, device in (("full", "cpu"), ("configs", "meta")):
+        tr = distill("dmd2", str(tmp_path / folder), dry_run=True, overrides=["net.sigma_data=1.0"],
+                     flags={"run": {"out": "/nonexistent/plan", "device": device, "batch_size": 4},
+                            "data": {"path": str(tmp_path / "data.npz")}})
+        plans[device] = estimate_memory(tr, target="cpu")
+        assert not plans[device]["errors"], plans[device]["errors"]
+    cpu, meta = plans["cpu"], plans["meta"]
+    assert [(i.name, i.params) for i in meta["networks"]] == [(i.name, i.params) for i in cpu["networks"]]
+    for key in ("weights", "optimizer_state", "grads", "step_temporaries", "worst_phase"):
+        assert meta[key] == cpu[key], key
+    assert abs(meta["peak"] - cpu["peak"]) <= 0.02 * cpu["peak"], (meta["peak"], cpu["peak"])
+    with pytest.raises(UserError, match="cannot load the UNet2DConditionModel"):
+        load_for_sampling(tmp_path / "configs")

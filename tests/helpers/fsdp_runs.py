@@ -26,7 +26,19 @@ RUN = {"steps": 3, "batch_size": 8, "log_every": 1, "ckpt_every": 2, "sample_eve
 
 
 def train(case: dict):
-    """Train one case; returns the Trainer (its process group, if it made one, is left to the caller)."""
+    """Train one case in float64 (round-off small enough that the comparisons of sharded and single-process runs
+    measure the computation, not the CPU's float32 reduction order: Adam turns round-off in near-zero gradients
+    into whole-step differences, 3.6e-4 of a tensor's scale in float32 on one machine, 1e-6 on another); returns
+    the Trainer (its process group, if it made one, is left to the caller)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return _train(case)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _train(case: dict):
     sys.path.insert(0, str(HERE.parent))
     from helpers.dm_helpers import MLP_CFG, tiny_teacher
 

@@ -53,21 +53,25 @@ def _weights(d: Path) -> list:
     return sorted(d.glob("diffusion_pytorch_model*.safetensors")) or sorted(d.glob("*.bin"))
 
 
-def load_diffusers_teacher(path, dropout: float | None = None, sample_shape=None) -> dict:
+def load_diffusers_teacher(path, dropout: float | None = None, sample_shape=None, weights: bool = True) -> dict:
     """Checkpoint-like dict (role 'teacher') of a local diffusers folder; weights read with local_files_only.
     ``sample_shape``: the latent shape of one sample for networks that take any size (default: the config's
-    ``sample_size``, or the pipeline's default for FLUX and Wan); pixel UNet2DModels have theirs fixed."""
+    ``sample_size``, or the pipeline's default for FLUX and Wan); pixel UNet2DModels have theirs fixed.
+    ``weights=False``: the network is built from its config on the meta device and no weights file is read (or
+    needed): a folder holding only the published ``config.json`` files plans a model's memory (``--dry-run
+    --device meta``) without downloading it; ``sample_net`` is then empty."""
     _require_diffusers()
     net_dir, sched_path = locate(path)
     name = _read_json(net_dir / "config.json").get("_class_name", "UNet2DModel")
     if name != "UNet2DModel":
-        return _load_cond_teacher(Path(path), net_dir, sched_path, name, dropout, sample_shape)
+        return _load_cond_teacher(Path(path), net_dir, sched_path, name, dropout, sample_shape, weights)
     if sample_shape is not None:
         raise UserError("sample_shape: a UNet2DModel's sample shape is its config's (in_channels, sample_size)")
     from diffusers import UNet2DModel  # optional heavy dependency
     schedule, pred = schedule_from_config(_read_json(sched_path))
     try:
-        unet = UNet2DModel.from_pretrained(str(net_dir), local_files_only=True, low_cpu_mem_usage=False)
+        unet = (UNet2DModel.from_pretrained(str(net_dir), local_files_only=True, low_cpu_mem_usage=False) if weights
+                else _on_meta(UNet2DModel, net_dir))
     except Exception as e:  # missing weights file, corrupted safetensors, …
         raise UserError(f"cannot load the UNet2DModel in {net_dir}: {type(e).__name__}: {str(e)[:160]}") from None
     kw = _unet_kwargs(unet.config)
@@ -79,13 +83,23 @@ def load_diffusers_teacher(path, dropout: float | None = None, sample_shape=None
            # σ_d: EDM-family schedulers state it; a DDPM-family one does not, so a run measures it (None here)
            "sigma_data": net.sigma_data if schedule["family"] == "edm" else None, "sigma_min": net.sigma_min,
            "sigma_max": net.sigma_max, "kwargs": kw, "precond": "diffusers", "precond_kwargs": net.precond_config()}
-    weights = _weights(net_dir)
+    files = _weights(net_dir) if weights else []
     return {"format": "diffusers", "method": "diffusers", "role": "teacher", "step": 0, "net_config": cfg,
-            "sample_net": {k: v.detach().contiguous() for k, v in net.state_dict().items()},
+            "sample_net": _state(net, weights),
             "sampling": {"sampler": "heun", "nfe": 35}, "config": {"data": {}}, "teacher_path": None,
             "source": {"format": "diffusers UNet2DModel", "folder": str(Path(path)),
                        "scheduler": schedule.get("scheduler"), "prediction_type": pred,
-                       "weights_sha256": file_sha256(weights[0])[0] if weights else None}}
+                       "weights_sha256": file_sha256(files[0])[0] if files else None}}
+
+
+def _on_meta(cls, net_dir: Path, **kwargs):
+    """The network of ``net_dir`` built from its config alone, on the meta device (shapes, no memory)."""
+    with torch.device("meta"):
+        return cls.from_config({**cls.load_config(str(net_dir)), **kwargs})
+
+
+def _state(net, weights: bool) -> dict:
+    return {k: v.detach().contiguous() for k, v in net.state_dict().items()} if weights else {}
 
 
 def _pipeline_info(root: Path, net_dir: Path) -> dict:
@@ -106,7 +120,8 @@ def _wan_default_shape(adapter, kw: dict, root: Path, net_dir: Path) -> tuple:
     return adapter.default_sample_shape(kw)
 
 
-def _load_cond_teacher(root: Path, net_dir: Path, sched_path: Path, name: str, dropout, sample_shape) -> dict:
+def _load_cond_teacher(root: Path, net_dir: Path, sched_path: Path, name: str, dropout, sample_shape,
+                       weights: bool = True) -> dict:
     kw = _unet_kwargs(_read_json(net_dir / "config.json"))
     dc.check_config(name, kw, net_dir)          # unsupported class / variant: refused before the weights are read
     schedule, pred = schedule_from_config(_read_json(sched_path))
@@ -118,10 +133,10 @@ def _load_cond_teacher(root: Path, net_dir: Path, sched_path: Path, name: str, d
     if dropout is not None and float(dropout) != 0:
         if "dropout" not in kw:
             raise UserError(f"--dropout: the {name} config has no dropout setting")
+    extra = {"dropout": float(dropout)} if dropout is not None and "dropout" in kw else {}
     try:
-        model = dc.model_class(name).from_pretrained(str(net_dir), local_files_only=True,
-                                                     **({"dropout": float(dropout)} if dropout is not None
-                                                        and "dropout" in kw else {}))
+        model = (dc.model_class(name).from_pretrained(str(net_dir), local_files_only=True, **extra) if weights
+                 else _on_meta(dc.model_class(name), net_dir, **extra))
     except UserError:
         raise
     except Exception as e:  # missing weights file, corrupted safetensors, …
@@ -133,9 +148,9 @@ def _load_cond_teacher(root: Path, net_dir: Path, sched_path: Path, name: str, d
     net = dc.wrap(model, name, schedule, pred, adapter, sample_shape, where=net_dir)
     cfg = dc.net_config(net, name)
     grid = [s // p for s, p in zip(net.sample_shape[1:], net.model.patch())]
-    weights = _weights(net_dir)
+    files = _weights(net_dir) if weights else []
     return {"format": "diffusers", "method": "diffusers", "role": "teacher", "step": 0, "net_config": cfg,
-            "sample_net": {k: v.detach().contiguous() for k, v in net.state_dict().items()},
+            "sample_net": _state(net, weights),
             "sampling": {"sampler": "heun", "nfe": 35}, "config": {"data": {}}, "teacher_path": None,
             "source": {"format": f"diffusers {name}", "folder": str(root), "component": net_dir.name,
                        "pipeline": info.get("_class_name"), "scheduler": schedule.get("scheduler"),
@@ -145,7 +160,7 @@ def _load_cond_teacher(root: Path, net_dir: Path, sched_path: Path, name: str, d
                        "shift": shift_info(schedule, int(torch.tensor(grid).prod())),
                        "conditioning": net.embedding_signature or ({"labels": net.label_dim} if net.label_dim
                                                                    else None),
-                       "weights_sha256": file_sha256(weights[0])[0] if weights else None}}
+                       "weights_sha256": file_sha256(files[0])[0] if files else None}}
 
 
 # ------------------------------------------------------------------------------------------------ export

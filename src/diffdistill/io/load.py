@@ -42,14 +42,15 @@ def is_run_folder(p: Path) -> bool:
     return p.is_dir() and ((p / "checkpoints").is_dir() or (p / "config.json").is_file() and (p / "log.jsonl").exists())
 
 
-def load_foreign_teacher(path, dropout: float | None = None, sample_shape=None) -> dict | None:
+def load_foreign_teacher(path, dropout: float | None = None, sample_shape=None, weights: bool = True) -> dict | None:
     """The checkpoint-like dict of an EDM ``.pkl`` or a diffusers folder; None for this package's own formats.
-    ``sample_shape``: the latent shape of a diffusers network that takes any size (``load_diffusers_teacher``)."""
+    ``sample_shape``: the latent shape of a diffusers network that takes any size; ``weights=False``: a diffusers
+    folder's network from its config alone (``load_diffusers_teacher``)."""
     p = Path(path)
     if p.suffix == ".pkl":
         return load_edm_snapshot(p, dropout=dropout)
     if is_diffusers_folder(p) and not is_run_folder(p):
-        return load_diffusers_teacher(p, dropout=dropout, sample_shape=sample_shape)
+        return load_diffusers_teacher(p, dropout=dropout, sample_shape=sample_shape, weights=weights)
     return None
 
 
@@ -72,14 +73,14 @@ def load_exported(path) -> dict:
     return state
 
 
-def load_model_file(path, sample_shape=None) -> dict:
+def load_model_file(path, sample_shape=None, weights: bool = True) -> dict:
     """The checkpoint-like dict of any model file this package reads (see the module docstring); ``sample_shape``
-    for diffusers folders only (``load_diffusers_teacher``)."""
+    and ``weights=False`` (no weights read) for diffusers folders only (``load_diffusers_teacher``)."""
     p = Path(path)
     if is_run_folder(p):
         raise UserError(f"{p} is a diffdistill run folder, not a model file: give one of its checkpoints "
                         f"({p}/checkpoints/ckpt-*.pt) or an exported .safetensors")
-    state = load_foreign_teacher(p, sample_shape=sample_shape)
+    state = load_foreign_teacher(p, sample_shape=sample_shape, weights=weights)
     if state is None and sample_shape is not None:
         raise UserError(f"sample_shape: {p} records its network's sample shape; it is set for diffusers folders only")
     if state is None:
@@ -116,10 +117,16 @@ def with_merged_lora(state: dict, where) -> dict:
 
 
 def load_for_sampling(path, device="cpu", sample_shape=None):
-    """(denoiser in eval mode, checkpoint dict) of any model file."""
-    state = load_model_file(path, sample_shape=sample_shape)
-    net = build_denoiser(state["net_config"])
-    net.load_state_dict(state["sample_net"])
+    """(denoiser in eval mode, checkpoint dict) of any model file. On the meta device (a ``--dry-run`` memory
+    plan) the network is built there from its config: a diffusers folder needs its ``config.json`` files only."""
+    meta = torch.device(device).type == "meta"
+    state = load_model_file(path, sample_shape=sample_shape, weights=not meta)
+    if meta:
+        with torch.device("meta"):
+            net = build_denoiser(state["net_config"])
+    else:
+        net = build_denoiser(state["net_config"])
+        net.load_state_dict(state["sample_net"])
     return net.to(device).eval().requires_grad_(False), state
 
 

@@ -90,8 +90,9 @@ class DiffusersPrecond(Precond):
             raise UserError(f"unsupported prediction_type {prediction_type!r}; supported: {', '.join(PREDICTION_TYPES)}")
         self.schedule, self.prediction_type = dict(schedule), prediction_type
         if family == "ddpm":
-            ac = ddpm_alphas_cumprod(self.schedule)
-            table = ((1 - ac) / ac).sqrt()
+            with torch.device("cpu"):   # a table of numbers even where the network is built on the meta device
+                ac = ddpm_alphas_cumprod(self.schedule)
+                table = ((1 - ac) / ac).sqrt()
             lo, hi = float(table[0]), float(table[-1])
         elif family == "edm":
             if prediction_type == "sample":
@@ -106,12 +107,16 @@ class DiffusersPrecond(Precond):
         super().__init__(model, img_channels, img_resolution, label_dim, sigma_data,
                          max(0.002, lo) if sigma_min is None else sigma_min,
                          min(80.0, hi) if sigma_max is None else sigma_max)
-        self.register_buffer("log_sigmas", None if table is None else table.log().float(), persistent=False)
+        # ln σ of the training timesteps: numbers of the schedule, not of the network, so kept on the CPU (a copy
+        # per device on first use) and valid even where the network lives on the meta device
+        self._log_sigmas = {torch.device("cpu"): None if table is None else table.log().float()}
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """Fractional DDPM timestep of σ: linear interpolation in ln σ between neighbouring table entries
         (clamped to [0, T − 1])."""
-        ls = self.log_sigmas.to(sigma.device)
+        ls = self._log_sigmas.get(sigma.device)
+        if ls is None:
+            ls = self._log_sigmas[sigma.device] = self._log_sigmas[torch.device("cpu")].to(sigma.device)
         s = sigma.float().clamp(ls[0].exp(), ls[-1].exp()).log()
         hi = torch.searchsorted(ls, s.contiguous()).clamp(1, ls.numel() - 1)
         lo = hi - 1

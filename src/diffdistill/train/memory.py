@@ -276,16 +276,20 @@ def estimate_memory(trainer, probe=(2, 4), ranks: int | None = None, target: str
     B = trainer.cfg["run"]["batch_size"]
     k = int(trainer.cfg["run"].get("grad_accum", 1))
     micro = B // k   # activations are held for one micro-batch at a time (run.grad_accum)
-    acts, recomputed, errors = {}, {}, {}
+    acts, recomputed, errors, per_sample = {}, {}, {}, {}
+
+    def slope(a, b):
+        return max(b - a, 0) / (probe[1] - probe[0])
 
     def extrapolate(a, b):
-        return max(0.0, a + (micro - probe[0]) * max(b - a, 0) / (probe[1] - probe[0]))
+        return max(0.0, a + (micro - probe[0]) * slope(a, b))
     for ph, s in first_step.items():
         try:
             r = []
             a, b = (_saved_activation_bytes(trainer, ph, s, n, exclude, r) for n in probe)
             recomputed[ph] = extrapolate(*r)
             acts[ph] = extrapolate(a, b) + recomputed[ph]
+            per_sample[ph] = slope(a, b) + slope(*r)
         except Exception as e:  # a method that cannot run at the probe batch: say so, estimate the rest
             errors[ph] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     method.ctx.generator.set_state(rng[0])
@@ -299,7 +303,21 @@ def estimate_memory(trainer, probe=(2, 4), ranks: int | None = None, target: str
             "step_temporaries": temporaries, "target": target,
             "fsdp_world": world if run.get("fsdp") else None, "gathered": gathered,
             "activations": acts, "recomputed": recomputed, "errors": errors, "loose_bytes": loose_bytes, "worst_phase": worst,
-            "peak": peak, "batch_size": B, "grad_accum": k, "micro_batch": micro, "probe": probe}
+            "peak": peak, "batch_size": B, "grad_accum": k, "micro_batch": micro, "probe": probe,
+            "activations_per_sample": per_sample}
+
+
+def peak_at(est: dict, micro_batch: int) -> float:
+    """The peak of the plan ``est`` (`estimate_memory`) at another micro-batch per process: the activations move
+    along the line they were extrapolated on, everything else stays (the data held is the run's data set)."""
+    base = est["weights"] + est["optimizer_state"] + est["loose_bytes"] + est["gathered"]
+    d = micro_batch - est["micro_batch"]
+
+    def phase_peak(ph):
+        a = max(0.0, est["activations"].get(ph, 0) + d * est["activations_per_sample"].get(ph, 0))
+        return est["grads"].get(ph, 0) + max(a, est["step_temporaries"].get(ph, 0))
+    phases = set(est["grads"]) | set(est["activations"])
+    return base + max((phase_peak(ph) for ph in phases), default=0)
 
 
 def module_memory_plan(module: nn.Module, inputs: list) -> dict:
@@ -413,6 +431,11 @@ def dry_run_report(trainer, ranks: int | None = None) -> str:
                      + (f"   (incl. {_fmt_bytes(rec)} recomputed in backward: the largest checkpointed block)"
                         if rec else ""))
     meta = trainer.device.type == "meta"
+    grow = max(est["activations_per_sample"].values(), default=0)
+    if grow:
+        lines.append(f"  each further sample per process adds ≈ {_fmt_bytes(grow)} of activations (the largest "
+                     f"phase's slope; at batch {2 * est['micro_batch']}{' per micro-batch' if k > 1 else ''}: "
+                     f"peak ≈ {_fmt_bytes(peak_at(est, 2 * est['micro_batch']))})")
     lines += [f"  peak ≈ {_fmt_bytes(est['peak'])} (largest phase: {est['worst_phase']}) of tensors: weights, state "
               f"and data + the phase's gradients + the larger of its activations (the tensors saved for backward, "
               f"measured at batch {est['probe'][0]} and {est['probe'][1]} and extrapolated linearly) and its "
