@@ -213,7 +213,7 @@ class DMD2(DistributionMatchingMethod):
         # grid indices of a grid that ends there (K = 1: the input is student_sigma_max·z, as Diff-Instruct's
         # σ_init). The DM and critic noise levels keep the teacher's grid.
         student_grid = self.grid
-        if self.student_sigma_max < self.teacher.sigma_max:
+        if o.noise_grid == "karras" and self.student_sigma_max < self.teacher.sigma_max:
             student_grid = dmd_sigma_grid(self.teacher.sigma_min, self.student_sigma_max)
         self.sigmas = list(o.sigmas) if o.sigmas is not None else student_sigmas(o.student_steps, student_grid)
         # Noise levels as grid[U{lo..hi}]: the GAN's (a lower cap keeps the discriminator on noise levels where a
