@@ -140,10 +140,10 @@ def test_each_recipe_resolves_to_the_official_values(method, preset):
     assert distill_config(method, _state(), preset="official")["method"] == plain
 
 
-def _npz_condition(net, n, seed=0):
+def _npz_condition(net, n, seed=0, length=4):
     """n random conditions that fit ``net`` with a null row (CFG needs one), as a Condition."""
     g = torch.Generator().manual_seed(seed)
-    c = example_condition(net, n + 1, g)
+    c = example_condition(net, n + 1, g, length=length)
     return Condition(c.embeds[1:], None if c.mask is None else c.mask[1:],
                      None if c.pooled is None else c.pooled[1:], {k: v[1:] for k, v in c.extra.items()},
                      null=c.rows([0]))
@@ -163,11 +163,31 @@ def _config_only(root: Path, name: str) -> Path:
     """A config-only folder of memory_table's published configs, with a prompts file of CFG-ready conditions."""
     d = memory_table.write_folder(root, name)
     net, _ = load_for_sampling(d, "meta")
-    cond = _npz_condition(net, 4)
+    cond = _npz_condition(net, 4, length=memory_table.MODELS[name][4])   # the latents' prompt length
     np.savez(d / "prompts.npz", **{k: v.numpy() for k, v in cond.state().items()})
     return d
 
 
+@pytest.fixture(scope="module")
+def sd15_configs(tmp_path_factory):
+    return _config_only(tmp_path_factory.mktemp("sd15-configs"), "sd15")
+
+
+@pytest.mark.parametrize("method,preset,t0", [("dmd2", "sd15", 999), ("sid", "sd15-lsg", 625)])
+def test_sd15_recipes_build_on_meta_from_the_published_config(method, preset, t0, sd15_configs):
+    """The fast half of the plan below: the run builds on the meta device from SD1.5's config.json alone, and its
+    student starts at the teacher's σ at the recipe's timestep."""
+    d = sd15_configs
+    tr = distill(method, str(d), dry_run=True, preset=preset, overrides=["net.sigma_data=1.0"],
+                 flags={"run": {"device": "meta", "batch_size": 1, "out": "/nonexistent/plan", "progress": False},
+                        "data": {"prompts": str(d / "prompts.npz")}})
+    assert all(p.device.type == "meta" for net in tr.method.nets.values() for p in net.parameters())
+    ac = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0).double()
+    assert tr.method.sampling_spec()["sigmas"] == pytest.approx([float(((1 - ac[t0]) / ac[t0]).sqrt())], rel=1e-6)
+    assert tr.cfg["preset"]["name"] == preset
+
+
+@pytest.mark.slow   # 20-60 s each on a 2-core CPU: the meta forward passes of the full SD1.5 / SDXL UNets
 @pytest.mark.parametrize("method,preset,model", [("dmd2", "sd15", "sd15"), ("sid", "sd15-lsg", "sd15"),
                                                  ("dmd2", "sdxl", "sdxl")])
 def test_each_recipe_plans_on_meta_against_the_published_config(method, preset, model, tmp_path):
