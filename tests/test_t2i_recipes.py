@@ -27,6 +27,7 @@ from diffdistill.diffusion.condition import Condition  # noqa: E402
 from diffdistill.distill import distill, distill_config  # noqa: E402
 from diffdistill.errors import UserError  # noqa: E402
 from diffdistill.io.load import load_for_sampling  # noqa: E402
+from diffdistill.methods.sid import sample_timestep_sigma  # noqa: E402
 from diffdistill.nets.diffusers_cond import example_condition  # noqa: E402
 from diffdistill.train.memory import estimate_memory  # noqa: E402
 
@@ -254,3 +255,31 @@ def test_teacher_timesteps_are_refused_for_a_flow_teacher(tmp_path):
             distill(method, str(tmp_path / "pipe"), dry_run=True, preset=preset, overrides=["net.sigma_data=1.0"],
                     flags={"run": {"out": str(tmp_path / "x"), "batch_size": 2, "progress": False},
                            "data": {"prompts": str(prompts)}})
+
+
+def test_teacher_timestep_noise_levels_are_the_schedulers(tmp_path):
+    """With noise_grid=teacher every noise level is σ_t of the teacher's diffusers scheduler: DMD2's DM range
+    t ∈ {20..980}, SiD-LSG's t ∈ {20..979} for both its losses, each draw on the table; an explicit
+    student_sigma_max beside it is refused (the student's steps are the teacher's timesteps)."""
+    pipe = build("sd", tmp_path / "pipe")
+    net, _ = load_for_sampling(tmp_path / "pipe")
+    prompts, _ = _files(tmp_path, net)
+    ac = pipe.scheduler.alphas_cumprod.double()
+    sig = ((1 - ac) / ac).sqrt()
+    flags = {"run": {"out": str(tmp_path / "x"), "batch_size": 2, "progress": False},
+             "data": {"prompts": str(prompts)}}
+    dmd2 = distill("dmd2", str(tmp_path / "pipe"), dry_run=True, preset="sd15", overrides=SIGMA_DATA[1:],
+                   flags=flags).method
+    assert dmd2.noise_levels()["DM loss σ"] == pytest.approx([float(sig[20]), float(sig[980])], rel=1e-6)
+    assert dmd2.noise_levels()["fake-score loss σ"] == pytest.approx([float(sig[0]), float(sig[999])], rel=1e-6)
+    sid = distill("sid", str(tmp_path / "pipe"), dry_run=True, preset="sd15-lsg", overrides=SIGMA_DATA[1:],
+                  flags=flags).method
+    lv = sid.noise_levels()
+    assert lv["generator loss σ"] == pytest.approx([float(sig[20]), float(sig[979])], rel=1e-6)
+    assert lv["fake-score loss σ"] == lv["generator loss σ"]
+    s = sample_timestep_sigma(20_000, torch.Generator().manual_seed(0), sig, 20, 980).double()
+    on_table = (s[:, None] - sig.float().double()[None]).abs().min(1)
+    assert (on_table.values == 0).all() and set(on_table.indices.tolist()) == set(range(20, 980))
+    with pytest.raises(UserError, match="drop method.student_sigma_max"):
+        distill("dmd2", str(tmp_path / "pipe"), dry_run=True, preset="sd15",
+                overrides=SIGMA_DATA[1:] + ["method.student_sigma_max=2.5"], flags=flags)
