@@ -36,6 +36,11 @@ at 1 (after nan_to_num). The generator adds, from the same eval-mode f_ψ pass a
 and L_G = ½L_SiD + ½L_adv once more than ``sida_gan_start_kimg`` images are seen (200 k officially); there is no
 generator step until more than ``sida_g_start_kimg`` (100 k). The official SiDA scripts run α = 1.0. SiDA reads
 real data, so the trainer then builds a loader. No code is copied from the official repository.
+
+SiD-LSG (mingyuanzhou/SiD-LSG, preset ``sd15-lsg``) runs on a DDPM teacher's own timesteps: ``noise_grid=teacher``
+draws t ~ U{tmin..tmax−1} and uses σ_t of the teacher's scheduler for the generator loss, ``fake_sigma=generator``
+draws the fake-score loss's σ the same way, and ``init_timestep`` sets σ_init = σ_t (its loop,
+training/sid_training_loop.py:413, :484; sid_train.py:125-131).
 """
 
 from __future__ import annotations
