@@ -83,6 +83,13 @@ class Precond(nn.Module):
         """Keyword arguments that rebuild this preconditioner (stored as ``net_config['precond_kwargs']``)."""
         return {}
 
+    def timestep_sigmas(self) -> Optional[torch.Tensor]:
+        """σ_t of the network's own discrete training timesteps t = 0..T−1 (float64, CPU; increasing), for
+        networks trained on such a table (DDPM-family diffusers schedulers: σ_t = √((1 − ᾱ_t)/ᾱ_t)); None for
+        networks trained on a continuous σ (EDM, VP, VE, flow matching). Recipes that address noise levels as the
+        teacher's own timesteps read it (``teacher_timestep_sigmas``)."""
+        return None
+
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """λ(σ) of this network's own training objective, on the x₀ error ‖D − x‖²: 1/c_out(σ)², i.e. unit weight
         on the error of the raw output F (EDM §5, Eq. 8: the weighting that makes the effective training target
@@ -150,6 +157,18 @@ class Precond(nn.Module):
 
 
 MAX_OUTPUT_GAIN = 2.5   # SiD's σ_init (sid_train.py:95): the one-step input noise level of its generator
+
+
+def teacher_timestep_sigmas(teacher, what: str) -> torch.Tensor:
+    """The teacher's training-timestep σ table (``Precond.timestep_sigmas``), or a UserError naming ``what`` (the
+    option that asked for it) when the teacher has none."""
+    table = teacher.timestep_sigmas() if hasattr(teacher, "timestep_sigmas") else None
+    if table is None:
+        family = teacher.family() if hasattr(teacher, "family") else type(teacher).__name__
+        raise UserError(f"{what} reads the teacher's own DDPM timestep table, and this teacher ({family}) is trained "
+                        f"on a continuous σ and has none: use a DDPM-family teacher (SD1.x/2.x, SDXL), or leave "
+                        f"that option at its default")
+    return table
 
 
 def conditioned_sigma_max(teacher, max_gain: float = MAX_OUTPUT_GAIN) -> float:

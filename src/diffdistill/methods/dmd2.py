@@ -19,7 +19,9 @@ warm-up then constant, grad-norm clip 10, batch 280 (40 × 7 GPUs), ratio 5, GAN
 no EMA, dropout 0 in every net (``edm_network.py``), uniform random class labels for the generator. K = 4 steps at
 grid indices [999, 749, 499, 249] (SDXL code; the EDM port is this project's choice). The official run uses fp16;
 this project trains in fp32. The images/points presets scale the recipe down (``configs/dmd2/*.yaml``; the
-measurements behind them are in ``benchmarks/notes/dmd2.md``).
+measurements behind them are in ``benchmarks/notes/dmd2.md``). The text-to-image recipes (``sd15``, ``sdxl``,
+``flow-t2i``; README "Recipes") use ``noise_grid=teacher``: grid indices and student steps are then the DDPM
+timesteps of the teacher's own scheduler, as DMD2's SD code draws them (``main/sd_guidance.py``).
 """
 
 from __future__ import annotations
@@ -213,7 +215,7 @@ class DMD2(DistributionMatchingMethod):
         # grid indices of a grid that ends there (K = 1: the input is student_sigma_max·z, as Diff-Instruct's
         # σ_init). The DM and critic noise levels keep the teacher's grid.
         student_grid = self.grid
-        if self.student_sigma_max < self.teacher.sigma_max:
+        if o.noise_grid == "karras" and self.student_sigma_max < self.teacher.sigma_max:
             student_grid = dmd_sigma_grid(self.teacher.sigma_min, self.student_sigma_max)
         self.sigmas = list(o.sigmas) if o.sigmas is not None else student_sigmas(o.student_steps, student_grid)
         # Noise levels as grid[U{lo..hi}]: the GAN's (a lower cap keeps the discriminator on noise levels where a

@@ -24,7 +24,7 @@ from torch import nn
 from ..diffusion import condition as cond
 from ..diffusion.guidance import guided_denoise
 from ..diffusion.losses import WEIGHTINGS, edm_loss, loss_weight
-from ..diffusion.precond import conditioned_sigma_max
+from ..diffusion.precond import conditioned_sigma_max, teacher_timestep_sigmas
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
 from ..options import Options, option
@@ -41,6 +41,14 @@ CRITIC_T_MIN, CRITIC_T_MAX = 0, 999   # fake-score and GAN noise levels: t ~ U{0
 FAKE_SCORE_WEIGHTING_DOC = ("λ(σ) of the fake-score loss: 'teacher' = the teacher's own training weighting, "
                             "1/c_out² (EDM teachers: EDM's λ, the official setting; ε-prediction: the ε-MSE of DMD2's "
                             "SD code, sd_guidance.py compute_loss_fake); 'edm' = EDM's λ for any teacher")
+
+
+NOISE_GRIDS = ("karras", "teacher")
+NOISE_GRID_DOC = ("the 1000-point σ grid that the grid indices (dm_t_*, critic_t_*, gan_t_*) and the student's steps "
+                  "address: 'karras' = the Karras grid on the teacher's [σ_min, σ_max] (DMD2's EDM code path); "
+                  "'teacher' = the teacher's own DDPM training timesteps, index t → σ_t = √((1 − ᾱ_t)/ᾱ_t) of its "
+                  "scheduler (DMD2's SD/SDXL code path, sd_guidance.py; DDPM-family teachers only), the student then "
+                  "at the teacher's timesteps (1 step: t = 999, its σ_max)")
 
 
 @dataclass
@@ -99,6 +107,7 @@ class DMDFamilyOptions(ScoreDistillOptions):
                                                       "ending here; K = 1: input σ·z); null: the teacher's σ_max "
                                                       "(official), or below it where the teacher's output gain "
                                                       "|c_out| exceeds 2.5 (ε-prediction: σ = 2.5)", gt=0)
+    noise_grid: str = option("karras", NOISE_GRID_DOC, choices=NOISE_GRIDS)
 
 
 # ------------------------------------------------------------------------------------------------ σ grid
@@ -329,14 +338,29 @@ class DistributionMatchingMethod(FakeScoreMethod):
 
     def __init__(self, ctx: MethodContext, opts=None, **overrides):
         super().__init__(ctx, opts, **overrides)
-        self.grid = dmd_sigma_grid(self.teacher.sigma_min, self.teacher.sigma_max)
-        # The student's noise ceiling (its one-step input σ): explicit, or the teacher's σ_max unless the teacher's
-        # parameterisation makes a one-step output there ill-conditioned (``conditioned_sigma_max``).
         top = self.opts.student_sigma_max
-        if top is not None and not self.teacher.sigma_min < top <= self.teacher.sigma_max:
-            raise UserError(f"method.student_sigma_max must lie in ({self.teacher.sigma_min}, "
-                            f"{self.teacher.sigma_max}], got {top}")
-        self.student_sigma_max = conditioned_sigma_max(self.teacher) if top is None else float(top)
+        if self.opts.noise_grid == "teacher":
+            # The teacher's own timesteps (DMD2's SD code: DDPM timesteps drawn as integers, sd_guidance.py:84-85,
+            # :179-181, :271-273); the student's steps are its timesteps too, the top one σ_{T−1}.
+            table = teacher_timestep_sigmas(self.teacher, f"{self.name}: method.noise_grid=teacher")
+            if len(table) != GRID_SIZE:
+                raise UserError(f"{self.name}: method.noise_grid=teacher needs a teacher trained on {GRID_SIZE} "
+                                f"timesteps (its grid indices are DMD2's), this one has {len(table)}: use "
+                                f"method.noise_grid=karras")
+            if top is not None:
+                raise UserError(f"{self.name}: method.noise_grid=teacher puts the student's steps on the teacher's "
+                                f"timesteps (the top one its σ_max): drop method.student_sigma_max, or give the "
+                                f"student's σ's with method.sigmas")
+            self.grid = table.to(torch.float32)
+            self.student_sigma_max = float(self.grid[-1])
+        else:
+            self.grid = dmd_sigma_grid(self.teacher.sigma_min, self.teacher.sigma_max)
+            # The student's noise ceiling (its one-step input σ): explicit, or the teacher's σ_max unless the
+            # teacher's parameterisation makes a one-step output there ill-conditioned (``conditioned_sigma_max``).
+            if top is not None and not self.teacher.sigma_min < top <= self.teacher.sigma_max:
+                raise UserError(f"method.student_sigma_max must lie in ({self.teacher.sigma_min}, "
+                                f"{self.teacher.sigma_max}], got {top}")
+            self.student_sigma_max = conditioned_sigma_max(self.teacher) if top is None else float(top)
         # Grid-index ranges of the DM gradient and of the fake-score loss (official; a method may narrow them).
         self.dm_t_range, self.critic_t_range = (DM_T_MIN, DM_T_MAX), (CRITIC_T_MIN, CRITIC_T_MAX)
         # The mode both nets run in for the paired DM call (None: teacher eval, fake score as it is).

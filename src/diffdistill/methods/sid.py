@@ -36,6 +36,11 @@ at 1 (after nan_to_num). The generator adds, from the same eval-mode f_ψ pass a
 and L_G = ½L_SiD + ½L_adv once more than ``sida_gan_start_kimg`` images are seen (200 k officially); there is no
 generator step until more than ``sida_g_start_kimg`` (100 k). The official SiDA scripts run α = 1.0. SiDA reads
 real data, so the trainer then builds a loader. No code is copied from the official repository.
+
+SiD-LSG (mingyuanzhou/SiD-LSG, preset ``sd15-lsg``) runs on a DDPM teacher's own timesteps: ``noise_grid=teacher``
+draws t ~ U{tmin..tmax−1} and uses σ_t of the teacher's scheduler for the generator loss, ``fake_sigma=generator``
+draws the fake-score loss's σ the same way, and ``init_timestep`` sets σ_init = σ_t (its loop,
+training/sid_training_loop.py:413, :484; sid_train.py:125-131).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion.guidance import GuidedDenoiser, guided_denoise
+from ..diffusion.precond import teacher_timestep_sigmas
 from ..diffusion.losses import WEIGHTINGS, edm_loss, edm_loss_weight, loss_weight
 from ..diffusion.schedules import karras_sigma, sample_lognormal_sigma
 from ..errors import UserError
@@ -75,7 +81,22 @@ class SiDOptions(GuidanceOptions, EMAOptions, GainMatchedLROptions):
     eps: float = option(1e-8, "Adam ε (sid_train.py:152-153, fp32)", gt=0)
     alpha: float = option(1.2, "α of L_G = L2 − α·L1 (sid_train.py:99; the SiDA scripts run_sida.sh use 1.0)")
     sigma_init: float = option(2.5, "generator input noise level, training and sampling (sid_train.py:95)", gt=0)
-    tmax: float = option(800.0, "generator-loss noise: t ~ U[0, tmax/1000] (sid_train.py:100)", ge=0, le=1000)
+    tmax: float = option(800.0, "generator-loss noise: t ~ U[tmin/1000, tmax/1000] (sid_train.py:100); with "
+                                "noise_grid=teacher the teacher's timesteps U{tmin..tmax−1}", ge=0, le=1000)
+    tmin: float = option(0.0, "lower end of the generator-loss t (official SiD: 0; SiD-LSG sid_train.py:131 "
+                              "--tmin 20)", ge=0, le=1000)
+    noise_grid: str = option("karras", "the generator loss's σ(t): 'karras' = SiD's continuous Karras map on the "
+                                       "teacher's [σ_min, σ_max] (training/sid_loss.py:32-33); 'teacher' = the "
+                                       "teacher's own DDPM training timesteps, t ~ U{tmin..tmax−1} → σ_t = "
+                                       "√((1 − ᾱ_t)/ᾱ_t) (SiD-LSG sid_training_loop.py:484; DDPM-family teachers "
+                                       "only)", choices=("karras", "teacher"))
+    fake_sigma: str = option("lognormal", "the fake-score loss's σ: 'lognormal' = ln σ ~ N(p_mean, p_std²) (SiD); "
+                                          "'generator' = drawn as the generator loss's (SiD-LSG "
+                                          "sid_training_loop.py:413: the same randint(tmin, tmax))",
+                             choices=("lognormal", "generator"))
+    init_timestep: Optional[int] = option(None, "the generator's input σ as a teacher timestep: σ_init = σ_t of the "
+                                                "teacher's DDPM table (SiD-LSG sid_train.py:125 --init_timestep "
+                                                "625); null: sigma_init", ge=0)
     p_mean: float = option(-1.2, "fake-score loss: mean of ln σ (training/sid_loss.py:18)")
     p_std: float = option(1.2, "fake-score loss: std of ln σ (training/sid_loss.py:18)", gt=0)
     fake_score_weighting: str = option("teacher", FAKE_SCORE_WEIGHTING_DOC, choices=WEIGHTINGS)
@@ -94,6 +115,11 @@ class SiDOptions(GuidanceOptions, EMAOptions, GainMatchedLROptions):
                                                "(sida_training_loop.py:410)", ge=0)
 
     def validate(self) -> None:
+        if self.tmin > self.tmax or (self.noise_grid == "teacher" and self.tmin == self.tmax):
+            raise UserError(f"method.tmin must be below method.tmax, got {self.tmin} and {self.tmax}")
+        if self.noise_grid == "teacher" and (self.tmin % 1 or self.tmax % 1):
+            raise UserError(f"method.noise_grid=teacher draws integer timesteps: give whole numbers for method.tmin "
+                            f"and method.tmax, got {self.tmin} and {self.tmax}")
         if self.student_steps != 1:
             raise UserError(f"sid trains one-step generators only (got method.student_steps={self.student_steps}); "
                             f"drop --student-steps")
@@ -115,11 +141,18 @@ def sid_sigma(t: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0
 
 
 def sample_sid_sigma(n: int, generator: torch.Generator, tmax: float = 800.0, sigma_min: float = 0.002,
-                     sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """n noise levels σ(t), t ~ U[0, tmax/1000] continuous (official SiD); σ^{1/ρ} is then uniform on
-    [σ_min^{1/ρ}, σ(tmax/1000)^{1/ρ}]. float32, shape [n]."""
-    t = torch.rand(n, generator=generator, dtype=torch.float64) * (tmax / 1000.0)
+                     sigma_max: float = 80.0, rho: float = 7.0, tmin: float = 0.0) -> torch.Tensor:
+    """n noise levels σ(t), t ~ U[tmin/1000, tmax/1000] continuous (official SiD: tmin = 0); σ^{1/ρ} is then
+    uniform on [σ(tmin/1000)^{1/ρ}, σ(tmax/1000)^{1/ρ}]. float32, shape [n]."""
+    t = torch.rand(n, generator=generator, dtype=torch.float64) * ((tmax - tmin) / 1000.0) + tmin / 1000.0
     return sid_sigma(t, sigma_min, sigma_max, rho)
+
+
+def sample_timestep_sigma(n: int, generator: torch.Generator, table: torch.Tensor, tmin: int, tmax: int) -> torch.Tensor:
+    """n noise levels σ_t of a teacher's timestep table, t ~ U{tmin..tmax−1} (SiD-LSG: ``torch.randint(tmin,
+    tmax)``, sid_training_loop.py:413, :484). float32, shape [n]."""
+    t = torch.randint(int(tmin), int(tmax), (n,), generator=generator)
+    return table[t].to(torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -242,9 +275,19 @@ class SiD(FakeScoreMethod):
     def __init__(self, ctx, opts=None, **overrides):
         super().__init__(ctx, opts, **overrides)
         o = self.opts
+        # The teacher's timestep table where an option addresses noise levels as its timesteps (SiD-LSG).
+        self.table = None
+        if o.noise_grid == "teacher" or o.init_timestep is not None:
+            what = "method.noise_grid=teacher" if o.noise_grid == "teacher" else "method.init_timestep"
+            self.table = teacher_timestep_sigmas(self.teacher, f"{self.name}: {what}")
+            last = max([int(o.tmax) - 1] * (o.noise_grid == "teacher") + [o.init_timestep or 0])
+            if last >= len(self.table):
+                raise UserError(f"{self.name}: the teacher has {len(self.table)} timesteps (0..{len(self.table) - 1}),"
+                                f" method.tmax / method.init_timestep reach {last}: lower them")
+        self.sigma_init = float(o.sigma_init if o.init_timestep is None else self.table[o.init_timestep])
         self.ema = self.track_ema("generator", o)
         adam = dict(betas=o.betas, eps=o.eps)
-        f = lr_factor(self.name, o, self.teacher, o.sigma_init)
+        f = lr_factor(self.name, o, self.teacher, self.sigma_init)
         self.optimizers["critic"] = torch.optim.Adam(self.fake.parameters(),
                                                      lr=(o.lr if o.lr_critic is None else o.lr_critic) * f, **adam)
         self.optimizers["generator"] = torch.optim.Adam(self.G.parameters(), lr=o.lr * f, **adam)
@@ -287,7 +330,7 @@ class SiD(FakeScoreMethod):
         return self.ema.net
 
     def sampling_spec(self):
-        return {"sampler": "multistep", "sigmas": [self.opts.sigma_init]}
+        return {"sampler": "multistep", "sigmas": [self.sigma_init]}
 
     # ---------------------------------------------------------------- pieces
     def generate(self, with_grad: bool, batch=None):
@@ -297,7 +340,7 @@ class SiD(FakeScoreMethod):
         n = self.ctx.micro_batch_size
         labels = self.labels_for(batch, n)
         z = self.randn(n)
-        s = self.opts.sigma_init
+        s = self.sigma_init
         self.G.train(with_grad)
         with torch.set_grad_enabled(with_grad):
             x = self.G(z * s, torch.full((n,), s, device=z.device), labels)
@@ -305,14 +348,23 @@ class SiD(FakeScoreMethod):
         return x, labels
 
     def sample_sigma(self, n: int) -> torch.Tensor:
-        """Generator-loss noise levels σ(t), t ~ U[0, t_max/1000]."""
-        tmax, lo, hi = self.opts.tmax, self.teacher.sigma_min, self.teacher.sigma_max
-        return self.ctx.draws.per_sample(n, lambda m, g: sample_sid_sigma(m, g, tmax, lo, hi)).to(self.ctx.device)
+        """Generator-loss noise levels: σ(t), t ~ U[t_min/1000, t_max/1000] (SiD), or the teacher's σ_t at
+        t ~ U{t_min..t_max−1} (``noise_grid=teacher``, SiD-LSG)."""
+        o, lo, hi = self.opts, self.teacher.sigma_min, self.teacher.sigma_max
+        if o.noise_grid == "teacher":
+            draw = lambda m, g: sample_timestep_sigma(m, g, self.table, o.tmin, o.tmax)   # noqa: E731
+        else:
+            draw = lambda m, g: sample_sid_sigma(m, g, o.tmax, lo, hi, tmin=o.tmin)   # noqa: E731
+        return self.ctx.draws.per_sample(n, draw).to(self.ctx.device)
 
     def noise_levels(self) -> dict:
-        lo, hi = self.teacher.sigma_min, self.teacher.sigma_max
-        return {"generator loss σ": [float(lo), float(sid_sigma(self.opts.tmax / 1000, lo, hi))],
-                "fake-score loss σ": f"log-normal({self.opts.p_mean:g}, {self.opts.p_std:g})"}
+        o, lo, hi = self.opts, self.teacher.sigma_min, self.teacher.sigma_max
+        if o.noise_grid == "teacher":
+            gen = [float(self.table[int(o.tmin)]), float(self.table[int(o.tmax) - 1])]
+        else:
+            gen = [float(sid_sigma(o.tmin / 1000, lo, hi)), float(sid_sigma(o.tmax / 1000, lo, hi))]
+        fake = gen if o.fake_sigma == "generator" else f"log-normal({o.p_mean:g}, {o.p_std:g})"
+        return {"generator loss σ": gen, "fake-score loss σ": fake}
 
     def lognormal_sigma(self, n: int) -> torch.Tensor:
         p_mean, p_std = self.opts.p_mean, self.opts.p_std
@@ -350,7 +402,7 @@ class SiD(FakeScoreMethod):
         """L_ψ, plus SiDA's L_D (weight ``sida_d_weight``) on the same σ, noise and labels for real and generated."""
         x, labels = self.generate(with_grad=False, batch=batch)
         self.fake.train()
-        sigma = self.lognormal_sigma(len(x))
+        sigma = self.sample_sigma(len(x)) if self.opts.fake_sigma == "generator" else self.lognormal_sigma(len(x))
         noise = self.randn_like(x)
         fake = WithLogits(self.fake) if self.opts.sida else self.fake
         if self.opts.guidance_fake_train != 1:   # SiD-LSG κ1: train the fake score's guided output

@@ -110,6 +110,12 @@ class DiffusersPrecond(Precond):
         # ln σ of the training timesteps: numbers of the schedule, not of the network, so kept on the CPU (a copy
         # per device on first use) and valid even where the network lives on the meta device
         self._log_sigmas = {torch.device("cpu"): None if table is None else table.log().float()}
+        self._timestep_sigmas = table   # float64 σ_t, t = 0..T−1 (DDPM family), else None
+
+    def timestep_sigmas(self) -> Optional[torch.Tensor]:
+        """σ_t = √((1 − ᾱ_t)/ᾱ_t) of the scheduler's training timesteps t = 0..T−1 (DDPM family; float64 from
+        diffusers' float32 ᾱ_t), None for EDM and flow schedulers."""
+        return None if self._timestep_sigmas is None else self._timestep_sigmas.clone()
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """Fractional DDPM timestep of σ: linear interpolation in ln σ between neighbouring table entries
