@@ -180,19 +180,23 @@ def test_for_sampling_feeds_the_scale_to_a_net_that_takes_it():
 
 
 # ------------------------------------------------------------------------------------------------ ring8 run
-def _mode_spread(x, prompt_index):
-    """Mean distance of each sample to the ring8 mode its prompt names."""
-    modes = ring8_modes().to(x.dtype)
-    return float((x - modes[torch.as_tensor(prompt_index)]).norm(dim=1).mean())
+def _other_mode_distance(x, prompt_index):
+    """Mean distance of each sample to the nearest ring8 mode its prompt does *not* name: CFG pushes samples away
+    from the other prompts' modes (D_w − D_c = (w − 1)(D_c − D_∅)), so this grows with w."""
+    d = torch.cdist(x.double(), ring8_modes().double())
+    d[torch.arange(len(x)), torch.as_tensor(prompt_index)] = float("inf")
+    return float(d.min(1).values.mean())
 
 
+# a teacher (600 it.) and a SiD student (300 it.): 7 s on an idle 2-core machine
 def test_w_conditioned_sid_student_follows_the_teachers_guidance_on_prompt_ring8(tmp_path):
     """A prompt ring8 teacher trained briefly (prompt dropout 0.2), then a SiD student with guidance_student [1, 3]:
-    at w = 3 both the teacher (CFG, 35-NFE Heun) and the 1-step student put their samples closer to the prompted
-    mode than at w = 1; the student's checkpoint samples at --guidance W and records the embedding."""
+    at w = 3 both the teacher (CFG, 35-NFE Heun) and the 1-step student (w as input) put their samples farther from
+    the other prompts' modes than at w = 1; the student's checkpoint samples at --guidance W and records its
+    guidance embedding."""
     torch.manual_seed(0)
     ds = prompt_ring8(4096)
-    common = {"out": str(tmp_path / "t"), "batch_size": 256, "log_every": 0, "ckpt_every": 0, "sample_every": 0,
+    common = {"out": str(tmp_path / "t"), "batch_size": 256, "log_every": 1000, "ckpt_every": 0, "sample_every": 0,
               "progress": False, "seed": 0}
     net = dict(PROMPT_MLP, kwargs=dict(PROMPT_MLP["kwargs"], hidden=64, depth=2))
     tr = Trainer({"run": validate_run(dict(common, steps=600)), "data": {}, "net": net,
@@ -201,17 +205,19 @@ def test_w_conditioned_sid_student_follows_the_teachers_guidance_on_prompt_ring8
     tr.run()
     teacher = tr.method.sampling_net().eval().requires_grad_(False)
     bank = prompt_bank()
-    seeds = range(512)
-    spread = {}
+    prompts = tmp_path / "prompts.npz"
+    np.savez(prompts, **{k: v.numpy() for k, v in bank.state().items()})
+    seeds = range(1024)
+    dist = {}
     for w in (1.0, 3.0):
         x, _, info = generate(teacher, seeds, {"sampler": "heun", "nfe": 35, "guidance": w}, conditions=bank)
-        spread["teacher", w] = _mode_spread(x, info["prompt_index"])
-    assert spread["teacher", 3.0] < spread["teacher", 1.0]
+        dist["teacher", w] = _other_mode_distance(x, info["prompt_index"])
+    assert dist["teacher", 3.0] > dist["teacher", 1.0] + 0.03
     st = Trainer({"run": validate_run(dict(common, out=str(tmp_path / "s"), steps=300, batch_size=128,
                                            ckpt_every=300)),
-                  "data": {}, "net": net, "method": {"name": "sid", "guidance_student": [1.0, 3.0], "lr": 1e-3}},
+                  "data": {"prompts": str(prompts)}, "net": net,
+                  "method": {"name": "sid", "guidance_student": [1.0, 3.0], "lr": 1e-3}},
                  teacher=teacher, teacher_path="mem")
-    st.method.ctx.conditions = st.conditions = bank
     st.start_check = lambda *a, **kw: None
     st.run()
     student = st.method.sampling_net().eval()
@@ -219,18 +225,17 @@ def test_w_conditioned_sid_student_follows_the_teachers_guidance_on_prompt_ring8
     for w in (1.0, 3.0):
         x, _, info = generate(student, seeds, dict(spec, guidance=w), conditions=bank)
         assert info["nfe"] == 1
-        spread["student", w] = _mode_spread(x, info["prompt_index"])
-    print({f"{k[0]} w={k[1]:g}": round(v, 4) for k, v in spread.items()})
-    assert spread["student", 3.0] < spread["student", 1.0]
+        dist["student", w] = _other_mode_distance(x, info["prompt_index"])
+    print({f"{k[0]} w={k[1]:g}": round(v, 4) for k, v in dist.items()})
+    assert dist["student", 3.0] > dist["student", 1.0] + 0.03
     # the checkpoint: a w-conditioned net with its default w, sampled with --guidance through the CLI
     ckpt = sorted((tmp_path / "s" / "checkpoints").glob("ckpt-*.pt"))[-1]
     loaded, state = load_for_sampling(ckpt)
     assert takes_guidance(loaded) and loaded.default_guidance == 2.0
     assert state["net_config"]["kwargs"]["guidance_embed"] is True
-    np.savez(tmp_path / "prompts.npz", **{k: v.numpy() for k, v in bank.state().items()})
     out = tmp_path / "x.npz"
     assert main(["sample", str(ckpt), "--out", str(out), "--num-samples", "16", "--guidance", "3",
-                 "--prompts", str(tmp_path / "prompts.npz")]) == 0
+                 "--prompts", str(prompts)]) == 0
     x3 = torch.as_tensor(np.load(out)["samples"])
     want, _, _ = generate(loaded, range(16), dict(spec, guidance=3.0), conditions=bank)
     assert torch.allclose(x3, want, atol=1e-6)
