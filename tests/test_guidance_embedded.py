@@ -242,7 +242,7 @@ def test_w_conditioned_sid_student_follows_the_teachers_guidance_on_prompt_ring8
 
 
 # ------------------------------------------------------------------------------------------------ FLUX (CLI)
-@pytest.mark.slow   # builds and encodes with two tiny pipelines (FLUX, SD): minutes on a loaded 2-core machine
+@pytest.mark.slow   # builds and encodes with two tiny pipelines (FLUX, SD): ~1 minute on a 2-core machine
 def test_tiny_flux_distils_with_embedded_guidance_through_the_cli(tmp_path, capsys):
     from helpers.tiny_pipelines import build
     root = tmp_path / "flux"
@@ -252,13 +252,14 @@ def test_tiny_flux_distils_with_embedded_guidance_through_the_cli(tmp_path, caps
     assert main(["encode-prompts", str(root), "--prompts", str(tmp_path / "p.txt"), "--out", str(prompts)]) == 0
     run = tmp_path / "dmd2"
     base = ["distill", "--method", "dmd2", "--teacher", str(root), "--prompts", str(prompts), "--iters", "2",
-            "--batch-size", "2", "--no-progress", "--set", "method.gan_weight=0", "--set", "run.ckpt_every=2",
+            "--batch-size", "2", "--no-progress", "--sample-shape", "4,8,8", "--set", "method.gan_weight=0",
+            "--set", "run.ckpt_every=2",
             "--set", "run.sample_every=0", "--set", "net.sigma_data=0.5"]
     assert main(base + ["--out", str(run), "--set", "method.guidance_embedded=4.5",
                         "--set", "method.guidance_embedded_fake=3"]) == 0
     ckpt = max((run / "checkpoints").glob("ckpt-*.pt"))
     net, state = load_for_sampling(ckpt)
-    assert takes_guidance(net) and state["net_config"]["default_guidance"] == 3.0
+    assert takes_guidance(net) and state["net_config"]["default_guidance"] == 3.0 and net.sample_shape == (4, 8, 8)
     out = tmp_path / "s.npz"
     assert main(["sample", str(ckpt), "--num-samples", "2", "--out", str(out), "--guidance", "3"]) == 0
     # a teacher without the guidance input refuses the option in one line
@@ -269,7 +270,8 @@ def test_tiny_flux_distils_with_embedded_guidance_through_the_cli(tmp_path, caps
                  str(tmp_path / "q.safetensors")]) == 0
     capsys.readouterr()
     assert main(["distill", "--method", "dmd2", "--teacher", str(sd), "--prompts", str(tmp_path / "q.safetensors"),
-                 "--iters", "1", "--batch-size", "2", "--no-progress", "--out", str(tmp_path / "x"),
+                 "--iters", "1", "--batch-size", "2", "--no-progress", "--sample-shape", "4,8,8",
+                 "--out", str(tmp_path / "x"),
                  "--set", "method.gan_weight=0", "--set", "method.guidance_embedded=3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not take the guidance scale as an input" in err
