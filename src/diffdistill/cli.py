@@ -122,10 +122,12 @@ def _add_sampler_flags(p):
                    help="stochastic sampler: noise inflation S_noise > 0 (EDM ImageNet-64: 1.003) "
                         "(default 1, as EDM generate.py)")
     p.add_argument("--guidance", type=float, metavar="W",
-                   help="classifier-free guidance scale of a conditional net: D_null + W*(D_cond - D_null), the "
-                        "null condition being the all-zero label or the prompts' null (negative) embedding (1: "
-                        "none; costs 2 network calls per step; the teacher must have been trained with "
-                        "method.label_dropout > 0) (default: none, 1)")
+                   help="guidance scale of a conditional net: classifier-free guidance D_null + W*(D_cond - "
+                        "D_null), the null condition being the all-zero label or the prompts' null (negative) "
+                        "embedding (1: none; costs 2 network calls per step; the teacher must have been trained "
+                        "with method.label_dropout > 0); a net that takes the scale as input (FLUX.1-dev, a "
+                        "w-conditioned student) gets W as its extra.guidance instead, one call per step (default: "
+                        "none, 1; the prompts' own extra.guidance or the student's recorded default)")
     p.add_argument("--prompts", metavar="FILE",
                    help="encoded prompts (.npz / .safetensors: embeds [N, L, D], optional mask, pooled, extra.*, "
                         "null.*) for a net conditioned on text embeddings; seed s gets prompt s mod N (default: "

@@ -21,7 +21,7 @@ import time
 import torch
 
 from ..diffusion import condition as cond
-from ..diffusion.guidance import GuidedDenoiser
+from ..diffusion.guidance import for_sampling
 from ..diffusion.samplers import sample
 from ..errors import UserError
 
@@ -62,9 +62,10 @@ def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", c
              label_rule: str | None = None, clip: bool | None = None, conditions=None, decode=None):
     """Generate one sample per seed with ``spec`` (``{'sampler', 'nfe'}`` or ``{'sampler', 'sigmas'}``, optionally
     ``'seed_labels'``: the class rule, 'mod' by default, and ``'sampler_options'``: the sampler's keyword options,
-    e.g. ``{'s_churn': 40}`` for the stochastic sampler), ``'guidance'``: a classifier-free guidance scale w
-    for a conditional net (``GuidedDenoiser``; w ≠ 1 costs two network evaluations per step, counted in
-    ``nfe``), and ``'prompts'``: the encoded-prompts file of a net conditioned on embeddings — seed s gets
+    e.g. ``{'s_churn': 40}`` for the stochastic sampler), ``'guidance'``: a guidance scale w for a
+    conditional net (``guidance.for_sampling``: classifier-free guidance, where w ≠ 0, 1 costs two network
+    evaluations per step, counted in ``nfe``; for a net that takes the scale as input — FLUX.1-dev, a
+    w-conditioned student — w is written into the prompts' ``extra.guidance``, one evaluation), and ``'prompts'``: the encoded-prompts file of a net conditioned on embeddings — seed s gets
     prompt s mod N (``conditions``, a `Condition`, gives them directly).
 
     Per seed, in EDM's order: the latent from the seed's generator, then (rule 'edm') its class from the same
@@ -83,9 +84,9 @@ def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", c
     rule = label_rule or spec.get("seed_labels", "mod")
     if rule not in SEED_LABEL_RULES:
         raise UserError(f"unknown seed label rule {rule!r}; choose one of: {', '.join(SEED_LABEL_RULES)}")
-    w = float(spec.get("guidance", 1.0))
+    w = None if spec.get("guidance") is None else float(spec["guidance"])
     kind = cond.conditioning_of(denoiser)
-    if w != 1.0 and kind == "none":
+    if w is not None and w != 1.0 and kind == "none":
         raise UserError(f"--guidance {w:g} needs a conditional network (class labels or prompts); this one is "
                         f"unconditional")
     if kind == "embeddings" and conditions is None:
@@ -93,9 +94,10 @@ def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", c
             raise UserError("this network is conditioned on text embeddings: give the encoded prompts with "
                             "--prompts FILE")
         conditions = cond.load_conditions(spec["prompts"])
+    # CFG, or the scale as a network input for a net that takes it (FLUX.1-dev, a w-conditioned student)
+    net, conditions, evals = for_sampling(denoiser, w, conditions)
     if conditions is not None:
         cond.check_bank(denoiser, conditions, "this network")
-    net = GuidedDenoiser(denoiser, w) if w != 1.0 else denoiser
     out, labels_out, nfe, t0 = [], [], 0, time.perf_counter()
     was_training = denoiser.training
     denoiser.eval()
@@ -116,7 +118,7 @@ def generate(denoiser, seeds, spec: dict, batch_size: int = 256, device="cpu", c
         out.append((decode(x) if decode is not None else x).float().cpu())
     denoiser.train(was_training)
     secs = time.perf_counter() - t0
-    nfe = nfe * (2 if w not in (0.0, 1.0) else 1)
+    nfe = nfe * evals
     info = {"nfe": nfe, "seconds": secs, "images_per_second": len(seeds) / max(secs, 1e-9)}
     if kind == "embeddings":
         info["prompt_index"] = (torch.tensor(seeds) % len(conditions)).tolist()

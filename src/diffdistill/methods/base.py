@@ -181,6 +181,11 @@ class Method(ABC):
     def sampling_net(self) -> nn.Module:
         """The Denoiser to sample from (the EMA when there is one)."""
 
+    def student_net_config(self, net_config: dict) -> dict:
+        """The ``net_config`` that rebuilds ``sampling_net`` (stored in the checkpoint): the run's ``net`` section,
+        unless the method changed the architecture of its copies (a w-conditioned student's guidance embedding)."""
+        return net_config
+
     @abstractmethod
     def sampling_spec(self) -> dict:
         """How to sample ``sampling_net``: ``{'sampler': 'heun', 'nfe': 35}`` or ``{'sampler': 'multistep',

@@ -126,8 +126,8 @@ class DiffInstruct(FakeScoreMethod):
             self.generated, self.generated_labels = x, labels
             sigma = self.lognormal_sigma(len(x))
             x_t = x.detach() + self.bview(sigma, x) * self.randn_like(x)
-            d_fake, d_real = paired_denoise(self.fake, self.teacher, x_t, sigma, labels, self.paired_training,
-                                            self.opts.guidance_fake, self.opts.guidance_real)
+            d_fake, d_real = paired_denoise(self.fake, self.real_score, x_t, sigma, labels, self.paired_training,
+                                            self.opts.guidance_fake)
             l_g = ikl_loss(x, d_real, d_fake)
             return l_g, {"di/ikl": float(l_g.detach())}
         raise ValueError(f"unknown phase {phase!r}")

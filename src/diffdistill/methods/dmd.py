@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from ..diffusion import condition as cond
-from ..diffusion.guidance import GuidedDenoiser
+from ..diffusion.guidance import GuidedDenoiser, set_guidance
 from ..diffusion.samplers import heun_sampler
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
@@ -171,10 +171,16 @@ class DMD(DistributionMatchingMethod):
             pairs_path = str(Path(ctx.run_dir) / "dmd_pairs")
         self.pairs_path = pairs_path
         say = (lambda m: print(f"[diffdistill] {m}", flush=True)) if dist.rank() == 0 else (lambda m: None)
+        if o.reg_weight > 0 and o.guidance_student is not None:
+            raise UserError("dmd: method.guidance_student needs regression pairs at every w; set "
+                            "method.reg_weight=0 (or distil a w-conditioned student with dmd2 / sid)")
         if o.reg_weight > 0:
+            bank = ctx.conditions if self.conditioning == "embeddings" else None
+            if bank is not None and o.guidance_embedded is not None:   # the pairs come from the teacher at that input
+                bank = set_guidance(self.teacher, bank, o.guidance_embedded)
             z, y, lab = teacher_pairs(self.teacher, o.num_pairs, pairs_path, o.pairs_seed, o.pairs_chunk,
-                                      o.heun_steps, ctx.device, say, guidance=o.guidance_real,
-                                      conditions=ctx.conditions if self.conditioning == "embeddings" else None)
+                                      o.heun_steps, ctx.device, say, guidance=o.guidance_real, conditions=bank)
+            lab = self.with_student_guidance(lab)   # the student's own regression input
         else:
             z = y = lab = None
         self.z_ref = None if z is None else z.to(ctx.device)

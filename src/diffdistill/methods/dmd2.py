@@ -226,7 +226,7 @@ class DMD2(DistributionMatchingMethod):
         self.head = None
         if self.gan_weight > 0:
             self.head = build_gan_head(self.fake, self.shape, self.label_dim,
-                                       ctx.conditions if self.conditioning == "embeddings" else None)
+                                       self.example_condition() if self.conditioning == "embeddings" else None)
             self.nets["gan_head"] = self.head
         critic_params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head else [])
         adamw = dict(betas=o.betas, weight_decay=o.weight_decay)
@@ -323,7 +323,7 @@ class DMD2(DistributionMatchingMethod):
                 if batch[1] is None:
                     raise UserError("DMD2's GAN term on a conditional teacher needs the real images' conditions: "
                                     "give data that carries them, or set method.gan_weight=0")
-                real_labels = cond.to_device(batch[1], x.device)
+                real_labels = self.with_student_guidance(cond.to_device(batch[1], x.device), like=labels)
             both = torch.cat([real, x])
             both_labels = None if labels is None else cond.cat([real_labels, labels])
             logits = self.gan_logits(both, both_labels, groups=2)

@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from ..diffusion import condition as cond
-from ..diffusion.guidance import guided_denoise
+from ..diffusion.guidance import GuidedDenoiser, guided_denoise, set_guidance, takes_guidance
 from ..diffusion.losses import WEIGHTINGS, edm_loss, loss_weight
 from ..diffusion.precond import conditioned_sigma_max, teacher_timestep_sigmas
 from ..diffusion.schedules import karras_sigmas
 from ..errors import UserError
+from ..nets.prompt_embedding import PromptEmbedding
 from ..options import Options, option
 from ..train import distributed as dist
 from .base import GainMatchedLROptions, Method, MethodContext, trainable_copy  # noqa: F401 (re-exported)
@@ -53,22 +54,47 @@ NOISE_GRID_DOC = ("the 1000-point σ grid that the grid indices (dm_t_*, critic_
 
 @dataclass
 class GuidanceOptions(Options):
-    """Classifier-free guidance inside score distillation, placed as the papers place it (``guided_denoise``: D_∅ +
-    w·(D_c − D_∅), the null class the all-zero label; 1 = none, the official setting for class-conditional EDM
-    teachers). DMD2's SD1.5 recipe guides the real score only (``--real_guidance_scale 1.75``, ``--fake_guidance_scale
-    1``, ε-space, which is the same D-space CFG); SiD-LSG guides the real score (κ₄) and the fake score in the
-    generator loss (κ₂ = κ₃), 2 for SD1.5 (run_sid.sh); 0 on the fake score is zero-CFG (an unconditional fake
-    score), a negative value anti-CFG."""
+    """Guidance inside score distillation, placed as the papers place it.
+
+    Classifier-free guidance (``guided_denoise``: D_∅ + w·(D_c − D_∅), the null class the all-zero label; 1 = none,
+    the official setting for class-conditional EDM teachers). DMD2's SD1.5 recipe guides the real score only
+    (``--real_guidance_scale 1.75``, ``--fake_guidance_scale 1``, ε-space, which is the same D-space CFG); SiD-LSG
+    guides the real score (κ₄) and the fake score in the generator loss (κ₂ = κ₃), 2 for SD1.5 (run_sid.sh); 0 on
+    the fake score is zero-CFG (an unconditional fake score), a negative value anti-CFG.
+
+    Embedded guidance (FLUX.1-dev style: the scale is a network input, ``extra.guidance``, and there is no negative
+    pass): ``guidance_embedded`` is the scale written into the teacher's real-score call; the generator and the
+    fake score — copies of the teacher, with the same input — get ``guidance_embedded_fake`` (null: the same value,
+    so at the start the fake score is the teacher at the same input and D_fake − D_real measures only the
+    distributions' gap; FLUX distillations feed their students one fixed guidance value likewise).
+
+    A w-conditioned student (``guidance_student: [w_min, w_max]``, Meng et al. 2023's w-conditioning): each
+    generated sample draws its own w ~ U[w_min, w_max]; the generator and the fake score (which must model the
+    generator's distribution at that w) receive it as ``extra.guidance`` — natively for a teacher that takes it,
+    else through a zero-initialised guidance embedding added to both copies (``net.kwargs.guidance_embed``); the
+    real score is guided with the same per-sample w (as input, or CFG). Sampling ``--guidance W`` then feeds W."""
 
     guidance_real: float = option(1.0, "CFG scale w of the teacher (real score) in the generator loss (DMD2 "
                                        "--real_guidance_scale: 1.75 for SD1.5; SiD-LSG κ4 --cfg_eval_real; 1: none)")
     guidance_fake: float = option(1.0, "CFG scale of the fake score in the generator loss (DMD2 "
                                        "--fake_guidance_scale 1; SiD-LSG κ2 = κ3 --cfg_eval_fake; 0: zero-CFG, "
                                        "< 0: anti-CFG; 1: none)")
+    guidance_embedded: Optional[float] = option(None, "a teacher that takes the guidance scale as input (FLUX.1-dev, "
+                                                      "extra.guidance): the scale of its real-score call, no null "
+                                                      "branch (FluxPipeline's guidance_scale 3.5); null: the "
+                                                      "prompts' own extra.guidance")
+    guidance_embedded_fake: Optional[float] = option(None, "with guidance_embedded: the extra.guidance of the "
+                                                           "generator and the fake score; null: guidance_embedded")
+    guidance_student: Optional[tuple[float, float]] = option(None, "[w_min, w_max]: a w-conditioned student, each "
+                                                                   "sample's w ~ U[w_min, w_max] fed to the "
+                                                                   "generator and fake score and guiding the real "
+                                                                   "score; null: off")
 
     def guided(self) -> bool:
-        return any(getattr(self, f) != 1.0 for f in ("guidance_real", "guidance_fake", "guidance_fake_train")
-                   if hasattr(self, f))
+        return (any(getattr(self, f) != 1.0 for f in ("guidance_real", "guidance_fake", "guidance_fake_train")
+                    if hasattr(self, f))
+                or any(getattr(self, f) is not None for f in ("guidance_embedded", "guidance_embedded_fake",
+                                                              "guidance_student")))
 
 
 @dataclass
@@ -284,13 +310,114 @@ class FakeScoreMethod(Method):
         self.shape = tuple(self.teacher.sample_shape)
         self.label_dim = int(getattr(self.teacher, "label_dim", 0) or 0)
         self.conditioning = cond.conditioning_of(self.teacher)
-        cond.check_bank(self.teacher, ctx.conditions, "the teacher")
         if self.opts.guided() and self.conditioning == "none":
             raise UserError(f"{self.name}: classifier-free guidance (method.guidance_*) needs a conditional "
                             f"teacher; this one is unconditional: leave the guidance scales at 1")
+        self._setup_guidance()
+        cond.check_bank(self.teacher, ctx.conditions, "the teacher")
         # The generator phase's samples, with grad (set by each method's generator loss; see ``generated_batch``).
         self.generated = None
         self.generated_labels = None
+
+    # ---------------------------------------------------------------- guidance as an input (GuidanceOptions)
+    def _setup_guidance(self) -> None:
+        """Check the embedded-guidance / w-conditioned-student options against the teacher, give the generator and
+        fake score a guidance embedding where they need one, and fill ``extra.guidance`` into a prompt bank that
+        lacks it. Sets ``self.student_guidance``: what the generator and fake score are fed (a number, 'range':
+        per-sample draws from ``guidance_student``, or None: the batch as it is) and ``self.student_net_delta``."""
+        o, ctx = self.opts, self.ctx
+        emb, emb_fake, ws = o.guidance_embedded, o.guidance_embedded_fake, o.guidance_student
+        teacher_input = takes_guidance(self.teacher)
+        self.student_guidance, self.student_net_delta = None, {}
+        if emb_fake is not None and emb is None:
+            raise UserError(f"{self.name}: method.guidance_embedded_fake needs method.guidance_embedded (the "
+                            f"teacher's own input scale)")
+        if emb is not None and not teacher_input:
+            raise UserError(f"{self.name}: method.guidance_embedded: this teacher does not take the guidance scale as "
+                            f"an input (its condition has no extra.guidance, as FLUX.1-dev's has): use "
+                            f"method.guidance_real (classifier-free guidance) instead")
+        if emb is not None:
+            self.student_guidance = float(emb if emb_fake is None else emb_fake)
+        if ws is not None:
+            lo, hi = (float(v) for v in ws)
+            if not lo <= hi:
+                raise UserError(f"{self.name}: method.guidance_student is [w_min, w_max] with w_min <= w_max, got {ws}")
+            if emb is not None or o.guidance_real != 1:
+                raise UserError(f"{self.name}: method.guidance_student guides the real score with each sample's own "
+                                f"w: leave method.guidance_real at 1 and method.guidance_embedded unset")
+            if self.conditioning != "embeddings":
+                raise UserError(f"{self.name}: method.guidance_student needs a teacher conditioned on prompt "
+                                f"embeddings (w reaches the student as the condition's extra.guidance); class-label "
+                                f"teachers are not supported")
+            if not teacher_input:
+                if ctx.lora is not None and ctx.lora.enabled():
+                    raise UserError(f"{self.name}: method.guidance_student adds a guidance embedding to full copies of "
+                                    f"the teacher: remove the lora section")
+                for net in (self.G, self.fake):
+                    mp = getattr(getattr(net, "model", None), "map_prompt", None)
+                    if not isinstance(mp, PromptEmbedding):
+                        raise UserError(f"{self.name}: method.guidance_student: the student cannot take the guidance "
+                                        f"scale as an input (the teacher has no extra.guidance, and only this "
+                                        f"package's MLP / SongUNet with embed_dim get a guidance embedding)")
+                    mp.add_guidance_embedding()
+                    net.embedding_signature = dict(net.embedding_signature, **{"extra.guidance": ()})
+                self.student_net_delta["guidance_embed"] = True
+            self.student_guidance = "range"
+        if self.student_guidance is not None:   # the scale the student samples at without --guidance
+            w = (lo + hi) / 2 if self.student_guidance == "range" else self.student_guidance
+            self.G.default_guidance = float(w)
+            self.student_net_delta["default_guidance"] = float(w)
+        bank = ctx.conditions
+        if teacher_input and bank is not None and "guidance" not in bank.extra and self.student_guidance is not None:
+            ctx.conditions = bank.with_extra(guidance=self.G.default_guidance)
+
+    def student_net_config(self, net_config: dict) -> dict:
+        """The student's ``net_config``: the teacher's, with ``kwargs.guidance_embed`` for a w-conditioned student
+        given a guidance embedding and ``default_guidance`` for one that takes the scale as input."""
+        d = self.student_net_delta
+        if not d:
+            return net_config
+        out = dict(net_config)
+        if d.get("guidance_embed"):
+            out["kwargs"] = dict(out.get("kwargs") or {}, guidance_embed=True)
+        if "default_guidance" in d:
+            out["default_guidance"] = d["default_guidance"]
+        return out
+
+    def with_student_guidance(self, labels, like=None):
+        """``labels`` as the generator and fake score take them: ``extra.guidance`` = each sample's w drawn from
+        ``guidance_student`` (or ``like``'s, a batch of the same size that has them), or ``guidance_embedded_fake``;
+        unchanged otherwise."""
+        if labels is None or self.student_guidance is None:
+            return labels
+        if self.student_guidance != "range":
+            return set_guidance(self.G, labels, self.student_guidance)
+        if like is not None and "guidance" in like.extra and len(like) == len(labels):
+            return labels.with_extra(guidance=like.extra["guidance"])
+        lo, hi = self.opts.guidance_student
+        w = self.ctx.draws.per_sample(len(labels), lambda m, g: lo + (hi - lo) * torch.rand(m, generator=g))
+        return labels.with_extra(guidance=w.to(self.ctx.device))
+
+    def example_condition(self):
+        """One row of the prompt bank as the generator and fake score take it (a w-conditioned student's at its
+        default w), for probing the networks' shapes."""
+        row = self.ctx.conditions.rows([0])
+        if self.student_guidance is None or not takes_guidance(self.G):
+            return row
+        return row.with_extra(guidance=self.G.default_guidance)
+
+    @property
+    def real_score(self):
+        """The teacher as the real score of the generator loss: a w-conditioned student's batch guides it with each
+        sample's own w (as input for a teacher that takes the scale, else CFG); otherwise ``guidance_embedded`` as
+        its input and/or CFG at ``guidance_real`` (the plain teacher when neither is set)."""
+        o = self.opts
+        if o.guidance_student is not None:
+            return GuidedDenoiser(self.teacher, None, "auto")
+        net = self.teacher
+        if o.guidance_embedded is not None:
+            net = GuidedDenoiser(net, o.guidance_embedded, "input")
+        return GuidedDenoiser(net, o.guidance_real) if o.guidance_real != 1 else net
 
     def generated_batch(self, batch, step):
         """The samples (and labels) of this step's generator phase, as its loss computed them (with grad)."""
@@ -312,7 +439,7 @@ class FakeScoreMethod(Method):
         if self.conditioning == "none":
             return None
         if batch is not None and batch[1] is not None and cond.batch_len(batch[1]) >= n:
-            return cond.to_device(cond.rows(batch[1], slice(0, n)), self.ctx.device)
+            return self.with_student_guidance(cond.to_device(cond.rows(batch[1], slice(0, n)), self.ctx.device))
         return self.random_labels(n)
 
     def random_labels(self, n: int):
@@ -323,7 +450,7 @@ class FakeScoreMethod(Method):
         if self.conditioning == "embeddings":
             bank = self.ctx.conditions
             idx = self.ctx.draws.per_sample(n, lambda m, g: torch.randint(len(bank), (m,), generator=g))
-            return bank.rows(idx).to(self.ctx.device)
+            return self.with_student_guidance(bank.rows(idx).to(self.ctx.device))
         L = self.label_dim
         return self.ctx.draws.per_sample(n, lambda m, g: random_onehot(m, L, g)).to(self.ctx.device)
 
@@ -382,8 +509,8 @@ class DistributionMatchingMethod(FakeScoreMethod):
         Returns (L_DM, g, t)."""
         t, sigma = self.grid_sigma(x.shape[0], *self.dm_t_range, self.grid)
         x_t = x.detach() + self.bview(sigma, x) * self.randn_like(x)
-        d_fake, d_real = paired_denoise(self.fake, self.teacher, x_t, sigma, labels, self.paired_training,
-                                        self.opts.guidance_fake, self.opts.guidance_real)
+        d_fake, d_real = paired_denoise(self.fake, self.real_score, x_t, sigma, labels, self.paired_training,
+                                        self.opts.guidance_fake)
         g = dm_gradient(x, d_real, d_fake)
         return dm_pseudo_loss(x, g), g, t
 

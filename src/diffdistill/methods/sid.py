@@ -384,7 +384,7 @@ class SiD(FakeScoreMethod):
         try:
             with frozen(self.teacher, self.fake):
                 o = self.opts
-                d_real = guided_denoise(self.teacher, x_t.view_as(x_t), sigma, labels, o.guidance_real)
+                d_real = self.real_score(x_t.view_as(x_t), sigma, labels)   # κ4 (GuidanceOptions)
                 d_fake = guided_denoise(fake, x_t.view_as(x_t), sigma, labels, o.guidance_fake)
         finally:
             self.fake.train(was_training)

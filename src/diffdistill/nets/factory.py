@@ -17,6 +17,15 @@ SIZE_KWARGS = ("model_channels", "channel_mult", "channel_mult_emb", "channel_mu
 
 
 def build_denoiser(cfg: dict) -> Precond:
+    """`_build` below, plus ``default_guidance`` (a net that takes the guidance scale as input: the scale it samples
+    at when ``--guidance`` is not given, e.g. a w-conditioned student's; recorded in its ``net_config``)."""
+    net = _build(cfg)
+    if cfg.get("default_guidance") is not None:
+        net.default_guidance = float(cfg["default_guidance"])
+    return net
+
+
+def _build(cfg: dict) -> Precond:
     """cfg: ``arch`` ('songunet' | 'dhariwalunet' | 'mlp' | 'diffusers_unet2d' | 'diffusers_cond': a diffusers
     text-to-image / DiT / video network named by ``class_name``), ``img_channels``,
     ``img_resolution`` (0 for points), ``label_dim``, ``sigma_data``, ``sigma_min``, ``sigma_max``, the
@@ -53,6 +62,9 @@ def build_denoiser(cfg: dict) -> Precond:
     net = PRECONDS[kind](model, img_channels=C, img_resolution=R, label_dim=L,
                          sigma_data=cfg.get("sigma_data", 0.5), sigma_min=cfg.get("sigma_min", 0.002),
                          sigma_max=cfg.get("sigma_max", 80.0), **dict(cfg.get("precond_kwargs") or {}))
+    if kw.get("guidance_embed") and getattr(model, "map_prompt", None) is None:
+        raise UserError("net.kwargs.guidance_embed (the guidance scale as an input) needs a network conditioned on "
+                        "prompt embeddings: set net.kwargs.embed_dim too")
     if getattr(model, "map_prompt", None) is not None:   # conditioned on prompt embeddings (kwargs.embed_dim)
         tokens = int(cfg.get("prompt_tokens") or 0)
         if tokens <= 0 or L:

@@ -33,13 +33,14 @@ class MLPDenoiserNet(ActivationCheckpointing, nn.Module):
     block_types = (MLPBlock,)
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, emb_dim: int = 64, label_dim: int = 0,
-                 embed_dim: int = 0, pooled_dim: int = 0):
-        """``embed_dim`` (> 0, instead of ``label_dim``): conditioned on prompt embeddings (`PromptEmbedding`)."""
+                 embed_dim: int = 0, pooled_dim: int = 0, guidance_embed: bool = False):
+        """``embed_dim`` (> 0, instead of ``label_dim``): conditioned on prompt embeddings (`PromptEmbedding`);
+        ``guidance_embed``: also on the guidance scale (the condition's ``extra.guidance``)."""
         super().__init__()
         self.dim, self.label_dim = dim, label_dim
         self.map_noise = PositionalEmbedding(emb_dim, endpoint=True)
         self.map_label = Linear(label_dim, emb_dim) if label_dim else None
-        self.map_prompt = PromptEmbedding(embed_dim, emb_dim, pooled_dim) if embed_dim else None
+        self.map_prompt = PromptEmbedding(embed_dim, emb_dim, pooled_dim, guidance_embed) if embed_dim else None
         self.map_layer0 = Linear(emb_dim, hidden)
         self.map_layer1 = Linear(hidden, hidden)
         self.inp = Linear(dim, hidden)

@@ -216,7 +216,8 @@ class SongUNet(ActivationCheckpointing, nn.Module):
                  channel_mult_emb: int = 4, num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),
                  dropout: float = 0.10, label_dropout: float = 0, embedding_type: str = 'positional',
                  channel_mult_noise: int = 1, encoder_type: str = 'standard', decoder_type: str = 'standard',
-                 resample_filter: Sequence[int] = (1, 1), embed_dim: int = 0, pooled_dim: int = 0):
+                 resample_filter: Sequence[int] = (1, 1), embed_dim: int = 0, pooled_dim: int = 0,
+                 guidance_embed: bool = False):
         if embedding_type not in ('positional', 'fourier'):
             raise ValueError(f"embedding_type must be 'positional' or 'fourier', got {embedding_type!r}")
         if encoder_type not in ('standard', 'skip', 'residual') or decoder_type not in ('standard', 'skip'):
@@ -240,7 +241,8 @@ class SongUNet(ActivationCheckpointing, nn.Module):
             else FourierEmbedding(noise_channels)
         self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
         # embed_dim > 0: conditioned on prompt embeddings instead (this project's addition, not EDM's)
-        self.map_prompt = PromptEmbedding(embed_dim, noise_channels, pooled_dim) if embed_dim else None
+        self.map_prompt = PromptEmbedding(embed_dim, noise_channels, pooled_dim,
+                                          guidance_embed) if embed_dim else None
         self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)

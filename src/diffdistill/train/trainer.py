@@ -258,6 +258,7 @@ class Trainer:
                             draws=self.draws, lora=lora, conditions=conditions)
         self.method = method_cls(ctx, opts)
         self.teacher = ctx.teacher   # the method may wrap it (LoRA with a shared base: the base's teacher role)
+        self.conditions = ctx.conditions   # … and fill the prompts' extra.guidance (method.guidance_embedded)
         for net in list(self.method.nets.values()) + [ema.net for ema in self.method.emas.values()]:
             dist.broadcast_module(net)
         self.sharding = None   # the FSDP2 layout (run.fsdp), made by _prepare_networks
@@ -296,7 +297,8 @@ class Trainer:
         record = getattr(net, "lora_record", None)   # a LoRA role: its adapter, with what rebuilds the student
         return {
             "method": self.method_cls.name, "role": self.method_cls.role, "step": self.step, "nimg": self.nimg,
-            "config": self.cfg, "net_config": self.cfg.get("net", {}), "sampling": self.method.sampling_spec(),
+            "config": self.cfg, "net_config": self.method.student_net_config(self.cfg.get("net", {})),
+            "sampling": self.method.sampling_spec(),
             "sample_net": full_state_dict(net) if self.sharding else net.state_dict(),
             "lora": record() if callable(record) else None,
             "method_state": self.method.state_dict(),
