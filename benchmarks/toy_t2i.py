@@ -16,7 +16,7 @@ space (proxy-FID against the 1,500 training digits) and their conditional correc
 classifier assigns to the digit the prompt asks for (the prompt files carry each row's class: ``"label"``). "seen"
 are the training phrasings, "held-out" phrasings never used in training. Fixed iteration counts; one seed.
 
-    python benchmarks/toy_t2i.py                                 # everything (~30 min on a free 2-core CPU)
+    python benchmarks/toy_t2i.py                                 # everything (~27 min on the shared 2-core CPU)
     python benchmarks/toy_t2i.py --pipeline runs/toy_t2i         # reuse a made pipeline (OUT/pipe, prompts, data)
 
 Writes OUT/results.md (the table) and OUT/results.json.
@@ -129,11 +129,12 @@ def main(argv=None) -> int:
                       f"class_accuracy_{split}": m["class_accuracy"], f"recall_{split}": m.get("recall")})
         results.append(r)
         print(r, flush=True)
-    head = ("| model | NFE | proxy-FID (seen) | correct (seen) | proxy-FID (held-out) | correct (held-out) |\n"
-            "|---|---|---|---|---|---|\n")
+    head = ("| model | NFE | proxy-FID (seen) | correct (seen) | recall (seen) | proxy-FID (held-out) | "
+            "correct (held-out) |\n|---|---|---|---|---|---|---|\n")
     table = head + "".join(
         f"| {r['model']} | {r['nfe']} | {r['proxy_fid_seen']:.2f} | {100 * r['class_accuracy_seen']:.1f} % | "
-        f"{r['proxy_fid_heldout']:.2f} | {100 * r['class_accuracy_heldout']:.1f} % |\n" for r in results)
+        f"{r['recall_seen']:.2f} | {r['proxy_fid_heldout']:.2f} | {100 * r['class_accuracy_heldout']:.1f} % |\n"
+        for r in results)
     notes = (f"\nOne seed; {a.num_samples} samples per cell (seeds 0-{a.num_samples - 1}, seed s gets prompt s mod N: "
              f"{len(json.loads(seen.with_suffix('.json').read_text())['prompts'])} seen / "
              f"{len(json.loads(held.with_suffix('.json').read_text())['prompts'])} held-out prompts). "

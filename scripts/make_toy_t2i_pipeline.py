@@ -9,8 +9,8 @@ Components, all built and trained here (nothing is downloaded):
 * ``text_encoder/`` + ``tokenizer/``: a frozen random-weight ``CLIPTextModel`` (2 layers, width 32) and a
   ``CLIPTokenizer`` built offline from a written vocabulary: GPT-2's byte alphabet (every string tokenizes) plus
   BPE merges that make the caption words single tokens, as a real CLIP vocabulary has them (no PyPI package ships
-  a text encoder's weights that loads offline here, so the encoder is random and frozen: it only has to tell the
-  prompts apart).
+  a CLIP text encoder's weights that loads offline here, so the encoder is random and frozen: it only has to tell
+  the prompts apart).
 * ``unet/``: a latent ``UNet2DConditionModel`` trained with the plain diffusers text-to-image recipe
   (examples/text_to_image/train_text_to_image.py scaled down): ``DDPMScheduler`` (1,000 steps, SD's scaled-linear
   betas 0.00085..0.012), ε-prediction MSE at uniform timesteps on ``vae.encode(x).latent_dist.sample() ·
