@@ -116,10 +116,14 @@ def test_toy_t2i_end_to_end_students_follow_their_prompts(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     bench = load_script("toy_t2i", ROOT / "benchmarks" / "toy_t2i.py")
     out = tmp_path / "toy"
-    assert bench.main(["--out", str(out), "--vae-iters", "800", "--unet-iters", "1500", "--dmd2-iters", "150",
-                       "--sid-iters", "100", "--num-samples", "300"]) == 0
+    # the teacher keeps the benchmark's 3,000 iterations: at 1,500 it follows its prompts only 27-36 % of the time
+    assert bench.main(["--out", str(out), "--vae-iters", "800", "--unet-iters", "3000", "--dmd2-iters", "200",
+                       "--sid-iters", "150", "--num-samples", "300"]) == 0
     rows = {r["model"].split(" ")[0]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    # measured (2026-12-02, one seed): proxy-FID 52.1 / 59.2 against the random-init UNet's 295.4 (ratio <= 0.20);
+    # correctness 98.0 % / 98.0 % on the training phrasings, 29.7 % / 26.7 % on the held-out ones (teacher 25.7 %)
     for name in ("DMD2", "SiD-LSG"):
         r = rows[name]
-        assert r["proxy_fid_seen"] < 0.5 * rows["random-init"]["proxy_fid_seen"], r
-        assert r["class_accuracy_seen"] > 0.3 and r["class_accuracy_heldout"] > 0.2, r
+        assert r["proxy_fid_seen"] < 0.4 * rows["random-init"]["proxy_fid_seen"], r
+        assert r["class_accuracy_seen"] > 0.7, r           # chance: 0.1
+        assert r["class_accuracy_heldout"] > 0.15, r
