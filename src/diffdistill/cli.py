@@ -37,7 +37,7 @@ from .train.health import is_out_of_memory, out_of_memory_message
 from .train.memory import dry_run_report
 from .train.trainer import DivergenceError, OutOfMemoryStop, Trainer
 from .data.latent_cache import encode_data
-from .io.text_encode import PromptEncoder, read_prompts, write_prompt_file
+from .io.text_encode import PromptEncoder, read_prompt_labels, read_prompts, write_prompt_file
 from .io.vae import latent_codec_for
 
 # Exit codes: 0 done; 2 bad input (one line naming the fix); 3 diverged (NaN/inf, nan_policy=stop); 4 out of
@@ -653,7 +653,9 @@ def _add_latent_parsers(sub) -> None:
     ep.add_argument("pipeline", help="local diffusers pipeline folder (model_index.json, text_encoder*/, "
                                      "tokenizer*/); read with local_files_only")
     ep.add_argument("--prompts", required=True, metavar="FILE",
-                    help=".txt (one prompt per line) or .jsonl (a JSON string or {\"prompt\": ...} per line)")
+                    help=".txt (one prompt per line) or .jsonl (a JSON string or {\"prompt\": ...} per line; "
+                         "{\"text\": ..., \"label\": CLASS} records each prompt's class, for eval's conditional "
+                         "correctness)")
     ep.add_argument("--out", required=True, help="OUT.safetensors or OUT.npz (+ OUT.json: each row's prompt)")
     _add_text_flags(ep)
     ep.add_argument("--image-size", metavar="H,W",
@@ -716,9 +718,11 @@ def cmd_encode_prompts(a) -> int:
     if size and enc.name != "StableDiffusionXLPipeline":
         raise UserError(f"--image-size sets SDXL's time ids; a {enc.name} has none")
     cond = enc.encode(prompts, batch_size=a.batch_size)
-    side = write_prompt_file(cond, out, prompts, enc.describe())
+    labels = read_prompt_labels(a.prompts)
+    side = write_prompt_file(cond, out, prompts, enc.describe(), labels)
     fields = ", ".join(f"{k} {list(v)}" for k, v in cond.signature.items())
-    print(f"wrote {out}: {len(cond)} prompts ({fields}; null: {enc.negative!r}) + {side.name}")
+    print(f"wrote {out}: {len(cond)} prompts ({fields}; null: {enc.negative!r}"
+          f"{'; class labels' if labels else ''}) + {side.name}")
     return 0
 
 

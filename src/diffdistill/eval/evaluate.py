@@ -23,6 +23,7 @@ from ..diffusion.samplers import STEP_SCHEDULES, sampler_options, teacher_nfe, t
 from ..errors import UserError
 from ..io import load_for_sampling
 from ..io.checkpoint import file_sha256
+from ..io.text_encode import prompt_file_labels
 from ..io.vae import latent_codec_for
 from .features import load_or_train_digits_classifier
 from .generate import generate
@@ -134,8 +135,12 @@ def digits_quality(samples: torch.Tensor, seed: int = 0, labels=None) -> dict:
         feats = ref["classifier"].features(samples.clamp(-1, 1))
         logits = ref["classifier"].head(feats)
         hist = class_histogram(logits)
-    # prompts (a Condition) name no class index here: correctness needs one-hot labels
-    extra = conditional_correctness(logits, labels) if torch.is_tensor(labels) and labels.shape[1] == 10 else {}
+    # prompts (a Condition) name no class index: correctness needs one-hot labels, or class indices (a prompt
+    # file's recorded labels)
+    if torch.is_tensor(labels) and labels.ndim == 1 and not labels.is_floating_point() and int(labels.max()) < 10:
+        labels = torch.nn.functional.one_hot(labels.long(), 10).float()
+    extra = (conditional_correctness(logits, labels) if torch.is_tensor(labels) and labels.ndim == 2
+             and labels.shape[1] == 10 else {})
     # KID's cubic kernel (xᵀy/d + 1)³ explodes on raw classifier features (norms ≫ √d, unlike Inception's), so KID
     # is taken on features divided by one fixed scale: the RMS per-dimension value of the training features.
     scale = ref["train"].square().mean().sqrt()
@@ -234,6 +239,9 @@ def evaluate_net(net, spec: dict, data_cfg: dict | None, num_samples: int = 2000
     seeds = list(seeds) if seeds is not None else list(range(seed, seed + num_samples))
     num_samples, seed = len(seeds), seeds[0]
     x, labels, info = generate(net, seeds, spec, batch_size=batch_size, device=device, decode=decode)
+    classes = prompt_file_labels(spec["prompts"]) if spec.get("prompts") and "prompt_index" in info else None
+    if classes is not None:   # the class each prompt asks for (encode-prompts of a .jsonl with "label")
+        labels = torch.tensor(classes)[torch.tensor(info["prompt_index"])]
     out = {"nfe": info["nfe"], "num_samples": num_samples, "seed": seed,
            "seeds": f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else "list",
            "images_per_second": round(info["images_per_second"], 2), **describe_spec(spec, net)}

@@ -253,6 +253,42 @@ def read_prompts(path) -> list[str]:
     return prompts
 
 
+def read_prompt_labels(path) -> list[int] | None:
+    """The class index of every prompt of a ``.jsonl`` prompts file whose objects carry ``"label": INT`` (e.g.
+    ``{"text": "a handwritten seven", "label": 7}``), in the order of `read_prompts`; None when no row has one.
+    Stored in the prompt file's sidecar, they let ``eval`` score conditional correctness for data kinds with a
+    classifier (digits). Every row or none must have one."""
+    p = Path(path)
+    if p.suffix != ".jsonl":
+        return None
+    labels, missing = [], 0
+    for i, ln in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not ln.strip():
+            continue
+        obj = json.loads(ln)
+        if not isinstance(obj, dict) or "label" not in obj:
+            missing += 1
+            continue
+        v = obj["label"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise UserError(f"{p}:{i}: \"label\" must be a class index (an integer >= 0), got {v!r}")
+        labels.append(v)
+    if labels and missing:
+        raise UserError(f"{p}: {len(labels)} prompts carry a \"label\" and {missing} do not: give every row "
+                        f"its class index or none")
+    return labels or None
+
+
+def prompt_file_labels(path) -> list[int] | None:
+    """The class indices recorded beside an encoded prompts file (its ``.json`` sidecar's ``labels``), or None."""
+    side = Path(path).with_suffix(".json")
+    try:
+        labels = json.loads(side.read_text()).get("labels") if side.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return [int(v) for v in labels] if isinstance(labels, list) else None
+
+
 def _jsonl_text(line: str, where: str, keys) -> str:
     try:
         obj = json.loads(line)
@@ -266,9 +302,9 @@ def _jsonl_text(line: str, where: str, keys) -> str:
     return text
 
 
-def write_prompt_file(cond: Condition, out, prompts: Sequence[str], meta: dict) -> Path:
+def write_prompt_file(cond: Condition, out, prompts: Sequence[str], meta: dict, labels=None) -> Path:
     """``out`` (.safetensors or .npz, the keys of `Condition.state`) and the sidecar ``out.json`` with each row's
-    prompt text and how it was encoded; both written atomically."""
+    prompt text (and class index: ``labels``) and how it was encoded; both written atomically."""
     out = Path(out)
     state = {k: v.contiguous() for k, v in cond.state().items()}
     if out.suffix == ".safetensors":
@@ -283,6 +319,6 @@ def write_prompt_file(cond: Condition, out, prompts: Sequence[str], meta: dict) 
         atomic_write(out, save)
     side = out.with_suffix(".json")
     info = {**meta, "rows": len(cond), "fields": {k: list(v) for k, v in cond.signature.items()},
-            "prompts": list(prompts)}
+            "prompts": list(prompts), **({"labels": [int(v) for v in labels]} if labels is not None else {})}
     atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n"))
     return side
