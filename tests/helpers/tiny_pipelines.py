@@ -6,21 +6,21 @@ umT5 tokenizer over single letters, a Gemma BPE over single letters."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
 L_CLIP, L_T5 = 16, 12   # model_max_length of the tiny CLIP tokenizers; max_sequence_length of the T5-family ones
 
 
 def _bytes_to_unicode() -> list:
-    """GPT-2's byte → printable-character table (the alphabet of CLIP's byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+    """GPT-2's byte → printable-character table, from the toy pipeline script that builds its CLIP tokenizer on it."""
+    path = Path(__file__).resolve().parents[2] / "scripts" / "make_toy_t2i_pipeline.py"
+    spec = importlib.util.spec_from_file_location("make_toy_t2i_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._bytes_to_unicode()
 
 
 CLIP_VOCAB = 2 + 2 * 256
