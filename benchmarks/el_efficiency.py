@@ -33,7 +33,7 @@ import torch
 from diffdistill.demo import SHIPPED_TEACHER
 from diffdistill.distill import distill
 from diffdistill.eval.evaluate import evaluate_net
-from diffdistill.eval.stats import fmt_ci, t_interval
+from diffdistill.eval.stats import fmt_ci, t_interval, welch_p
 from diffdistill.io import load_for_sampling
 from diffdistill.eval.plots import line_plot
 from diffdistill.config import load_preset
@@ -41,6 +41,8 @@ from diffdistill.methods.registry import get_method
 
 # Method options pointing at files the runs of one benchmark share (DMD's teacher pairs are computed once).
 SHARED_FILES = {"dmd": {"pairs_path": "dmd_pairs"}}
+# Diversity and correctness kept from every evaluation (class accuracy only for a class-conditional teacher).
+DIVERSITY = ("precision", "recall", "class_tv", "class_accuracy")
 
 
 def _floats(s: str) -> list[float]:
@@ -55,7 +57,8 @@ def run_one(a, method: str, seed: int, batch: int, el: dict | None, iters: int, 
     def evaluate(tr):
         m = evaluate_net(tr.method.sampling_net(), tr.method.sampling_spec(), data, a.num_samples, seed=0,
                          device=a.device)
-        curve.append({"iter": tr.step, "train_seconds": round(tr.train_seconds, 2), "proxy_fid": m["proxy_fid"]})
+        curve.append({"iter": tr.step, "train_seconds": round(tr.train_seconds, 2), "proxy_fid": m["proxy_fid"],
+                      **{k: m[k] for k in DIVERSITY if k in m}})
         print(f"  [{tag}] it {tr.step:5d}  {tr.train_seconds:7.1f} s  proxy-FID {m['proxy_fid']:8.2f}", flush=True)
 
     def on_step(tr):
@@ -93,8 +96,9 @@ def iters_to(curve: list[dict], target: float):
 
 def seed_summary(rows: list[dict], n_seeds: int) -> list[str]:
     """Markdown table over seeds per (method, batch, EL weight): mean ± 95 % t-interval (t_{0.975, N−1}·s/√N) of the
-    final and best proxy-FID, the iterations to the target and the saving; the iteration and saving cells are over
-    the seeds that reached the target, with their count."""
+    final and best proxy-FID, the final diversity (recall, class TV; class accuracy for a conditional teacher), the
+    iterations to the target and the saving (iteration and saving cells: over the seeds that reached the target,
+    with their count), and Welch's p of the final proxy-FID against the method's full-batch base rows."""
     def ci(vals, spec=".2f"):
         v = [x for x in vals if x is not None]
         if not v:
@@ -102,17 +106,25 @@ def seed_summary(rows: list[dict], n_seeds: int) -> list[str]:
         cell = fmt_ci(*t_interval(v), spec)
         return cell if len(v) == len(vals) else f"{cell} ({len(v)}/{len(vals)} seeds)"
 
+    cond = any("class_accuracy" in r for r in rows)
     head = (f"Over {n_seeds} seeds: mean ± 95 % Student-t interval" if n_seeds > 1 else
             "One seed: single values, no interval (give --seeds 0,1,2 for mean ± 95 % t-interval)")
-    out = [head + ".", "", "| method | batch | EL weight | seeds | final | best of curve (optimistic) | "
-           "iters to target | saving |", "|" + "---|" * 8]
+    cols = ["method", "batch", "EL weight", "seeds", "final", "best of curve (optimistic)", "recall", "class TV",
+            *(["class accuracy"] if cond else []), "iters to target", "images to target", "saving",
+            "Welch p (final vs base)"]
+    out = [head + ".", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["method"], r["batch"], r["el"]), []).append(r)
     for (method, batch, el), g in groups.items():
-        out.append(f"| {method} | {batch} | {el} | {len(g)} | {ci([r['final'] for r in g])} | "
-                   f"{ci([r['best'] for r in g])} | {ci([r['iters_to_target'] for r in g], '.0f')} | "
-                   f"{ci([r['saving'] for r in g])} |")
+        base = next(v for (m, _, e), v in groups.items() if m == method and e == "—")
+        p = welch_p([r["final"] for r in g], [r["final"] for r in base]) if g is not base and n_seeds > 1 else None
+        cells = [method, batch, el, len(g), ci([r["final"] for r in g]), ci([r["best"] for r in g]),
+                 ci([r.get("recall") for r in g], ".3f"), ci([r.get("class_tv") for r in g], ".3f"),
+                 *([ci([r.get("class_accuracy") for r in g], ".3f")] if cond else []),
+                 ci([r["iters_to_target"] for r in g], ".0f"), ci([r["images_to_target"] for r in g], ".0f"),
+                 ci([r["saving"] for r in g]), "—" if p is None else f"{p:.2g}" + (" *" if p < 0.05 else "")]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return out
 
 
@@ -131,7 +143,9 @@ def main() -> None:
                                                     "for the batch-size rows)")
     p.add_argument("--mode", default="relative", choices=["fixed", "relative"], help="EL weight mode")
     p.add_argument("--batch-size", type=int, help="full batch B (default: the preset's)")
-    p.add_argument("--batch-fractions", default="1,0.5,0.25")
+    p.add_argument("--batch-fractions", default="1,0.5,0.25", help="batch fractions f: EL (first weight) also "
+                                                                    "runs at batch B·f against the full-batch target")
+    p.add_argument("--fraction-base", action="store_true", help="also run the base method at B·f")
     p.add_argument("--final-window", type=int, default=2, help="the target is the mean of the base run's last k "
                                                                "evaluations")
     p.add_argument("--out", default="runs/bench-el-efficiency")
@@ -157,7 +171,8 @@ def main() -> None:
             plan += [(method, seed, 1.0, w) for w in weights]
             for f in fractions:
                 if f != 1.0:
-                    plan += [(method, seed, f, None), (method, seed, f, weights[0])]
+                    plan += [(method, seed, f, None)] if a.fraction_base else []
+                    plan += [(method, seed, f, weights[0])]
     t_start, spent, runs = time.perf_counter(), 0.0, []
     for i, (method, seed, frac, w) in enumerate(plan):
         preset = load_preset(get_method(method).name, "images")["run"]
@@ -193,7 +208,8 @@ def main() -> None:
                              "best": min(pt["proxy_fid"] for pt in r["curve"]), "iters_done": r["iters_done"],
                              "iters_to_target": it, "seconds_to_target": s,
                              "images_to_target": None if it is None else it * r["batch_size"],
-                             "saving": (b_it / it) if (it and b_it) else None, "tag": r["tag"]})
+                             "saving": (b_it / it) if (it and b_it) else None, "tag": r["tag"],
+                             **{k: r["curve"][-1][k] for k in DIVERSITY if k in r["curve"][-1]}})
     summary = {"args": vars(a), "runs": runs, "rows": rows,
                "total_minutes": round((time.perf_counter() - t_start) / 60, 2)}
     (out / "results.json").write_text(json.dumps(summary, indent=1))

@@ -132,6 +132,27 @@ def test_feature_nets_are_frozen_deterministic_and_batch_independent(shape):
     assert len(set(acts)) == 4                                    # a diverse set: four activations
 
 
+def test_feature_net_families_for_the_architecture_ablation():
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    mlp = build_feature_nets((1, 8, 8), count=2, seed=3, arch="mlp")
+    assert [f.shape for f in embed(mlp, x)] == [(6, 256)] * 4            # 2 nets × 2 layers on the flat image
+    first = mlp[0].layers[0][0]
+    assert torch.allclose(embed(mlp, x)[0], torch.relu(x.flatten(1) @ first.weight.T + first.bias), atol=1e-6)
+    (pix,) = build_feature_nets((1, 8, 8), count=4, arch="pixels")      # the no-network control: count ignored
+    assert torch.equal(embed([pix], x)[0], x.flatten(1))
+    assert torch.allclose(embedding_mmd([pix], x[:3], x[3:]), mmd2(x[:3].flatten(1), x[3:].flatten(1)))
+    # points keep their MLPs under the default and the explicit family alike
+    pts = torch.randn(5, 2)
+    assert all(torch.equal(a, b) for a, b in zip(embed(build_feature_nets((2,), seed=1), pts),
+                                                  embed(build_feature_nets((2,), seed=1, arch="mlp"), pts)))
+    with pytest.raises(UserError, match="el.arch=conv needs image samples"):
+        build_feature_nets((2,), arch="conv")
+    with pytest.raises(UserError, match="unknown EL arch"):
+        build_feature_nets((1, 8, 8), arch="resnet")
+    el = EmbeddingLoss(arch="pixels")
+    assert len(el.feature_nets((1, 8, 8))) == 1 and el.options()["arch"] == "pixels"
+
+
 def test_supplement_nets_resample_on_schedule():
     el = EmbeddingLoss(resample_every=10)
     n0 = el.feature_nets((2,), step=0)
@@ -346,3 +367,23 @@ def test_el_ring8_still_converges_slow(ring8_teacher, tmp_path, method):
     DMD2 0.046 (1,000 it. of the points preset: TTUR 5, GAN, input σ = 1; ≈ 80 s) [0.047 at 2,000 it.], SiD 0.041
     (800 it. at batch 256, ≈ 85 s)."""
     _el_ring8(ring8_teacher, tmp_path, method)
+
+
+def test_ablation_benchmark_variants_are_valid_el_sections(monkeypatch):
+    """benchmarks/el_ablations.py's variants stay valid `el` sections (an option renamed here fails this test,
+    not a 50-minute benchmark) and each changes exactly what it names."""
+    import importlib
+    import sys
+    from pathlib import Path
+    from diffdistill.methods.embedding_loss import ELOptions
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    abl = importlib.import_module("el_ablations")
+    sys.modules.pop("el_ablations", None)
+    defaults = ELOptions().to_dict()
+    assert abl.VARIANTS["base"][1] is None and abl.VARIANTS["default"][1] == {}
+    for name, (_, overrides) in abl.VARIANTS.items():
+        if overrides is None:
+            continue
+        opts = ELOptions.from_dict({"weight": 3.0, "mode": "relative", **overrides}).to_dict()
+        assert {k for k in opts if opts[k] != defaults[k]} == set(overrides), name
+    assert set(abl.DEFAULT_SET.split(",")) <= set(abl.VARIANTS)

@@ -15,6 +15,9 @@ models); the paper reports CIFAR-10 FID 1.475 (unconditional) / 1.380 (condition
   Images: blocks of [conv3×3 → activation → avg-pool 2] (2 blocks of width 64 for 8×8 images, 3 blocks of widths
   64/128/128 from 16 px up), features = the global average pool of every block's output. Points: MLPs 2→64→64,
   features = both hidden layers. Option ``resample_every`` R redraws the networks every R steps (DM style).
+  Option ``arch`` (the ablation of the network family): ``conv`` (images' default), ``mlp`` (images flattened into
+  MLPs of widths 256, 256 — no spatial prior; points' default) or ``pixels`` (no network: the MMD of the raw
+  flattened samples, the control that asks whether random features matter at all; ``count`` is then 1).
 * MMD²_u is the unbiased estimator (``unbiased=False``: the biased one) with the 5-bandwidth RBF mixture
   k(a, b) = Σ_{s∈{¼,½,1,2,4}} exp(−‖a − b‖²/(2·s·h)), h = sg(median pairwise squared distance of the pooled
   real ∪ generated features of that layer; above 128 + 128 samples, the median of 128 of each); kernels 'linear'
@@ -51,6 +54,7 @@ SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 IMAGE_ACTIVATIONS = ("relu", "leaky_relu", "gelu", "tanh")
 POINT_ACTIVATIONS = ("relu", "tanh", "sin", "leaky_relu")
 KERNELS = ("rbf", "linear", "poly")
+ARCHS = ("conv", "mlp", "pixels")
 MODES = ("fixed", "relative")
 # Calibrated on the digits teacher (benchmarks/el_efficiency.py, README "Embedding loss"): in relative mode an EL
 # gradient 3× the base gradient's norm helped DMD2 (no GAN) and Diff-Instruct most; 10 was worse for DMD2. The proposal's
@@ -208,27 +212,53 @@ class RandomMLP(nn.Module):
         return feats
 
 
-def default_widths(sample_shape: tuple) -> list[int]:
-    """Images: 2 blocks of 64 below 16 px (8×8: 8 → 4 → 2), else 64/128/128; points: 64, 64."""
+class Pixels(nn.Module):
+    """The identity "feature network" of ``arch='pixels'``: one feature map, the flattened sample."""
+
+    def forward(self, x):
+        return [x.flatten(1)]
+
+
+class FlatMLP(RandomMLP):
+    """A random MLP on the flattened sample (``arch='mlp'`` for images)."""
+
+    def forward(self, x):
+        return super().forward(x.flatten(1))
+
+
+def default_widths(sample_shape: tuple, arch: str = "conv") -> list[int]:
+    """Images: 2 conv blocks of 64 below 16 px (8×8: 8 → 4 → 2), else 64/128/128, or an MLP of 256, 256 on the
+    flattened image; points: 64, 64."""
     if len(sample_shape) == 3:
+        if arch == "mlp":
+            return [256, 256]
         return [64, 64] if sample_shape[-1] < 16 else [64, 128, 128]
     return [64, 64]
 
 
 def build_feature_nets(sample_shape: tuple, count: int = 4, seed: int = 0, widths=None, activations=None,
-                       init: str = "kaiming") -> list[nn.Module]:
-    """``count`` frozen random feature networks for samples of ``sample_shape`` ((C, H, W): ConvNets, (d,): MLPs).
-    Network k uses activation k mod len(activations) and a generator seeded with (seed, k), so the set is a pure
-    function of its arguments. Returned in eval mode with requires_grad off."""
+                       init: str = "kaiming", arch: str | None = None) -> list[nn.Module]:
+    """``count`` frozen random feature networks for samples of ``sample_shape`` ((C, H, W): ConvNets by default,
+    (d,): MLPs; ``arch`` picks the family, see the module docstring). Network k uses activation k mod
+    len(activations) and a generator seeded with (seed, k), so the set is a pure function of its arguments.
+    Returned in eval mode with requires_grad off."""
     if int(count) < 1:
         raise UserError(f"EL needs at least one feature network (el.count), got {count}")
     images = len(sample_shape) == 3
-    widths = list(widths) if widths is not None else default_widths(sample_shape)
+    arch = arch or ("conv" if images else "mlp")
+    if arch not in ARCHS:
+        raise UserError(f"unknown EL arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+    if arch == "conv" and not images:
+        raise UserError(f"el.arch=conv needs image samples (C, H, W), these have shape {tuple(sample_shape)}; "
+                        f"use el.arch=mlp or pixels")
+    if arch == "pixels":
+        return [Pixels().eval()]
+    widths = list(widths) if widths is not None else default_widths(sample_shape, arch)
     acts = list(activations) if activations is not None else list(IMAGE_ACTIVATIONS if images else POINT_ACTIVATIONS)
     bad = [a for a in acts if a not in _ACT]
     if bad or not acts:
         raise UserError(f"unknown EL activation(s) {bad}; choose from: {', '.join(_ACT)}")
-    if images and sample_shape[-1] < 2 ** len(widths):
+    if arch == "conv" and sample_shape[-1] < 2 ** len(widths):
         raise UserError(f"{len(widths)} pooling blocks need images of at least {2 ** len(widths)} px; "
                         f"set el.widths to a shorter list")
     nets = []
@@ -236,8 +266,8 @@ def build_feature_nets(sample_shape: tuple, count: int = 4, seed: int = 0, width
         for k in range(int(count)):
             g = torch.Generator().manual_seed(int(seed) * 1_000_003 + k)
             act = acts[k % len(acts)]
-            net = (RandomConvNet(sample_shape[0], widths, act, init, g) if images
-                   else RandomMLP(int(sample_shape[0]), widths, act, init, g))
+            net = (RandomConvNet(sample_shape[0], widths, act, init, g) if arch == "conv"
+                   else FlatMLP(math.prod(sample_shape), widths, act, init, g))
             nets.append(net.eval().requires_grad_(False))
     return nets
 
@@ -271,6 +301,9 @@ class ELOptions(Options):
     widths: Optional[list[int]] = option(None, "channel widths per block (null: by data shape)", ge=1)
     activations: Optional[list[str]] = option(None, "one activation per network, cycled (null: by data kind)")
     init: str = option("kaiming", "weight initialisation of the feature networks", choices=("kaiming", "orthogonal"))
+    arch: Optional[str] = option(None, "feature network family: conv, mlp (on flattened samples) or pixels (no "
+                                       "network; count ignored); null: conv for images, mlp for points",
+                                 choices=ARCHS)
     kernel: str = option("rbf", "MMD kernel", choices=KERNELS)
     scales: list[float] = option(list(SCALES), "RBF bandwidth multipliers of the median heuristic", gt=0)
     unbiased: bool = option(True, "unbiased MMD² estimator (false: biased)")
@@ -295,7 +328,7 @@ class EmbeddingLoss:
         self.opts = opts = ELOptions.from_dict(overrides, owner="the embedding loss") if opts is None else opts
         self.weight, self.mode, self.count, self.seed = opts.weight, opts.mode, opts.count, opts.seed
         self.widths, self.activations, self.init, self.kernel = opts.widths, opts.activations, opts.init, opts.kernel
-        self.scales, self.unbiased = tuple(opts.scales), opts.unbiased
+        self.scales, self.unbiased, self.arch = tuple(opts.scales), opts.unbiased, opts.arch
         self.resample_every, self.ratio_every = opts.resample_every, opts.ratio_every
         self._nets, self._nets_key = None, None
         self.scale = None           # relative mode: λ_eff / weight = ‖∇L_base‖/‖∇L_EL‖ at the last refresh
@@ -310,7 +343,8 @@ class EmbeddingLoss:
         key = (tuple(sample_shape), epoch, str(device))
         if self._nets_key != key:
             self._nets = [n.to(device) for n in build_feature_nets(
-                tuple(sample_shape), self.count, self.seed * 7919 + epoch, self.widths, self.activations, self.init)]
+                tuple(sample_shape), self.count, self.seed * 7919 + epoch, self.widths, self.activations, self.init,
+                self.arch)]
             self._nets_key = key
         return self._nets
 
