@@ -86,6 +86,23 @@ def run_one(a, method: str, seed: int, batch: int, el: dict | None, iters: int, 
             "curve": curve}
 
 
+def curve_series(runs: list[dict]) -> dict:
+    """Plot series per (batch, EL weight): over seeds, the mean proxy-FID at each evaluation with a min–max band
+    (evaluations aligned by index up to the shortest curve, at the first seed's iterations)."""
+    groups: dict = {}
+    for r in runs:
+        name = f"b{r['batch_size']} " + ("base" if r["el"] is None else f"EL {r['el']['weight']:g}")
+        groups.setdefault(name, []).append(r["curve"])
+    series = {}
+    for name, curves in groups.items():
+        n = min(len(c) for c in curves)
+        vals = [[c[i]["proxy_fid"] for c in curves] for i in range(n)]
+        xs = [curves[0][i]["iter"] for i in range(n)]
+        means = [sum(v) / len(v) for v in vals]
+        series[name] = (xs, means) if len(curves) == 1 else (xs, means, [min(v) for v in vals], [max(v) for v in vals])
+    return series
+
+
 def iters_to(curve: list[dict], target: float):
     """(iterations, train seconds) of the first evaluation at or below ``target``; (None, None) if never."""
     for pt in curve:
@@ -150,6 +167,8 @@ def main() -> None:
                                                                "evaluations")
     p.add_argument("--out", default="runs/bench-el-efficiency")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in --out/results.json (same "
+                                                         "tags) and run only the others; all done: report only")
     p.add_argument("--set", action="append", default=[], help="override for every run, e.g. run.grad_clip=1, or for "
                                                               "one method: dmd2:method.gan_weight=0; el.KEY=VALUE "
                                                               "only for the EL runs")
@@ -174,6 +193,9 @@ def main() -> None:
                     plan += [(method, seed, f, None)] if a.fraction_base else []
                     plan += [(method, seed, f, weights[0])]
     t_start, spent, runs = time.perf_counter(), 0.0, []
+    if a.resume and (out / "results.json").exists():   # runs already done (same tags) are kept, not re-run
+        runs = json.loads((out / "results.json").read_text())["runs"]
+    done = {r["tag"] for r in runs}
     for i, (method, seed, frac, w) in enumerate(plan):
         preset = load_preset(get_method(method).name, "images")["run"]
         B = a.batch_size or preset["batch_size"]
@@ -183,6 +205,8 @@ def main() -> None:
         if a.budget_minutes:
             minutes = max(0.05, (a.budget_minutes * 60 - spent) / (len(plan) - i) / 60)
         tag = f"{method}-s{seed}-b{batch}-" + ("base" if w is None else f"el{w:g}")
+        if tag in done:
+            continue
         print(f"[{i + 1}/{len(plan)}] {tag}: {iters} it." + (f", ≤ {minutes:.2f} min" if minutes else ""), flush=True)
         el = None if w is None else {"weight": w, "mode": a.mode}
         r = run_one(a, method, seed, batch, el, iters, minutes, tag)
@@ -231,10 +255,9 @@ def main() -> None:
                      f"{fmt(r['saving'], '{:.2f}×')} |")
     lines += ["", *seed_summary(rows, len(seeds)), ""]
     for method in methods:
-        series = {r["tag"].split("-", 1)[1]: ([pt["iter"] for pt in r["curve"]], [pt["proxy_fid"] for pt in r["curve"]])
-                  for r in runs if r["method"] == method}
-        line_plot(series, out / f"curves-{method}.png", "iteration", "proxy-FID", f"{method}: with and without EL",
-                  logy=True)
+        line_plot(curve_series([r for r in runs if r["method"] == method]), out / f"curves-{method}.png",
+                  "iteration", "proxy-FID", f"{method} ± EL"
+                  + (f": mean, min–max of {len(seeds)} seeds" if len(seeds) > 1 else ""), logy=True)
         lines.append(f"![{method}](curves-{method}.png)")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(line for line in lines if not line.startswith("![")))

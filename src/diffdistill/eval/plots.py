@@ -78,10 +78,12 @@ def save_samples_png(x: torch.Tensor, path, title: str | None = None, reference:
 
 
 def line_plot(series: dict, path, xlabel: str, ylabel: str, title: str = "", logy: bool = False) -> None:
-    """``series``: name → (xs, ys)."""
+    """``series``: name → (xs, ys) or (xs, ys, lows, highs): a line, with a shaded band between lows and highs."""
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", ms=3, label=name)
+    for i, (name, (xs, ys, *band)) in enumerate(series.items()):
+        ax.plot(xs, ys, marker="o", ms=3, label=name, color=f"C{i % 10}")
+        if band:
+            ax.fill_between(xs, band[0], band[1], color=f"C{i % 10}", alpha=0.2, linewidth=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logy:
