@@ -67,7 +67,7 @@ def run_one(a, method: str, seed: int, batch: int, el: dict | None, iters: int, 
 
     run = {"out": str(Path(a.out) / "runs" / tag), "steps": iters, "batch_size": batch, "seed": seed,
            "progress": False, "ckpt_every": 0, "sample_every": 0, "log_every": max(1, a.eval_every),
-           "device": a.device}
+           "device": a.device, "overwrite": True}   # a run re-done here (a killed benchmark) starts over
     if minutes:
         run["max_minutes"] = minutes
     flags = {"run": run}
