@@ -239,3 +239,22 @@ def test_compare_two_seeds_end_to_end(ring8_teacher, tmp_path, capsys):
     again = json.loads((out / "metrics.json").read_text())
     assert [m["students"][0]["values"]["sliced_w2"] for m in again["methods"]] == \
         [m["students"][0]["values"]["sliced_w2"] for m in report["methods"]]
+
+
+def test_compare_on_a_class_conditional_teacher_reports_correctness_and_within_class_spread(tmp_path):
+    """A class-conditional digits teacher adds two columns to every row: class accuracy and the within-class
+    spread (eval.evaluate.conditional_spread), for the teacher rows and the students alike."""
+    from diffdistill.compare import compare, table_rows, _headers
+    from diffdistill.demo import SHIPPED_TEACHER
+    teacher = SHIPPED_TEACHER.with_name("teacher_digits_cond.safetensors")
+    report = compare(teacher, ["diff_instruct"], out=tmp_path, iters=2, num_samples=60, curve_samples=60,
+                     curve_points=1, batch=16, progress=False, overrides=["run.batch_size=8", "run.ckpt_every=0"])
+    heads = _headers(report)
+    acc, spread = heads.index("class accuracy"), heads.index("within-class spread")
+    rows = table_rows(report)
+    teacher35 = next(r for r in report["teacher_rows"] if r["nfe"] == 35)
+    assert teacher35["class_accuracy"] > 0.9 and 0.7 < teacher35["cond_spread"] < 1.3
+    assert rows[4][acc] == f"{teacher35['class_accuracy']:.3f}" and rows[4][spread] == f"{teacher35['cond_spread']:.3f}"
+    student = report["methods"][0]["students"][0]
+    assert rows[5][spread] == f"{student['cond_spread']:.3f}" and all(len(r) == len(heads) for r in rows)
+    assert "within-class spread = " in (tmp_path / "report.md").read_text()

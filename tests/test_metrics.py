@@ -241,6 +241,33 @@ def test_per_class_recall_against_loops():
     assert _precision_recall(torch.tensor(real), torch.tensor(fake[:3]))["precision"] is None  # ≤ k samples
 
 
+def test_conditional_spread_against_loops():
+    """Within-condition diversity: per requested class, the spread ratio √(Σ_d var_gen / Σ_d var_real) (ddof 1)
+    and the recall of that class's real samples against the manifold of the samples asked for it, by loops."""
+    from diffdistill.eval.evaluate import conditional_spread
+    g = np.random.default_rng(3)
+    centres = np.array([[0, 0], [6, 0], [0, 6]])
+    real_labels = np.repeat([0, 1, 2], 12)
+    real = g.normal(size=(36, 2)) + centres[real_labels]
+    asked = np.repeat([0, 1, 2], [10, 10, 3])                                 # class 2: ≤ k samples
+    scale = np.array([1.0, 0.1, 1.0])[asked][:, None]                          # class 1 collapsed tenfold
+    fake = g.normal(size=(23, 2)) * scale + centres[asked]
+    out = conditional_spread(torch.tensor(fake), torch.tensor(asked), torch.tensor(real), torch.tensor(real_labels))
+
+    def var_sum(x):
+        m = [sum(col) / len(col) for col in zip(*x)]
+        return sum(sum((v[d] - m[d]) ** 2 for v in x) / (len(x) - 1) for d in range(len(m)))
+    for c in range(2):
+        gc, rc = fake[asked == c].tolist(), real[real_labels == c].tolist()
+        assert out["cond_spread_per_class"][c] == pytest.approx((var_sum(gc) / var_sum(rc)) ** 0.5, abs=1e-4)
+        inside = _membership_loops(gc, rc, 3)                                  # real of c inside gen-of-c manifold
+        assert out["cond_recall_per_class"][c] == pytest.approx(sum(inside) / len(inside), abs=1e-4)
+    assert out["cond_spread_per_class"][2] is None and out["cond_recall_per_class"][2] is None
+    assert out["cond_spread_per_class"][1] < 0.2 < 0.6 < out["cond_spread_per_class"][0]
+    assert out["cond_spread"] == pytest.approx(sum(out["cond_spread_per_class"][:2]) / 2)
+    assert out["cond_recall"] == pytest.approx(sum(out["cond_recall_per_class"][:2]) / 2)
+
+
 # ---------------------------------------------------------------- digits classifier
 
 @pytest.fixture(scope="session")

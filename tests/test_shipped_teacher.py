@@ -82,11 +82,16 @@ def test_shipped_teacher_quality_on_the_first_594_samples():
 
 def test_shipped_conditional_teacher_gives_the_requested_digit():
     """The default suite's quick check of the conditional teacher (the full re-measurement is ``-m slow``): 200
-    samples, classes seed mod 10, class accuracy ≥ 90 % unguided, and guidance raises it."""
+    samples, classes seed mod 10, class accuracy ≥ 90 % unguided, and guidance raises it at the cost of the
+    within-class spread."""
     net, _ = load_for_sampling(SHIPPED["digits_cond"])
     plain = evaluate_net(net, {"sampler": "heun", "nfe": 35}, {"name": "digits"}, 200, seed=0)
     guided = evaluate_net(net, {"sampler": "heun", "nfe": 35, "guidance": 2.0}, {"name": "digits"}, 200, seed=0)
     assert plain["class_accuracy"] >= 0.9 and guided["class_accuracy"] > plain["class_accuracy"], (plain, guided)
+    # within each class as varied as the real digits of that class (measured 0.995), and guidance trades that
+    # variety for correctness (0.85 at w = 2)
+    assert 0.8 < plain["cond_spread"] < 1.2 and guided["cond_spread"] < plain["cond_spread"] - 0.05
+    assert guided["cond_recall"] < plain["cond_recall"]
 
 
 @pytest.mark.slow

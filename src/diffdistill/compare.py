@@ -44,7 +44,10 @@ TV_KEYS = ("class_tv", "mode_tv")   # mode-weight TV: digits class histogram, ri
 # time-to-quality thresholds: (multiple of the teacher's 35-NFE quality, key in a method's result)
 REACH = ((1.5, "seconds_to_1.5x_teacher_quality"), (1.0, "seconds_to_teacher_quality"))
 # per-student figures averaged over seeds (mean ± CI where N > 1)
-STUDENT_FIELDS = (*QUALITY_KEYS, "kid", "precision", "recall", *TV_KEYS, "modes_covered", "images_per_second")
+# conditional teachers (digits): correctness and within-class diversity (eval.evaluate.conditional_spread)
+COND_KEYS = ("class_accuracy", "cond_spread")
+STUDENT_FIELDS = (*QUALITY_KEYS, "kid", "precision", "recall", *TV_KEYS, *COND_KEYS, "modes_covered",
+                  "images_per_second")
 RUN_FIELDS = ("iterations", "train_seconds", "wall_seconds", "peak_memory_mib", "best_of_curve")
 
 
@@ -334,10 +337,12 @@ def table_rows(report: dict) -> list[list[str]]:
     kid = "kid" in report["teacher_rows"][0]
     ncols = len(_headers(report))
 
+    cond = _cond(report)
+
     def row(model, steps, m, train, iters, peak, curve=("–", "–", "–"), p="–"):
         return [model, str(steps), str(m["nfe"]), _cell(m, key, ".4g"), _cell(m, "kid", ".4f") if kid else "–",
                 _cell(m, "precision", ".3f"), _cell(m, "recall", ".3f"), _cell(m, tv, ".3f"),
-                f"{m['images_per_second']:.0f}", f"{m['images_per_second'] / base:.1f}×", train, iters, peak,
+                *([_cell(m, k, ".3f") for k in COND_KEYS] if cond else []), f"{m['images_per_second']:.0f}", f"{m['images_per_second'] / base:.1f}×", train, iters, peak,
                 *curve, *([p] if multi else [])]
 
     rows = [row(f"teacher ({r['spec']['sampler']})", r["nfe"] if r["spec"]["sampler"] != "heun" else 18, r, "–", "–",
@@ -356,11 +361,17 @@ def table_rows(report: dict) -> list[list[str]]:
     return rows
 
 
+def _cond(report) -> bool:
+    """Whether the teacher is class-conditional with a classifier to check it (digits): extra columns."""
+    return report["teacher_rows"][0].get("class_accuracy") is not None
+
+
 def _headers(report):
     key = report["quality_key"].replace("_", "-")
     tv = {"class_tv": "class TV", "mode_tv": "mode TV"}.get(_tv_key(report), "mode TV")
     return ["model", "steps", "NFE", f"{key} (n={report['num_samples']}, last checkpoint)", "KID",
-            "precision (k=3)", "recall (k=3)", tv, "images/s", "speed-up vs teacher 35 NFE", "train s", "iterations",
+            "precision (k=3)", "recall (k=3)", tv, *(["class accuracy", "within-class spread"] if _cond(report) else []),
+            "images/s", "speed-up vs teacher 35 NFE", "train s", "iterations",
             "peak MiB", f"best of curve (optimistic, n={report['curve_samples']})", "train s to 1.5× teacher",
             "train s to 1× teacher", *(["Welch p vs best"] if _multi(report) else [])]
 
@@ -474,6 +485,11 @@ def _diversity_notes(report) -> list[str]:
         if worst:
             notes.append("Lowest per-class recall (fraction of the real digits of one class inside the generated "
                          "manifold): " + "; ".join(worst) + ".")
+        if _cond(report):
+            notes.append("Class-conditional teacher (classes seed mod 10): class accuracy = share of samples the "
+                         "classifier assigns to the class asked for; within-class spread = √(tr Σ_generated / tr "
+                         "Σ_real) of the classifier features per requested class, averaged over classes (1 = as "
+                         "varied as the real digits of that class, → 0 = collapse inside a class).")
     elif tv == "mode_tv":
         notes.append("mode TV = total variation between the fraction of samples nearest each mode and the "
                      "mixture's weights (uniform over the 8 modes; 0 = balanced).")

@@ -127,6 +127,31 @@ def conditional_correctness(logits: torch.Tensor, labels: torch.Tensor) -> dict:
                                          for c in range(labels.shape[1])]}
 
 
+def conditional_spread(feats: torch.Tensor, asked: torch.Tensor, real: torch.Tensor, real_labels) -> dict:
+    """Diversity *within* each condition of a class-conditional generator (collapse inside a class is invisible to
+    the overall recall when every class is present): per requested class c, in the classifier's features,
+
+    * ``cond_spread``: √(tr Σ_gen,c / tr Σ_real,c), the feature spread of the samples asked for c over that of the
+      real digits of c (1 = as varied as the data, → 0 = one image per class);
+    * ``cond_recall``: the k-NN recall (``PR_K``) of the real digits of c against the manifold of the samples asked
+      for c (the share of the class's real variety the generator covers when asked for it).
+
+    Means over the classes with more than ``PR_K`` samples on both sides, and per-class lists (None elsewhere)."""
+    real_labels = torch.as_tensor(real_labels).long()
+    spread, recall = [], []
+    for c in range(int(real_labels.max()) + 1):
+        g, r = feats[asked == c].double(), real[real_labels == c].double()
+        if min(len(g), len(r)) <= PR_K:
+            spread.append(None), recall.append(None)
+            continue
+        spread.append(round(float((g.var(0).sum() / r.var(0).sum()).sqrt()), 4))
+        recall.append(round(float(manifold_membership(r, g, k=PR_K)[1].double().mean()), 4))
+    valid = [i for i, v in enumerate(spread) if v is not None]
+    mean = (lambda v: float(sum(v[i] for i in valid) / len(valid)) if valid else None)  # noqa: E731
+    return {"cond_spread": mean(spread), "cond_recall": mean(recall), "cond_spread_per_class": spread,
+            "cond_recall_per_class": recall}
+
+
 def digits_quality(samples: torch.Tensor, seed: int = 0, labels=None) -> dict:
     """Proxy-FID, KID, precision/recall and mode weights in the digits classifier's feature space; with ``labels``
     (one-hot requested classes) also ``class_accuracy`` (conditional correctness)."""
@@ -139,8 +164,10 @@ def digits_quality(samples: torch.Tensor, seed: int = 0, labels=None) -> dict:
     # file's recorded labels)
     if torch.is_tensor(labels) and labels.ndim == 1 and not labels.is_floating_point() and int(labels.max()) < 10:
         labels = torch.nn.functional.one_hot(labels.long(), 10).float()
-    extra = (conditional_correctness(logits, labels) if torch.is_tensor(labels) and labels.ndim == 2
-             and labels.shape[1] == 10 else {})
+    extra = {}
+    if torch.is_tensor(labels) and labels.ndim == 2 and labels.shape[1] == 10:
+        extra = {**conditional_correctness(logits, labels),
+                 **conditional_spread(feats, labels.argmax(1), ref["train"], ref["train_labels"])}
     # KID's cubic kernel (xᵀy/d + 1)³ explodes on raw classifier features (norms ≫ √d, unlike Inception's), so KID
     # is taken on features divided by one fixed scale: the RMS per-dimension value of the training features.
     scale = ref["train"].square().mean().sqrt()
