@@ -32,7 +32,7 @@ import torch
 
 from diffdistill.demo import SHIPPED_TEACHER
 from diffdistill.distill import distill
-from diffdistill.eval.evaluate import evaluate_net
+from diffdistill.eval.evaluate import evaluate_checkpoint, evaluate_net
 from diffdistill.eval.stats import fmt_ci, t_interval, welch_p
 from diffdistill.io import load_for_sampling
 from diffdistill.eval.plots import line_plot
@@ -42,7 +42,7 @@ from diffdistill.methods.registry import get_method
 # Method options pointing at files the runs of one benchmark share (DMD's teacher pairs are computed once).
 SHARED_FILES = {"dmd": {"pairs_path": "dmd_pairs"}}
 # Diversity and correctness kept from every evaluation (class accuracy only for a class-conditional teacher).
-DIVERSITY = ("precision", "recall", "class_tv", "class_accuracy")
+DIVERSITY = ("precision", "recall", "class_tv", "class_accuracy", "cond_spread", "cond_recall")
 
 
 def _floats(s: str) -> list[float]:
@@ -86,6 +86,17 @@ def run_one(a, method: str, seed: int, batch: int, el: dict | None, iters: int, 
             "curve": curve}
 
 
+def final_eval(a, r: dict) -> dict | None:
+    """Quality and diversity of a run's last checkpoint with ``--final-samples`` samples (seeds 0…; more precise
+    than the curve's n): proxy-FID and the DIVERSITY figures. None without a checkpoint or with --final-samples 0."""
+    ckpts = sorted((Path(a.out) / "runs" / r["tag"] / "checkpoints").glob("ckpt-*.pt"))
+    if not a.final_samples or not ckpts:
+        return None
+    m = evaluate_checkpoint(ckpts[-1], num_samples=a.final_samples, seed=0, device=a.device)
+    return {"num_samples": a.final_samples, "iter": int(ckpts[-1].stem.split("-")[1]), "proxy_fid": m["proxy_fid"],
+            **{k: m[k] for k in DIVERSITY if k in m}}
+
+
 def curve_series(runs: list[dict]) -> dict:
     """Plot series per (batch, EL weight): over seeds, the mean proxy-FID at each evaluation with a min–max band
     (evaluations aligned by index up to the shortest curve, at the first seed's iterations)."""
@@ -113,9 +124,11 @@ def iters_to(curve: list[dict], target: float):
 
 def seed_summary(rows: list[dict], n_seeds: int) -> list[str]:
     """Markdown table over seeds per (method, batch, EL weight): mean ± 95 % t-interval (t_{0.975, N−1}·s/√N) of the
-    final and best proxy-FID, the final diversity (recall, class TV; class accuracy for a conditional teacher), the
-    iterations to the target and the saving (iteration and saving cells: over the seeds that reached the target,
-    with their count), and Welch's p of the final proxy-FID against the method's full-batch base rows."""
+    final (curve n; and the last checkpoint's --final-samples evaluation) and best proxy-FID, the final diversity
+    (recall, class TV; class accuracy and within-class spread for a conditional teacher; from the large evaluation
+    where there is one), the iterations to the target and the saving (iteration and saving cells: over the seeds
+    that reached the target, with their count), and Welch's p of the final proxy-FID (large n where there is one)
+    against the method's full-batch base rows."""
     def ci(vals, spec=".2f"):
         v = [x for x in vals if x is not None]
         if not v:
@@ -126,19 +139,23 @@ def seed_summary(rows: list[dict], n_seeds: int) -> list[str]:
     cond = any("class_accuracy" in r for r in rows)
     head = (f"Over {n_seeds} seeds: mean ± 95 % Student-t interval" if n_seeds > 1 else
             "One seed: single values, no interval (give --seeds 0,1,2 for mean ± 95 % t-interval)")
-    cols = ["method", "batch", "EL weight", "seeds", "final", "best of curve (optimistic)", "recall", "class TV",
-            *(["class accuracy"] if cond else []), "iters to target", "images to target", "saving",
-            "Welch p (final vs base)"]
+    big = all(r.get("final_n") is not None for r in rows)   # the last checkpoint's larger evaluation
+    key = "final_n" if big else "final"
+    cols = ["method", "batch", "EL weight", "seeds", "final (curve n)", *(["final (last checkpoint, large n)"] if big
+            else []), "best of curve (optimistic)", "recall", "class TV",
+            *(["class accuracy", "within-class spread"] if cond else []), "iters to target", "images to target",
+            "saving", "Welch p (final vs base)"]
     out = [head + ".", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["method"], r["batch"], r["el"]), []).append(r)
     for (method, batch, el), g in groups.items():
         base = next(v for (m, _, e), v in groups.items() if m == method and e == "—")
-        p = welch_p([r["final"] for r in g], [r["final"] for r in base]) if g is not base and n_seeds > 1 else None
-        cells = [method, batch, el, len(g), ci([r["final"] for r in g]), ci([r["best"] for r in g]),
+        p = welch_p([r[key] for r in g], [r[key] for r in base]) if g is not base and n_seeds > 1 else None
+        cells = [method, batch, el, len(g), ci([r["final"] for r in g]), *([ci([r["final_n"] for r in g])] if big
+                 else []), ci([r["best"] for r in g]),
                  ci([r.get("recall") for r in g], ".3f"), ci([r.get("class_tv") for r in g], ".3f"),
-                 *([ci([r.get("class_accuracy") for r in g], ".3f")] if cond else []),
+                 *([ci([r.get(k) for r in g], ".3f") for k in ("class_accuracy", "cond_spread")] if cond else []),
                  ci([r["iters_to_target"] for r in g], ".0f"), ci([r["images_to_target"] for r in g], ".0f"),
                  ci([r["saving"] for r in g]), "—" if p is None else f"{p:.2g}" + (" *" if p < 0.05 else "")]
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -163,6 +180,9 @@ def main() -> None:
     p.add_argument("--batch-fractions", default="1,0.5,0.25", help="batch fractions f: EL (first weight) also "
                                                                     "runs at batch B·f against the full-batch target")
     p.add_argument("--fraction-base", action="store_true", help="also run the base method at B·f")
+    p.add_argument("--final-samples", type=int, default=2000, help="samples of the extra evaluation of each run's "
+                                                                   "last checkpoint (proxy-FID and diversity "
+                                                                   "columns; 0: none)")
     p.add_argument("--final-window", type=int, default=2, help="the target is the mean of the base run's last k "
                                                                "evaluations")
     p.add_argument("--out", default="runs/bench-el-efficiency")
@@ -211,9 +231,15 @@ def main() -> None:
         el = None if w is None else {"weight": w, "mode": a.mode}
         r = run_one(a, method, seed, batch, el, iters, minutes, tag)
         r["fraction"], r["tag"] = frac, tag
+        r["final_eval"] = final_eval(a, r)
         spent += r["train_seconds"]
         runs.append(r)
         (out / "results.json").write_text(json.dumps({"args": vars(a), "runs": runs}, indent=1))
+    for r in runs:   # runs kept by --resume from before --final-samples existed, or with another n
+        fe = r.get("final_eval")
+        if a.final_samples and (fe is None or fe["num_samples"] != a.final_samples):
+            r["final_eval"] = final_eval(a, r)
+    (out / "results.json").write_text(json.dumps({"args": vars(a), "runs": runs}, indent=1))
 
     # ---- analysis: per (method, seed), the full-batch base run's final value is the target
     rows = []
@@ -233,7 +259,8 @@ def main() -> None:
                              "iters_to_target": it, "seconds_to_target": s,
                              "images_to_target": None if it is None else it * r["batch_size"],
                              "saving": (b_it / it) if (it and b_it) else None, "tag": r["tag"],
-                             **{k: r["curve"][-1][k] for k in DIVERSITY if k in r["curve"][-1]}})
+                             **{k: v for k, v in (r.get("final_eval") or r["curve"][-1]).items() if k in DIVERSITY},
+                             "final_n": (r.get("final_eval") or {}).get("proxy_fid")})
     summary = {"args": vars(a), "runs": runs, "rows": rows,
                "total_minutes": round((time.perf_counter() - t_start) / 60, 2)}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
