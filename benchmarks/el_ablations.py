@@ -7,7 +7,7 @@ networks, their family (conv / MLP on flat pixels / no network at all), the kern
 Every variant starts from EL's defaults (relative weight 3, four conv nets, five-bandwidth RBF mixture around the
 median heuristic) and changes one thing; ``base`` is the method without EL. Each runs once per seed with the same
 iterations, evaluations and seeds as ``el_efficiency.py`` (its ``run_one``): proxy-FID of 1-step samples (n
-samples, seed 0) every ``--eval-every`` iterations, with recall and class TV at the end. The table gives mean ± 95 %
+samples, seed 0) every ``--eval-every`` iterations, and the last checkpoint with ``--final-samples`` samples (final proxy-FID, recall, class TV). The table gives mean ± 95 %
 Student-t interval over seeds, iterations to the base run's final proxy-FID (same seed), and Welch's two-sided p of
 the final proxy-FID against the default EL and against the base. Writes --out/results.json and --out/report.md.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from el_efficiency import iters_to, run_one
+from el_efficiency import final_eval, iters_to, run_one
 from diffdistill.config import load_preset
 from diffdistill.demo import SHIPPED_TEACHER
 from diffdistill.eval.stats import fmt_ci, t_interval, welch_p
@@ -53,6 +53,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--num-samples", type=int, default=500)
+    p.add_argument("--final-samples", type=int, default=2000, help="samples of the last checkpoint's evaluation "
+                                                                   "(final proxy-FID and diversity; 0: the curve's "
+                                                                   "last point)")
     p.add_argument("--final-window", type=int, default=2, help="the base's target: mean of its last k evaluations")
     p.add_argument("--out", default="runs/bench-el-ablations")
     p.add_argument("--device", default="cpu")
@@ -86,11 +89,15 @@ def main() -> None:
             print(f"[{tag}] {a.iters} it., el = {el}", flush=True)
             r = run_one(a, method, seed, batch, el, a.iters, None, tag)
             r["variant"], r["tag"] = name, tag
+            r["final_eval"] = final_eval(a, r)
             runs.append(r)
             (out / "results.json").write_text(json.dumps({"args": vars(a), "runs": runs}, indent=1))
+    for r in runs:   # kept by --resume without the last checkpoint's evaluation at this n
+        if a.final_samples and (r.get("final_eval") or {}).get("num_samples") != a.final_samples:
+            r["final_eval"] = final_eval(a, r)
 
-    def final(r):
-        return r["curve"][-1]
+    def final(r):   # the last checkpoint's large evaluation where there is one, else the curve's last point
+        return r.get("final_eval") or r["curve"][-1]
 
     rows = {name: [] for name in names}
     for seed in seeds:
@@ -119,7 +126,8 @@ def main() -> None:
     minutes = round((time.perf_counter() - t0) / 60, 1)
     lines = [f"# EL ablations: {method} on digits", "",
              f"Teacher `{a.teacher}`; {a.iters} iterations at the images preset's batch {batch}; proxy-FID of 1-step "
-             f"samples (n = {a.num_samples}, seed 0) every {a.eval_every} iterations; seeds {a.seeds}; {minutes} min "
+             f"samples (n = {a.num_samples}, seed 0) every {a.eval_every} iterations, the last checkpoint with n = "
+             f"{a.final_samples or a.num_samples}; seeds {a.seeds}; {minutes} min "
              f"in all. Cells: mean ± 95 % Student-t interval over seeds. Target = the same seed's base run's final "
              f"proxy-FID (mean of its last {a.final_window} evaluations). * = Welch p < 0.05.", "",
              "| variant | what changes | final proxy-FID | best of curve (optimistic) | recall | class TV | "
