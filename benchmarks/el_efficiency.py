@@ -246,7 +246,9 @@ def main() -> None:
     for method in methods:
         for seed in seeds:
             mine = [r for r in runs if r["method"] == method and r["seed"] == seed]
-            base = next(r for r in mine if r["fraction"] == 1.0 and r["el"] is None)
+            base = next((r for r in mine if r["fraction"] == 1.0 and r["el"] is None), None)
+            if base is None:      # a benchmark stopped before this seed's base run: nothing to compare against
+                continue
             tail = [pt["proxy_fid"] for pt in base["curve"][-a.final_window:]]
             target = sum(tail) / len(tail)
             b_it, b_s = iters_to(base["curve"], target)
