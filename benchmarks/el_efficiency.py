@@ -79,6 +79,8 @@ def run_one(a, method: str, seed: int, batch: int, el: dict | None, iters: int, 
     overrides = [o for o in mine if not o.startswith("el.")] + ([o for o in mine if o.startswith("el.")] if el else [])
     t0 = time.perf_counter()
     tr = distill(method, a.teacher, flags=flags, overrides=overrides, on_step=on_step)
+    if not minutes and tr.step < iters:   # a signal stops a run gracefully: do not record it as finished
+        raise SystemExit(f"{tag} stopped at iteration {tr.step} of {iters}; run the benchmark again with --resume")
     if not curve or curve[-1]["iter"] != tr.step:
         evaluate(tr)
     return {"method": method, "seed": seed, "batch_size": batch, "el": el, "iters_done": tr.step,
