@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from el_efficiency import final_eval, iters_to, run_one
+from el_efficiency import ci_cell, final_eval, iters_to, run_one
 from diffdistill.config import load_preset
 from diffdistill.demo import SHIPPED_TEACHER
-from diffdistill.eval.stats import fmt_ci, t_interval, welch_p
+from diffdistill.eval.stats import welch_p
 from diffdistill.methods.registry import get_method
 
 # name → (what it changes, the el section's overrides on top of the defaults); None = no EL
@@ -110,12 +110,7 @@ def main() -> None:
                                "class_tv": final(r).get("class_tv"), "iters_to_target": it,
                                "train_seconds": r["train_seconds"], "target": target})
 
-    def ci(vals, spec=".2f"):
-        v = [x for x in vals if x is not None]
-        if not v:
-            return "not reached"
-        cell = fmt_ci(*t_interval(v), spec)
-        return cell if len(v) == len(vals) else f"{cell} ({len(v)}/{len(vals)} seeds)"
+    ci = ci_cell
 
     def p_cell(name, ref):
         if ref not in rows or name == ref or len(seeds) < 2:

@@ -124,6 +124,15 @@ def iters_to(curve: list[dict], target: float):
     return None, None
 
 
+def ci_cell(vals, spec=".2f") -> str:
+    """mean ± 95 % t-interval over the non-None values, with "(k/N seeds)" when some are None."""
+    v = [x for x in vals if x is not None]
+    if not v:
+        return "not reached"
+    cell = fmt_ci(*t_interval(v), spec)
+    return cell if len(v) == len(vals) else f"{cell} ({len(v)}/{len(vals)} seeds)"
+
+
 def seed_summary(rows: list[dict], n_seeds: int) -> list[str]:
     """Markdown table over seeds per (method, batch, EL weight): mean ± 95 % t-interval (t_{0.975, N−1}·s/√N) of the
     final (curve n; and the last checkpoint's --final-samples evaluation) and best proxy-FID, the final diversity
@@ -131,13 +140,7 @@ def seed_summary(rows: list[dict], n_seeds: int) -> list[str]:
     where there is one), the iterations to the target and the saving (iteration and saving cells: over the seeds
     that reached the target, with their count), and Welch's p of the final proxy-FID (large n where there is one)
     against the method's full-batch base rows."""
-    def ci(vals, spec=".2f"):
-        v = [x for x in vals if x is not None]
-        if not v:
-            return "not reached"
-        cell = fmt_ci(*t_interval(v), spec)
-        return cell if len(v) == len(vals) else f"{cell} ({len(v)}/{len(vals)} seeds)"
-
+    ci = ci_cell
     cond = any("class_accuracy" in r for r in rows)
     head = (f"Over {n_seeds} seeds: mean ± 95 % Student-t interval" if n_seeds > 1 else
             "One seed: single values, no interval (give --seeds 0,1,2 for mean ± 95 % t-interval)")
