@@ -1,14 +1,15 @@
 """EL ablations on digits, over seeds: which part of the embedding loss matters — the number of random feature
 networks, their family (conv / MLP on flat pixels / no network at all), the kernel's bandwidth rule, the weight.
 
-    OMP_NUM_THREADS=1 python benchmarks/el_ablations.py                         # cd, seeds 0,1,2, 300 it. (≈ 80 min on a shared CPU)
+    OMP_NUM_THREADS=1 python benchmarks/el_ablations.py          # cd, seeds 0,1,2, 300 it. (≈ 80 min, shared CPU)
     OMP_NUM_THREADS=1 python benchmarks/el_ablations.py --method diff_instruct --variants base,default,pixels,count1
 
 Every variant starts from EL's defaults (relative weight 3, four conv nets, five-bandwidth RBF mixture around the
 median heuristic) and changes one thing; ``base`` is the method without EL. Each runs once per seed with the same
 iterations, evaluations and seeds as ``el_efficiency.py`` (its ``run_one``): proxy-FID of 1-step samples (n
-samples, seed 0) every ``--eval-every`` iterations, and the last checkpoint with ``--final-samples`` samples (final proxy-FID, recall, class TV). The table gives mean ± 95 %
-Student-t interval over seeds, iterations to the base run's final proxy-FID (same seed), and Welch's two-sided p of
+samples, seed 0) every ``--eval-every`` iterations, and the last checkpoint with ``--final-samples`` samples
+(final proxy-FID, recall, class TV). The table gives mean ± 95 % Student-t
+interval over seeds, iterations to the base run's final proxy-FID (same seed), and Welch's two-sided p of
 the final proxy-FID against the default EL and against the base. Writes --out/results.json and --out/report.md.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from el_efficiency import ci_cell, final_eval, iters_to, run_one
+from el_efficiency import backfill_final_evals, ci_cell, done_runs, final_eval, iters_to, run_one
 from diffdistill.config import load_preset
 from diffdistill.demo import SHIPPED_TEACHER
 from diffdistill.eval.stats import welch_p
@@ -74,10 +75,8 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    t0, runs = time.perf_counter(), []
-    if a.resume and (out / "results.json").exists():   # runs already done (same tags) are kept, not re-run
-        runs = [r for r in json.loads((out / "results.json").read_text())["runs"]
-                if r["variant"] in names and r["seed"] in seeds]
+    t0 = time.perf_counter()
+    runs = done_runs(a, lambda r: r["variant"] in names and r["seed"] in seeds)   # kept by --resume
     done = {r["tag"] for r in runs}
     for seed in seeds:
         for name in names:
@@ -92,9 +91,7 @@ def main() -> None:
             r["final_eval"] = final_eval(a, r)
             runs.append(r)
             (out / "results.json").write_text(json.dumps({"args": vars(a), "runs": runs}, indent=1))
-    for r in runs:   # kept by --resume without the last checkpoint's evaluation at this n
-        if a.final_samples and (r.get("final_eval") or {}).get("num_samples") != a.final_samples:
-            r["final_eval"] = final_eval(a, r)
+    backfill_final_evals(a, runs)
 
     def final(r):   # the last checkpoint's large evaluation where there is one, else the curve's last point
         return r.get("final_eval") or r["curve"][-1]
@@ -109,8 +106,6 @@ def main() -> None:
             rows[name].append({"final": final(r)["proxy_fid"], "recall": final(r).get("recall"),
                                "class_tv": final(r).get("class_tv"), "iters_to_target": it,
                                "train_seconds": r["train_seconds"], "target": target})
-
-    ci = ci_cell
 
     def p_cell(name, ref):
         if ref not in rows or name == ref or len(seeds) < 2:
@@ -130,9 +125,10 @@ def main() -> None:
     for name in names:
         g = rows[name]
         best = [min(pt["proxy_fid"] for pt in r["curve"]) for r in runs if r["variant"] == name]
-        lines.append(f"| {name} | {VARIANTS[name][0]} | {ci([r['final'] for r in g])} | {ci(best)} | "
-                     f"{ci([r['recall'] for r in g], '.3f')} | {ci([r['class_tv'] for r in g], '.3f')} | "
-                     f"{ci([r['iters_to_target'] for r in g], '.0f')} | {ci([r['train_seconds'] for r in g], '.0f')} | "
+        lines.append(f"| {name} | {VARIANTS[name][0]} | {ci_cell([r['final'] for r in g])} | {ci_cell(best)} | "
+                     f"{ci_cell([r['recall'] for r in g], '.3f')} | {ci_cell([r['class_tv'] for r in g], '.3f')} | "
+                     f"{ci_cell([r['iters_to_target'] for r in g], '.0f')} | "
+                     f"{ci_cell([r['train_seconds'] for r in g], '.0f')} | "
                      f"{p_cell(name, 'default')} | {p_cell(name, 'base')} |")
     (out / "results.json").write_text(json.dumps({"args": vars(a), "runs": runs, "rows": rows,
                                                   "minutes": minutes}, indent=1))

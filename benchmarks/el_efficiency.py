@@ -99,6 +99,22 @@ def final_eval(a, r: dict) -> dict | None:
             **{k: m[k] for k in DIVERSITY if k in m}}
 
 
+def done_runs(a, keep=lambda r: True) -> list[dict]:
+    """With --resume, the runs already in --out/results.json (those ``keep`` accepts); else none."""
+    path = Path(a.out) / "results.json"
+    if not (a.resume and path.exists()):
+        return []
+    return [r for r in json.loads(path.read_text())["runs"] if keep(r)]
+
+
+def backfill_final_evals(a, runs: list[dict]) -> None:
+    """Give every run (kept by --resume, possibly from before --final-samples or with another n) its last
+    checkpoint's evaluation at --final-samples."""
+    for r in runs:
+        if a.final_samples and (r.get("final_eval") or {}).get("num_samples") != a.final_samples:
+            r["final_eval"] = final_eval(a, r)
+
+
 def curve_series(runs: list[dict]) -> dict:
     """Plot series per (batch, EL weight): over seeds, the mean proxy-FID at each evaluation with a min–max band
     (evaluations aligned by index up to the shortest curve, at the first seed's iterations)."""
@@ -140,7 +156,6 @@ def seed_summary(rows: list[dict], n_seeds: int) -> list[str]:
     where there is one), the iterations to the target and the saving (iteration and saving cells: over the seeds
     that reached the target, with their count), and Welch's p of the final proxy-FID (large n where there is one)
     against the method's full-batch base rows."""
-    ci = ci_cell
     cond = any("class_accuracy" in r for r in rows)
     head = (f"Over {n_seeds} seeds: mean ± 95 % Student-t interval" if n_seeds > 1 else
             "One seed: single values, no interval (give --seeds 0,1,2 for mean ± 95 % t-interval)")
@@ -157,12 +172,12 @@ def seed_summary(rows: list[dict], n_seeds: int) -> list[str]:
     for (method, batch, el), g in groups.items():
         base = next(v for (m, _, e), v in groups.items() if m == method and e == "—")
         p = welch_p([r[key] for r in g], [r[key] for r in base]) if g is not base and n_seeds > 1 else None
-        cells = [method, batch, el, len(g), ci([r["final"] for r in g]), *([ci([r["final_n"] for r in g])] if big
-                 else []), ci([r["best"] for r in g]),
-                 ci([r.get("recall") for r in g], ".3f"), ci([r.get("class_tv") for r in g], ".3f"),
-                 *([ci([r.get(k) for r in g], ".3f") for k in ("class_accuracy", "cond_spread")] if cond else []),
-                 ci([r["iters_to_target"] for r in g], ".0f"), ci([r["images_to_target"] for r in g], ".0f"),
-                 ci([r["saving"] for r in g]), "—" if p is None else f"{p:.2g}" + (" *" if p < 0.05 else "")]
+        cells = [method, batch, el, len(g), ci_cell([r["final"] for r in g]),
+                 *([ci_cell([r["final_n"] for r in g])] if big else []), ci_cell([r["best"] for r in g]),
+                 ci_cell([r.get("recall") for r in g], ".3f"), ci_cell([r.get("class_tv") for r in g], ".3f"),
+                 *([ci_cell([r.get(k) for r in g], ".3f") for k in ("class_accuracy", "cond_spread")] if cond else []),
+                 ci_cell([r["iters_to_target"] for r in g], ".0f"), ci_cell([r["images_to_target"] for r in g], ".0f"),
+                 ci_cell([r["saving"] for r in g]), "—" if p is None else f"{p:.2g}" + (" *" if p < 0.05 else "")]
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return out
 
@@ -217,9 +232,7 @@ def main() -> None:
                 if f != 1.0:
                     plan += [(method, seed, f, None)] if a.fraction_base else []
                     plan += [(method, seed, f, weights[0])]
-    t_start, spent, runs = time.perf_counter(), 0.0, []
-    if a.resume and (out / "results.json").exists():   # runs already done (same tags) are kept, not re-run
-        runs = json.loads((out / "results.json").read_text())["runs"]
+    t_start, spent, runs = time.perf_counter(), 0.0, done_runs(a)   # runs already done (same tags) are kept
     done = {r["tag"] for r in runs}
     for i, (method, seed, frac, w) in enumerate(plan):
         preset = load_preset(get_method(method).name, "images")["run"]
@@ -240,10 +253,7 @@ def main() -> None:
         spent += r["train_seconds"]
         runs.append(r)
         (out / "results.json").write_text(json.dumps({"args": vars(a), "runs": runs}, indent=1))
-    for r in runs:   # runs kept by --resume from before --final-samples existed, or with another n
-        fe = r.get("final_eval")
-        if a.final_samples and (fe is None or fe["num_samples"] != a.final_samples):
-            r["final_eval"] = final_eval(a, r)
+    backfill_final_evals(a, runs)
     (out / "results.json").write_text(json.dumps({"args": vars(a), "runs": runs}, indent=1))
 
     # ---- analysis: per (method, seed), the full-batch base run's final value is the target

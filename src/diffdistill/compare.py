@@ -336,14 +336,13 @@ def table_rows(report: dict) -> list[list[str]]:
     base = next(r for r in report["teacher_rows"] if r["nfe"] == 35)["images_per_second"]
     kid = "kid" in report["teacher_rows"][0]
     ncols = len(_headers(report))
-
-    cond = _cond(report)
+    cond_keys = COND_KEYS if _cond(report) else ()
 
     def row(model, steps, m, train, iters, peak, curve=("–", "–", "–"), p="–"):
         return [model, str(steps), str(m["nfe"]), _cell(m, key, ".4g"), _cell(m, "kid", ".4f") if kid else "–",
                 _cell(m, "precision", ".3f"), _cell(m, "recall", ".3f"), _cell(m, tv, ".3f"),
-                *([_cell(m, k, ".3f") for k in COND_KEYS] if cond else []), f"{m['images_per_second']:.0f}", f"{m['images_per_second'] / base:.1f}×", train, iters, peak,
-                *curve, *([p] if multi else [])]
+                *(_cell(m, k, ".3f") for k in cond_keys), f"{m['images_per_second']:.0f}",
+                f"{m['images_per_second'] / base:.1f}×", train, iters, peak, *curve, *([p] if multi else [])]
 
     rows = [row(f"teacher ({r['spec']['sampler']})", r["nfe"] if r["spec"]["sampler"] != "heun" else 18, r, "–", "–",
                 "–") for r in report["teacher_rows"]]
@@ -370,7 +369,8 @@ def _headers(report):
     key = report["quality_key"].replace("_", "-")
     tv = {"class_tv": "class TV", "mode_tv": "mode TV"}.get(_tv_key(report), "mode TV")
     return ["model", "steps", "NFE", f"{key} (n={report['num_samples']}, last checkpoint)", "KID",
-            "precision (k=3)", "recall (k=3)", tv, *(["class accuracy", "within-class spread"] if _cond(report) else []),
+            "precision (k=3)", "recall (k=3)", tv,
+            *(["class accuracy", "within-class spread"] if _cond(report) else []),
             "images/s", "speed-up vs teacher 35 NFE", "train s", "iterations",
             "peak MiB", f"best of curve (optimistic, n={report['curve_samples']})", "train s to 1.5× teacher",
             "train s to 1× teacher", *(["Welch p vs best"] if _multi(report) else [])]

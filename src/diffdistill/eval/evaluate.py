@@ -141,13 +141,13 @@ def conditional_spread(feats: torch.Tensor, asked: torch.Tensor, real: torch.Ten
     spread, recall = [], []
     for c in range(int(real_labels.max()) + 1):
         g, r = feats[asked == c].double(), real[real_labels == c].double()
-        if min(len(g), len(r)) <= PR_K:
-            spread.append(None), recall.append(None)
-            continue
-        spread.append(round(float((g.var(0).sum() / r.var(0).sum()).sqrt()), 4))
-        recall.append(round(float(manifold_membership(r, g, k=PR_K)[1].double().mean()), 4))
-    valid = [i for i, v in enumerate(spread) if v is not None]
-    mean = (lambda v: float(sum(v[i] for i in valid) / len(valid)) if valid else None)  # noqa: E731
+        enough = min(len(g), len(r)) > PR_K
+        spread.append(round(float((g.var(0).sum() / r.var(0).sum()).sqrt()), 4) if enough else None)
+        recall.append(round(float(manifold_membership(r, g, k=PR_K)[1].double().mean()), 4) if enough else None)
+
+    def mean(values):
+        v = [x for x in values if x is not None]
+        return float(sum(v) / len(v)) if v else None
     return {"cond_spread": mean(spread), "cond_recall": mean(recall), "cond_spread_per_class": spread,
             "cond_recall_per_class": recall}
 
