@@ -259,3 +259,20 @@ def test_lr_gain_match_scales_every_optimizer(method, tmp_path, capsys):
         want = m.opts.lr if name != "critic" else (m.opts.lr_critic or m.opts.lr)
         assert opt.param_groups[0].get("initial_lr", opt.param_groups[0]["lr"]) == pytest.approx(want * f), name
     assert type(m.opts)().lr_gain_match is False
+
+
+# ------------------------------------------------------------------------------------------------ SiD's input σ
+def test_sid_max_input_gain_lowers_sigma_init_for_eps_teachers_only(tmp_path, capsys):
+    """The images preset's ``max_input_gain: 1``: an ε-teacher's σ_init 2.5 (gain 2.5) becomes 1, said once; the
+    shipped EDM teacher keeps SiD's official 2.5 (its gain there is 0.49); null (the official default) keeps 2.5."""
+    from diffdistill.demo import SHIPPED_TEACHER
+    from diffdistill.distill import distill
+    flags = {"data": {"name": "digits"}, "run": {"out": str(tmp_path / "run")}}
+    eps = distill("sid", TINY_EPS_TEACHER, flags=flags, dry_run=True).method
+    assert eps.sigma_init == pytest.approx(1.0, rel=1e-6) and eps.sampling_spec()["sigmas"] == [eps.sigma_init]
+    assert "sid: σ_init 2.5 → 1 (max_input_gain 1" in capsys.readouterr().out
+    assert distill("sid", TINY_EPS_TEACHER, flags=flags, dry_run=True,
+                   overrides=["method.max_input_gain=null"]).method.sigma_init == 2.5
+    assert distill("sid", SHIPPED_TEACHER, flags=flags, dry_run=True).method.sigma_init == 2.5
+    assert "σ_init 2.5 →" not in capsys.readouterr().out
+    assert type(eps.opts)().max_input_gain is None

@@ -52,10 +52,11 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion.guidance import GuidedDenoiser, guided_denoise
-from ..diffusion.precond import teacher_timestep_sigmas
+from ..diffusion.precond import conditioned_sigma_max, teacher_timestep_sigmas
 from ..diffusion.losses import WEIGHTINGS, edm_loss, edm_loss_weight, loss_weight
 from ..diffusion.schedules import karras_sigma, sample_lognormal_sigma
 from ..errors import UserError
+from ..train import distributed as dist
 from ..options import option
 from ..train.ema import EMAOptions
 from .registry import register
@@ -94,6 +95,11 @@ class SiDOptions(GuidanceOptions, EMAOptions, GainMatchedLROptions):
                                           "'generator' = drawn as the generator loss's (SiD-LSG "
                                           "sid_training_loop.py:413: the same randint(tmin, tmax))",
                              choices=("lognormal", "generator"))
+    max_input_gain: Optional[float] = option(None, "lower σ_init to where the teacher's output gain |c_out| "
+                                                   "reaches this (``conditioned_sigma_max``); null: σ_init as given "
+                                                   "(official). A no-op for EDM, v-, x₀- and flow teachers (gain ≤ 1 "
+                                                   "at σ_init 2.5); an ε-teacher's σ_init becomes this gain. Not in "
+                                                   "the paper; the images preset sets 1", gt=0)
     init_timestep: Optional[int] = option(None, "the generator's input σ as a teacher timestep: σ_init = σ_t of the "
                                                 "teacher's DDPM table (SiD-LSG sid_train.py:125 --init_timestep "
                                                 "625); null: sigma_init", ge=0)
@@ -285,6 +291,13 @@ class SiD(FakeScoreMethod):
                 raise UserError(f"{self.name}: the teacher has {len(self.table)} timesteps (0..{len(self.table) - 1}),"
                                 f" method.tmax / method.init_timestep reach {last}: lower them")
         self.sigma_init = float(o.sigma_init if o.init_timestep is None else self.table[o.init_timestep])
+        if o.max_input_gain is not None:
+            capped = min(self.sigma_init, conditioned_sigma_max(self.teacher, o.max_input_gain))
+            if capped < self.sigma_init and dist.rank() == 0:
+                print(f"[diffdistill] {self.name}: σ_init {self.sigma_init:.3g} → {capped:.3g} (max_input_gain "
+                      f"{o.max_input_gain:g}: the teacher's output gain at σ_init is "
+                      f"{self.teacher.output_gain(self.sigma_init):.3g})", flush=True)
+            self.sigma_init = capped
         self.ema = self.track_ema("generator", o)
         adam = dict(betas=o.betas, eps=o.eps)
         f = lr_factor(self.name, o, self.teacher, self.sigma_init)
