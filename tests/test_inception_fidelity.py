@@ -58,7 +58,7 @@ def test_tf1_resize_matches_its_formula():
     a, b, c, d = 10.0, 40.0, 100.0, 250.0
     x = torch.tensor([[[[a, b], [c, d]]]])
     s = np.arange(3, dtype=np.float32) * np.float32(2 / 3)
-    w1, w2 = s[1], s[2] - 1  # fractional parts at i = 1, 2; i = 2 sits past the last pixel pair: clamped to pixel 1
+    w1 = s[1]  # fractional part at i = 1; i = 2 sits past the last pixel pair, so its hi index is clamped to pixel 1
     row = lambda p, q: [p, p + (q - p) * w1, q]  # noqa: E731  blended horizontally, hi index clamped at i = 2
     top, bot = np.float32(row(a, b)), np.float32(row(c, d))
     want = np.stack([top, top + (bot - top) * w1, bot]).astype(np.float32)
