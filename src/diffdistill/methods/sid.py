@@ -56,8 +56,8 @@ from ..diffusion.precond import conditioned_sigma_max, teacher_timestep_sigmas
 from ..diffusion.losses import WEIGHTINGS, edm_loss, edm_loss_weight, loss_weight
 from ..diffusion.schedules import karras_sigma, sample_lognormal_sigma
 from ..errors import UserError
-from ..train import distributed as dist
 from ..options import option
+from ..train import distributed as dist
 from ..train.ema import EMAOptions
 from .registry import register
 from .base import GainMatchedLROptions, lr_factor
