@@ -132,6 +132,16 @@ def test_dmd2_lr_decay_over_the_run_follows_iters():
                        overrides=["method.lr_decay_steps=run"])
 
 
+@pytest.mark.parametrize("name", ["sid", "diff_instruct"])
+def test_image_presets_decay_only_past_their_measured_lengths(name):
+    """SiD's and Diff-Instruct's images presets decay linearly from iteration 1,000: a run at the preset's own
+    length (every README number of theirs) keeps the constant rate; a time-budgeted run decays."""
+    cfg = distill_config(name, copy.deepcopy(TEACHER_STATES["images"]))
+    assert cfg["run"]["lr_decay"] == "linear" and cfg["run"]["lr_decay_start"] == 1000 > cfg["run"]["steps"]
+    official = distill_config(name, copy.deepcopy(TEACHER_STATES["images"]), preset="official")
+    assert official["run"]["lr_decay"] == "none"
+
+
 def test_options_command_lists_schema_and_presets(capsys):
     from diffdistill.cli import main
     assert main(["options", "dmd2"]) == 0

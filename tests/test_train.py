@@ -138,3 +138,63 @@ def test_torchrun_two_ranks_agree(tmp_path):
     single = Trainer(tiny_points_cfg(tmp_path / "single", steps=8))
     single.run()
     assert any(not torch.equal(a[k], v) for k, v in single.method.nets["net"].state_dict().items())
+
+
+def _rates_used(trainer):
+    """The learning rate each optimizer step of the trainer's 'net' phase actually used, in order."""
+    used = []
+    trainer.method.optimizers["net"].register_step_pre_hook(lambda opt, *a: used.append(opt.param_groups[0]["lr"]))
+    return used
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_run_lr_decay_scales_the_methods_schedule(tmp_path, kind):
+    """run.lr_decay multiplies the rate the method's own schedule (here the teacher's warm-up) gives, from 1 up to
+    run.lr_decay_start to 0 at run.steps, and leaves the scheduled rate in the optimizer for its checkpoint."""
+    import math
+    plain = Trainer(tiny_points_cfg(tmp_path / "plain", steps=20))
+    ref = _rates_used(plain)
+    plain.run()
+    t = Trainer(tiny_points_cfg(tmp_path / "decay", steps=20, lr_decay=kind, lr_decay_start=10))
+    used = _rates_used(t)
+    t.run()
+    x = [max(0, s - 10) / 10 for s in range(20)]
+    factor = [1 - v if kind == "linear" else 0.5 * (1 + math.cos(math.pi * v)) for v in x]
+    assert len(used) == len(ref) == 20
+    assert used[:11] == ref[:11]
+    assert used[-1] < 0.2 * ref[-1]
+    for u, r, f in zip(used, ref, factor):
+        assert u == pytest.approx(r * f, rel=1e-12)
+    assert t.method.optimizers["net"].param_groups[0]["lr"] == plain.method.optimizers["net"].param_groups[0]["lr"]
+    logs = [json.loads(l) for l in (tmp_path / "decay" / "log.jsonl").read_text().splitlines()]
+    assert logs[-1]["lr_decay"] == pytest.approx(factor[-1])
+
+
+def test_run_lr_decay_follows_the_time_budget(tmp_path):
+    """Under --budget-minutes the decay's progress is the training time over the budget when that is further
+    than the iterations: half the budget spent, half-way down a linear decay that began at step 0."""
+    t = Trainer(tiny_points_cfg(tmp_path, steps=10 ** 9, lr_decay="linear", max_minutes=2.0))
+    assert t.lr_decay_factor() == 1.0
+    t.step, t.train_seconds = 5, 60.0
+    assert t.lr_decay_factor() == pytest.approx(0.5)
+    t.train_seconds = 120.0
+    assert t.lr_decay_factor() == 0.0
+
+
+def test_run_lr_decay_resumes_exactly(tmp_path):
+    """An 80-step decaying run stopped at step 50 (after its decay began at 30) and resumed equals the
+    uninterrupted run, bitwise."""
+    import signal
+    kw = dict(steps=80, lr_decay="linear", lr_decay_start=30, log_every=20)
+    full = Trainer(tiny_points_cfg(tmp_path / "full", **kw))
+    full.run()
+    stop = lambda tr: setattr(tr, "_stop_signal", signal.SIGTERM) if tr.step == 50 else None
+    first = Trainer(tiny_points_cfg(tmp_path / "split", **kw))
+    first.run(on_step=stop)
+    assert first.step == 50 and first.lr_decay_from == pytest.approx(30 / 80)
+    resumed = Trainer(tiny_points_cfg(tmp_path / "split", resume="auto", **kw))
+    resumed.run()
+    assert resumed.step == 80
+    a, b = _params(full), _params(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

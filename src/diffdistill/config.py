@@ -48,6 +48,11 @@ class RunOptions(Options):
     overwrite: bool = option(False, "a new run may replace another run's files in its folder", flag="--overwrite")
     max_minutes: Optional[float] = option(None, "wall-clock budget of the training loop (evaluation excluded)", gt=0,
                                           flag="--budget-minutes")
+    lr_decay: str = option("none", "every learning rate × a factor falling to 0 at the run's end, on top of the "
+                                   "method's own schedule: none, linear or cosine (README: Learning-rate decay)",
+                           choices=("none", "linear", "cosine"))
+    lr_decay_start: int = option(0, "iterations at the full rate before run.lr_decay begins (a shorter run never "
+                                    "decays)", ge=0)
     precision: str = option("fp32", "fp32, or bf16 autocast around the losses (weights stay fp32)",
                             choices=("fp32", "bf16"))
     compile: bool = option(False, "torch.compile every trained network and the teacher")

@@ -143,6 +143,15 @@ def all_reduce_mean(value: float) -> float:
     return float(t.item()) / world_size()
 
 
+def all_reduce_max(value: float) -> float:
+    """The largest ``value`` over the ranks (the same float on every rank)."""
+    if not is_distributed():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_reduce_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def destroy() -> None:
     if is_distributed():
         dist.destroy_process_group()

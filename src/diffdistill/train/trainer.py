@@ -36,6 +36,7 @@ from ..nets.checkpointing import checkpointable, set_activation_checkpointing
 from ..nets.low_precision import store_in_bf16
 from ..options import nearest
 from . import distributed as dist
+from .lr import run_decay_factor
 from .health import HealthMonitor, initial_output_check, is_out_of_memory, out_of_memory_message
 from .runfolder import RunLock, claim
 from .sharding import Sharding, clip_grad_norm, full_state_dict, restore_state, split_state
@@ -267,6 +268,7 @@ class Trainer:
         self.step = 0
         self.nimg = 0
         self.train_seconds = 0.0  # wall-clock in the training loop, without sample grids and on_sample callbacks
+        self.lr_decay_from = None  # run progress at which run.lr_decay began (None: not yet)
         self.ckpt_dir = self.out / "checkpoints"
         self._stop_signal = None
         self.stopped_by_signal = None  # the signal number when SIGINT/SIGTERM ended run() early
@@ -305,6 +307,7 @@ class Trainer:
             "supplement_state": {getattr(s, "name", type(s).__name__): s.state_dict()
                                  for s in self.supplements if hasattr(s, "state_dict")},
             "rng": _rng_state(self.gen), "world_size": self.world, "health": self.health.state_dict(), "train_seconds": self.train_seconds,
+            "lr_decay_from": self.lr_decay_from,
             "data": None if self.dataset is None else {
                 "name": getattr(self.dataset, "name", "?"), "sample_shape": list(self.dataset.sample_shape),
                 "num_classes": self.dataset.num_classes},
@@ -346,6 +349,7 @@ class Trainer:
         self.health.load_state_dict(state.get("health", {}))
         self.step, self.nimg = int(state["step"]), int(state["nimg"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.lr_decay_from = state.get("lr_decay_from")
         ranks = state.get("rng_ranks") or [state["rng"]]
         if old_world == self.world:
             _set_rng_state(self.gen, ranks[self.rank])
@@ -630,9 +634,34 @@ class Trainer:
                 extra = {**extra, **sup_logs}
         return loss, extra
 
+    def run_progress(self) -> float:
+        """How far the run is, in [0, 1]: iterations done / run.steps, or, under a time budget, the training time
+        spent / the budget when that is further (the largest rank's time, so every rank agrees)."""
+        run = self.cfg["run"]
+        p = self.step / run["steps"]
+        if run.get("max_minutes"):
+            p = max(p, dist.all_reduce_max(self.train_seconds) / (60.0 * run["max_minutes"]))
+        return min(p, 1.0)
+
+    def lr_decay_factor(self) -> float:
+        """``run.lr_decay``'s factor for this iteration: 1 before ``run.lr_decay_start``, then falling from 1 where
+        the decay began to 0 at the run's end. Depends only on the step, the training time and the progress at the
+        start (all in the checkpoint), so a resumed run continues the same schedule."""
+        run = self.cfg["run"]
+        kind = run.get("lr_decay", "none")
+        if kind == "none" or self.step < run.get("lr_decay_start", 0):
+            return 1.0
+        p = self.run_progress()
+        if self.lr_decay_from is None:
+            self.lr_decay_from = p
+        return run_decay_factor(kind, p, self.lr_decay_from)
+
     def train_step(self) -> dict | None:
         batch = self.batch(self.step)
         logs = {}
+        decay = self.lr_decay_factor()
+        if self.cfg["run"].get("lr_decay", "none") != "none":
+            logs["lr_decay"] = decay
         self.method.before_step(self.step)
         for phase in self.method.phases(self.step):
             self.phase = phase
@@ -660,7 +689,12 @@ class Trainer:
                 if self._nonfinite("gradient norm", phase, gnorm, extra):
                     opt.zero_grad(set_to_none=True)
                     return None
+            scheduled = [g["lr"] for g in opt.param_groups]
+            for g in opt.param_groups:   # the method's scheduled rate stays in the optimizer (and its checkpoint)
+                g["lr"] *= decay
             opt.step()
+            for g, lr in zip(opt.param_groups, scheduled):
+                g["lr"] = lr
             opt.zero_grad(set_to_none=True)
             if phase in self.method.schedulers:
                 self.method.schedulers[phase].step()
