@@ -36,8 +36,8 @@ from ..nets.checkpointing import checkpointable, set_activation_checkpointing
 from ..nets.low_precision import store_in_bf16
 from ..options import nearest
 from . import distributed as dist
-from .lr import run_decay_factor
 from .health import HealthMonitor, initial_output_check, is_out_of_memory, out_of_memory_message
+from .lr import run_decay_factor
 from .runfolder import RunLock, claim
 from .sharding import Sharding, clip_grad_norm, full_state_dict, restore_state, split_state
 
